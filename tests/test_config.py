@@ -1,0 +1,55 @@
+"""Config loading: every split's file parses, SPEC values land in the right fields, bad input is caught."""
+import pytest
+
+from vldus.config import load_config
+from vldus.errors import InputError
+
+SPLITS = ["coco_65_15", "coco_48_17", "voc_16_4", "dior_16_4"]
+
+
+@pytest.mark.parametrize("name", SPLITS + ["shapes"])
+def test_every_config_loads(name):
+    cfg = load_config(f"configs/{name}.yaml")
+    assert cfg.name == name
+    assert cfg.features.fg_iou == 0.6 and cfg.features.bg_iou == 0.3
+    assert cfg.gan.lambda_gp == 10 and cfg.gan.critic_iter == 5 and cfg.gan.beta1 == 0.5
+
+
+@pytest.mark.parametrize("name,scale,lr,gan_lr,syn_num,batch", [
+    ("coco_65_15", (1333, 800), 0.02, 5e-5, 250, 32),
+    ("coco_48_17", (1333, 800), 0.02, 1e-4, 300, 32),
+    ("voc_16_4", (1000, 600), 0.01, 1e-5, 500, 64),
+    ("dior_16_4", (1000, 600), 0.01, 1e-5, 500, 64),
+])
+def test_spec_values(name, scale, lr, gan_lr, syn_num, batch):
+    cfg = load_config(f"configs/{name}.yaml")
+    assert (cfg.detector.max_size, cfg.detector.min_size) == scale
+    assert cfg.train.lr == lr and cfg.train.grad_clip == 35 and cfg.train.warmup_iters == 500
+    assert cfg.gan.lr == gan_lr and cfg.unseen_classifier.syn_num == syn_num
+    assert cfg.gan.batch_size == batch == cfg.unseen_classifier.batch_size
+    assert cfg.inference.bg_blend == 0.35
+
+
+def test_overrides_are_typed():
+    cfg = load_config("configs/coco_65_15.yaml", ["gan.epochs=3", "train.lr=0.5", "work_dir=/tmp/x"])
+    assert cfg.gan.epochs == 3 and isinstance(cfg.gan.epochs, int)
+    assert cfg.train.lr == 0.5 and cfg.work_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("gan: {epochz: 3}\n", "gan.epochz"),
+    ("gan: {epochs: three}\n", "gan.epochs"),
+    ("gan: [1, 2\n", "malformed YAML"),
+    ("data: {train: {roots: 5}}\n", "data.train.roots"),
+])
+def test_bad_config_names_file_and_key(tmp_path, text, needle):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(InputError) as e:
+        load_config(str(p))
+    assert str(p) in str(e.value) and needle in str(e.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_config(str(tmp_path / "none.yaml"))

@@ -1,0 +1,311 @@
+"""One config object per dataset split.
+
+A config is a YAML file under ``configs/`` that fills the dataclasses below; every
+hyper-parameter of SPEC.md has a field here and a value in each split's file. Unknown keys are
+errors (a typo must not silently fall back to a default).
+
+Relative paths in a config are resolved against the current working directory, as with
+mmdetection. ``--set section.key=value`` on the command line overrides any field (the value is
+parsed as YAML, so ``--set gan.epochs=3`` gives an int).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from vldus.errors import InputError
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataSource:
+    """Where one set of images and annotations lives.
+
+    format ``coco`` / ``shapes``: ``ann_file`` (instances JSON) and ``img_dir``.
+    format ``voc`` / ``dior``: ``roots`` (dataset folders, e.g. VOCdevkit/VOC2007) and
+    ``list_file`` (image-id list relative to each root, e.g. ImageSets/Main/train.txt).
+    """
+
+    format: str = "coco"
+    ann_file: str = ""
+    img_dir: str = ""
+    roots: list[str] = field(default_factory=list)
+    list_file: str = ""
+    repeat: int = 1  # RepeatDataset factor (training only)
+
+
+@dataclass
+class DataConfig:
+    train: DataSource = field(default_factory=DataSource)
+    val: Optional[DataSource] = None
+    test: DataSource = field(default_factory=DataSource)
+    test_rule: str = "coco"  # §9.2: 'coco' (>=1 unseen for zsd and gzsd) or 'voc' (zsd: unseen only)
+    min_image_side: int = 32  # §2.3: smaller images are dropped from training
+    workers: int = 2
+
+
+@dataclass
+class DetectorConfig:
+    """Faster R-CNN on torchvision (SPEC Part B §2.1)."""
+
+    backbone: str = "resnet101"  # resnet18/34/50/101, mobilenet_v2
+    backbone_weights: Optional[str] = None  # torchvision-format ImageNet state dict, local file
+    norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn | gn (from scratch)
+    trainable_layers: int = 3  # mmdet frozen_stages=1 == stem + layer1 frozen
+    fpn_channels: int = 256
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    min_size: int = 800  # image scale (short side)
+    max_size: int = 1333  # image scale (long side)
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    rpn_fg_iou: float = 0.7
+    rpn_bg_iou: float = 0.3
+    rpn_batch_size: int = 256
+    rpn_pos_fraction: float = 0.5
+    rpn_pre_nms_train: int = 2000
+    rpn_post_nms_train: int = 2000
+    rpn_pre_nms_test: int = 1000
+    rpn_post_nms_test: int = 1000
+    rpn_nms: float = 0.7
+    rpn_min_size: float = 0.0
+    roi_fg_iou: float = 0.5
+    roi_bg_iou: float = 0.5
+    roi_batch_size: int = 512
+    roi_pos_fraction: float = 0.25
+    representation_size: int = 1024
+    bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])  # 1/stds
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    legacy_mmdet: bool = False  # mmdetection-1.x anchor/box arithmetic (converted checkpoints)
+
+
+@dataclass
+class TrainConfig:
+    """Detector training schedule (SPEC Part B §2.1–2.2)."""
+
+    epochs: int = 12
+    batch_size: int = 2  # images per process
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_ratio: float = 1.0 / 3
+    lr_steps: list[int] = field(default_factory=lambda: [8, 11])  # epochs at which lr *= gamma
+    lr_gamma: float = 0.1
+    grad_clip: Optional[float] = 35.0
+    flip: float = 0.5
+    seed: int = 0
+    log_interval: int = 20
+    amp: bool = False  # autocast on CUDA
+
+
+@dataclass
+class FeatureConfig:
+    """RoI feature extraction (SPEC Part B §3)."""
+
+    fg_iou: float = 0.6
+    bg_iou: float = 0.3
+    num_rois: int = 512
+    pos_fraction: float = 0.25
+    bg_per_fg: int = 2
+    dim: int = 1024
+
+
+@dataclass
+class EmbeddingConfig:
+    """Class semantic embeddings (SPEC Part B §4)."""
+
+    file: str = ""  # (C+1) x d .npy, row 0 = background, detector order
+    spectral_norm: bool = True  # divide the whole matrix by its largest singular value
+    text_file: Optional[str] = None  # T for relation distillation; default: ``file``
+
+
+@dataclass
+class CompatConfig:
+    """Compatibility ('unseen') classifier trained on seen features (SPEC Part B §5)."""
+
+    epochs: int = 100
+    batch_size: int = 512
+    val_batch_size: int = 1024
+    lr: float = 1.0
+    momentum: float = 0.9
+    lr_step: int = 30
+    lr_gamma: float = 0.1
+    val_fraction: float = 0.2
+    seed: int = 806
+
+
+@dataclass
+class GanConfig:
+    """Conditional WGAN-GP synthesizer (SPEC Part B §6)."""
+
+    nz: int = 300
+    ngh: int = 4096
+    ndh: int = 4096
+    d_feat: int = 512
+    lambda_gp: float = 10.0
+    critic_iter: int = 5
+    lr: float = 5e-5
+    beta1: float = 0.5
+    batch_size: int = 32
+    epochs: int = 100
+    epoch_budget: int = 38000
+    cls_weight: float = 0.01  # seen classifier C_s
+    cls_weight_unseen: float = 0.01  # compatibility classifier C_u
+    lz_ratio: float = 0.01  # mode seeking
+    legacy_unseen_loss: bool = False  # released code: C_u loss on detached features (no gradient)
+    distill: str = "off"  # active | logged | off (CLIP vision-language distillation, §6.4)
+    clip_arch: str = "ViT-B-32"
+    clip_weights: Optional[str] = None
+    w_fa: float = 0.005
+    w_ra_dis: float = 0.01
+    w_ra_div: float = 0.001
+    seed: int = 806
+    precision: str = "auto"  # auto | fp32 | bf16
+
+
+@dataclass
+class UnseenClassifierConfig:
+    """Final classifier on synthesized unseen + real background features (SPEC Part B §7)."""
+
+    syn_num: int = 250
+    epochs: int = 15
+    lr: float = 1e-4
+    lr_step: int = 30
+    batch_size: int = 32
+    bg_multiplier: int = 2
+    selection: str = "last"  # last (fixed schedule) | test (released: best on real unseen test feats)
+
+
+@dataclass
+class InferenceConfig:
+    """Injection and ZSD / GZSD scoring (SPEC Part B §8)."""
+
+    bg_blend: float = 0.35  # weight of the detector's own background row
+    seen_score_cut: Optional[float] = None  # SU's 0.3 GZSD cut; VLDUS: none
+
+
+@dataclass
+class EvalConfig:
+    iou_thresholds: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6])
+    protocol: str = "mmdet-v1"
+
+
+@dataclass
+class Config:
+    name: str = ""
+    split: str = ""  # built-in split name or a split JSON file
+    work_dir: str = "work_dirs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    compat: CompatConfig = field(default_factory=CompatConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
+    unseen_classifier: UnseenClassifierConfig = field(default_factory=UnseenClassifierConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    source_file: str = ""  # filled by load_config
+
+    # --- derived paths (one layout for every split) -------------------------------------
+    def path(self, *parts: str) -> str:
+        """A path under the work dir: detector/, features/, synth/, results/."""
+        return os.path.join(self.work_dir, *parts)
+
+    def load_split(self):
+        """The Split object this config names (see vldus.data.splits)."""
+        from vldus.data.splits import load_split
+
+        if not self.split:
+            raise InputError(self.source_file, "config has no 'split'")
+        return load_split(self.split)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source_file", None)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _build(cls: type, data: Any, where: str, file: str):
+    """Fill dataclass ``cls`` from a mapping, strictly; ``where`` is the dotted key for errors."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise InputError(file, f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names or key == "source_file":
+            raise InputError(file, f"unknown config key '{where + '.' if where else ''}{key}'")
+        kwargs[key] = _coerce(hints[key], value, f"{where + '.' if where else ''}{key}", file)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str, file: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where, file)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, file)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise InputError(file, f"{where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]", file) for i, v in enumerate(value)] if args else list(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise InputError(file, f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise InputError("--set", f"'{dotted}': '{p}' is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config and apply ``key.sub=value`` overrides. Bad input raises InputError."""
+    if not os.path.isfile(path):
+        raise InputError(path, "config file not found")
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise InputError(path, f"malformed YAML ({str(e).splitlines()[0]})") from None
+    for item in overrides:
+        if "=" not in item:
+            raise InputError("--set", f"'{item}' is not key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    cfg = _build(Config, tree, "", path)
+    cfg.source_file = path
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
