@@ -53,3 +53,8 @@ def test_bad_config_names_file_and_key(tmp_path, text, needle):
 def test_missing_config_file(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_config(str(tmp_path / "none.yaml"))
+
+
+def test_bundled_config_by_name():
+    cfg = load_config("voc_16_4")
+    assert cfg.name == "voc_16_4" and cfg.load_split().unseen == ("car", "dog", "sofa", "train")

@@ -15,6 +15,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Optional, Sequence
 
 import yaml
@@ -287,10 +288,28 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def resolve_config_path(path: str) -> str:
+    """A config file path, or the name of a bundled config (``coco_65_15``, ``shapes`` ...)."""
+    if os.path.isfile(path):
+        return path
+    bundled = resources.files("vldus") / "configs" / f"{path}.yaml"
+    if os.sep not in path and bundled.is_file():
+        return str(bundled)
+    raise InputError(path, "config file not found (give a YAML path or a bundled config name: "
+                           f"{', '.join(bundled_configs())})")
+
+
+def bundled_configs() -> list[str]:
+    folder = resources.files("vldus") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config and apply ``key.sub=value`` overrides. Bad input raises InputError."""
-    if not os.path.isfile(path):
-        raise InputError(path, "config file not found")
+    """Read a YAML config and apply ``key.sub=value`` overrides. Bad input raises InputError.
+
+    ``path`` is a file or the name of a bundled config (``vldus/configs`` = the repo's ``configs/``).
+    """
+    path = resolve_config_path(path)
     try:
         with open(path) as f:
             tree = yaml.safe_load(f) or {}
