@@ -120,6 +120,7 @@ class FeatureConfig:
     pos_fraction: float = 0.25
     bg_per_fg: int = 2
     dim: int = 1024
+    seed: int = 0  # flips and RoI samples (each image pass has its own generator)
 
 
 @dataclass
