@@ -28,8 +28,8 @@ Image size comes from the annotation (COCO ``width``/``height``, XML ``<size>``)
 missing it is read from the image file's header with PIL (no decoding).
 
 Image ids: COCO ids as in the JSON. VOC/DIOR: the digits of the file id (``2008_000123`` ->
-2008000123, ``00042`` -> 42) when these are unique over the whole source, else 1, 2, ... in list
-order.
+2008000123, ``00042`` -> 42) when these are unique over the whole source and fit int32, else
+1, 2, ... in list order.
 
 Bad input raises :class:`~vldus.errors.InputError` with one line naming the file and the item:
 malformed JSON/XML, a listed image or annotation file that does not exist, a category id not in
@@ -66,6 +66,7 @@ SETTINGS = ("zsd", "gzsd")
 TEST_RULES = ("coco", "voc")
 BOX_TOLERANCE = 1.0  # px a box may reach outside the image before it counts as degenerate
 MIN_BOX_SIZE = 1.0  # px; narrower or lower boxes are degenerate (mmdet 1.x coco.py: w < 1 or h < 1)
+MAX_IMAGE_ID = 2**31 - 1  # VOC/DIOR ids from file names must fit int32 (pycocotools, torch)
 DROP_DEGENERATE_DEFAULT = {"coco": True, "shapes": False, "voc": False, "dior": False}
 
 
@@ -398,8 +399,10 @@ def _first_existing(paths: Sequence[str]) -> str | None:
 def _numeric_ids(names: Sequence[str]) -> list[int]:
     """Digits of each file id when they are unique, else 1..N (see the module docstring)."""
     digits = [re.sub(r"\D", "", n) for n in names]
-    if all(digits) and len({int(d) for d in digits}) == len(digits):
-        return [int(d) for d in digits]
+    if all(digits):
+        ids = [int(d) for d in digits]
+        if len(set(ids)) == len(ids) and max(ids) <= MAX_IMAGE_ID:
+            return ids
     return list(range(1, len(names) + 1))
 
 
