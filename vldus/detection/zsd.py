@@ -1,0 +1,300 @@
+"""Stage 4: put the synthesized unseen classifier into the detector and score ZSD / GZSD.
+
+SPEC Part B §8. Two pieces, both working on a torchvision ``FastRCNNPredictor`` (``cls_score``
+Linear(F, C+1), ``bbox_pred`` Linear(F, 4(C+1)); detector index 0 = background):
+
+1. :func:`inject_classifier` copies the synthesized classifier (rows ``[background, unseen
+   classes in ascending detector index]``) into ``cls_score``: unseen rows are replaced, the
+   background row becomes ``bg_blend * detector background + (1 - bg_blend) * synthesized
+   background`` (weight and bias), seen rows stay bit-identical. The detector's own background
+   row is kept (returned, and remembered on the predictor) because GZSD needs it.
+
+2. :class:`ZSDPredictor` wraps the predictor and is installed as
+   ``model.roi_heads.box_predictor``. This is the plug-in seam: torchvision is not patched.
+   ``RoIHeads.postprocess_detections`` applies ``softmax`` to whatever the predictor returns,
+   then drops boxes with score <= ``score_thresh``, runs per-class NMS and keeps the top
+   ``detections_per_img``. Since ``softmax(log p) = p`` for any probability vector ``p``, the
+   wrapper returns **log-probabilities** computed by the rules below, and torchvision's own
+   postprocess then thresholds, suppresses and ranks exactly those probabilities.
+
+   Per RoI, with logits ``z`` (C+1 columns, after injection), seen columns S, unseen U,
+   excluded X (48/17 only):
+
+   * box regression borrow (all modes but ``seen``): ``a_s = argmax z[S]``, ``a_u = argmax
+     z[U]``; the 4 deltas of class ``a_s`` are copied into the slot of ``a_u`` (the unseen
+     regression rows were never trained).
+   * ``zsd`` (§8.2): seen columns get probability 0; softmax over background, unseen and — with
+     ``excluded='softmax'``, as in the released code — the excluded classes. ``excluded='mask'``
+     gives the excluded classes probability 0 as well.
+   * ``gzsd`` (§8.3): two softmaxes, ``q_s`` over [detector's own background, seen] and ``q_u``
+     over [blended background (column 0), unseen]; each group is calibrated on its own.
+     The released code reports ``q_s`` and ``q_u`` directly as scores and a background of
+     ``(q_s[bg] + q_u[bg]) / 2``; those numbers sum to between 1 and 2, so they are not a
+     distribution and torchvision's softmax would rescale them per RoI. We return instead the
+     equal mixture ``p = (q_s + q_u) / 2`` (background = mean of the two backgrounds, the class
+     probabilities + background sum to 1). ``p`` is the released score divided by the constant
+     :attr:`ZSDPredictor.score_scale` = 2, so rankings, NMS and the top-100 cut are unchanged;
+     :func:`prepare_postprocess` divides torchvision's ``score_thresh`` by the same factor and
+     :func:`rescale_scores` multiplies the final scores back, which reproduces the released
+     scores exactly. Excluded classes get probability 0: the released code leaves their raw
+     logits in the score matrix (not probabilities; they are never evaluated but can take
+     places in the 100-per-image budget), which no softmax output can express.
+     ``seen_score_cut`` (SU's 0.3; VLDUS removed it): seen probabilities ``q_s < cut`` are set to 0
+     and their mass moves to the seen group's background.
+   * ``seen``: the plain detector restricted to [background, seen] (no injection needed; a
+     baseline without synthesis).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vldus.data.splits import Split
+from vldus.errors import InputError
+
+MODES = ("zsd", "gzsd", "seen")
+EXCLUDED_MODES = ("softmax", "mask")
+
+
+# --------------------------------------------------------------------------------------------
+# The synthesized classifier file
+# --------------------------------------------------------------------------------------------
+def load_syn_classifier(path: str, split: Split, in_features: int) -> tuple[Tensor, Tensor]:
+    """Read a synthesized classifier: ``weight`` (1+U, in_features), ``bias`` (1+U,) float32.
+
+    File layout (published ``classifier_best.pth``): a state dict with ``fc.weight`` / ``fc.bias``
+    (also accepted: ``weight`` / ``bias``, or the same inside ``{"state_dict": ...}``); rows are
+    [background, unseen classes in ascending detector index]. Loaded with ``weights_only=True``.
+    Anything that does not fit the split and the detector raises InputError naming the file.
+    """
+    if not os.path.isfile(path):
+        raise InputError(path, "synthesized classifier file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or pickled objects weights_only refuses
+        raise InputError(path, f"cannot read synthesized classifier ({str(e).splitlines()[0]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise InputError(path, f"expected a state dict, got {type(obj).__name__}")
+    for wkey, bkey in (("fc.weight", "fc.bias"), ("weight", "bias")):
+        if wkey in obj and bkey in obj:
+            break
+    else:
+        raise InputError(path, f"no 'fc.weight'/'fc.bias' (or 'weight'/'bias') entries; "
+                               f"keys are {sorted(map(str, obj))[:8]}")
+    weight, bias = obj[wkey], obj[bkey]
+    if not isinstance(weight, Tensor) or not isinstance(bias, Tensor):
+        raise InputError(path, f"'{wkey}' and '{bkey}' must be tensors")
+    rows = 1 + len(split.unseen_ids)
+    if tuple(weight.shape) != (rows, in_features) or tuple(bias.shape) != (rows,):
+        raise InputError(path, f"'{wkey}' {tuple(weight.shape)} / '{bkey}' {tuple(bias.shape)} do not "
+                               f"fit: expected ({rows}, {in_features}) / ({rows},) = 1 background + "
+                               f"{rows - 1} unseen classes of split '{split.name}' x the detector's "
+                               f"{in_features}-d box features")
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise InputError(path, f"'{wkey}' or '{bkey}' contains NaN or infinite values")
+    return weight.float(), bias.float()
+
+
+# --------------------------------------------------------------------------------------------
+# §8.1 injection
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def inject_classifier(predictor: nn.Module, split: Split, weight: Tensor, bias: Tensor,
+                      bg_blend: float) -> tuple[Tensor, Tensor]:
+    """Copy the synthesized classifier into ``predictor.cls_score`` in place (§8.1).
+
+    weight (1+U, F), bias (1+U,): row 0 = background, row k = ``split.unseen_ids[k-1]``.
+    Returns the detector's own background row ``(weight (F,), bias ())`` (clones, taken before
+    the blend), also stored as ``predictor.detector_background`` for :class:`ZSDPredictor`.
+    """
+    cls = predictor.cls_score
+    unseen = split.unseen_ids
+    if cls.out_features != split.num_classes + 1:
+        raise ValueError(f"cls_score has {cls.out_features} outputs, split '{split.name}' needs "
+                         f"{split.num_classes + 1}")
+    if tuple(weight.shape) != (1 + len(unseen), cls.in_features) or tuple(bias.shape) != (1 + len(unseen),):
+        raise ValueError(f"synthesized classifier {tuple(weight.shape)}/{tuple(bias.shape)} does not fit "
+                         f"({1 + len(unseen)}, {cls.in_features})")
+    if getattr(predictor, "detector_background", None) is not None:
+        raise ValueError("inject_classifier was already applied to this predictor")
+    det_w, det_b = cls.weight[0].clone(), cls.bias[0].clone()
+    weight = weight.to(cls.weight)
+    bias = bias.to(cls.bias)
+    idx = torch.tensor(unseen, device=cls.weight.device)
+    cls.weight[idx] = weight[1:]
+    cls.bias[idx] = bias[1:]
+    cls.weight[0] = bg_blend * det_w + (1.0 - bg_blend) * weight[0]
+    cls.bias[0] = bg_blend * det_b + (1.0 - bg_blend) * bias[0]
+    predictor.detector_background = (det_w, det_b)
+    return det_w, det_b
+
+
+# --------------------------------------------------------------------------------------------
+# §8.2 / §8.3 scoring
+# --------------------------------------------------------------------------------------------
+def borrow_box_regression(logits: Tensor, deltas: Tensor, seen_ids: Sequence[int],
+                          unseen_ids: Sequence[int]) -> Tensor:
+    """Copy, per RoI, the deltas of the best seen class into the slot of the best unseen class.
+
+    logits (R, C+1), deltas (R, 4(C+1)) -> new deltas (R, 4(C+1)); the input is not modified.
+    """
+    num_rois, cols = logits.shape
+    if deltas.shape != (num_rois, 4 * cols):
+        raise ValueError(f"class-specific box deltas (R, {4 * cols}) expected, got {tuple(deltas.shape)}")
+    seen = torch.as_tensor(seen_ids, device=logits.device)
+    unseen = torch.as_tensor(unseen_ids, device=logits.device)
+    a_s = seen[logits[:, seen].argmax(dim=1)]
+    a_u = unseen[logits[:, unseen].argmax(dim=1)]
+    out = deltas.reshape(num_rois, cols, 4).clone()
+    rows = torch.arange(num_rois, device=logits.device)
+    out[rows, a_u] = out[rows, a_s]
+    return out.reshape(num_rois, 4 * cols)
+
+
+def _column_mask(cols: int, ids: Sequence[int], device) -> Tensor:
+    mask = torch.zeros(cols, dtype=torch.bool, device=device)
+    mask[list(ids)] = True
+    return mask
+
+
+def zsd_log_probs(logits: Tensor, split: Split, excluded: str = "softmax") -> Tensor:
+    """§8.2: (R, C+1) log-probabilities; seen classes (and excluded ones with 'mask') get log 0."""
+    keep = [0] + split.unseen_ids + (split.excluded_ids if excluded == "softmax" else [])
+    masked = logits.masked_fill(~_column_mask(logits.shape[1], keep, logits.device), float("-inf"))
+    return F.log_softmax(masked, dim=1)
+
+
+def seen_log_probs(logits: Tensor, split: Split, background_logit: Optional[Tensor] = None) -> Tensor:
+    """The plain detector over [background, seen]: (R, C+1) log-probabilities."""
+    if background_logit is not None:
+        logits = torch.cat([background_logit[:, None], logits[:, 1:]], dim=1)
+    keep = [0] + split.seen_ids
+    masked = logits.masked_fill(~_column_mask(logits.shape[1], keep, logits.device), float("-inf"))
+    return F.log_softmax(masked, dim=1)
+
+
+def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
+               seen_score_cut: Optional[float] = None) -> Tensor:
+    """§8.3 as a distribution: (R, C+1) mixture ``(q_seen + q_unseen) / 2`` (see module doc).
+
+    logits (R, C+1) after injection (column 0 = blended background), detector_bg_logit (R,) =
+    the detector's own background logit. Rows sum to 1; excluded classes get 0.
+    """
+    seen, unseen = split.seen_ids, split.unseen_ids
+    q_s = F.softmax(torch.cat([detector_bg_logit[:, None], logits[:, seen]], dim=1), dim=1)
+    q_u = F.softmax(torch.cat([logits[:, :1], logits[:, unseen]], dim=1), dim=1)
+    if seen_score_cut is not None:
+        cut = q_s[:, 1:] < seen_score_cut
+        moved = (q_s[:, 1:] * cut).sum(dim=1)
+        q_s = torch.cat([q_s[:, :1] + moved[:, None], q_s[:, 1:].masked_fill(cut, 0.0)], dim=1)
+    probs = logits.new_zeros(logits.shape)
+    probs[:, 0] = 0.5 * (q_s[:, 0] + q_u[:, 0])
+    probs[:, seen] = 0.5 * q_s[:, 1:]
+    probs[:, unseen] = 0.5 * q_u[:, 1:]
+    return probs
+
+
+class ZSDPredictor(nn.Module):
+    """Wraps a FastRCNNPredictor; ``forward(x)`` -> (log-probabilities (R, C+1), deltas (R, 4(C+1))).
+
+    Install as ``model.roi_heads.box_predictor`` (see the module docstring). ``mode`` is
+    'zsd', 'gzsd' or 'seen'. GZSD needs the detector's own background row: ``detector_bg``
+    ``(weight (F,), bias ())``, by default the one :func:`inject_classifier` left on the predictor.
+    ``seen_score_cut`` applies to GZSD only. Detection scores from torchvision's postprocess are
+    probabilities of this distribution; multiply by :attr:`score_scale` (or use
+    :func:`rescale_scores`) for the released per-group scores.
+    """
+
+    def __init__(self, base_predictor: nn.Module, split: Split, mode: str,
+                 seen_score_cut: Optional[float] = None,
+                 detector_bg: Optional[tuple[Tensor, Tensor]] = None, excluded: str = "softmax"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if excluded not in EXCLUDED_MODES:
+            raise ValueError(f"excluded must be one of {EXCLUDED_MODES}, got {excluded!r}")
+        self.base = base_predictor
+        self.split = split
+        self.mode = mode
+        self.excluded = excluded
+        self.seen_score_cut = seen_score_cut if mode == "gzsd" else None
+        if detector_bg is None:
+            detector_bg = getattr(base_predictor, "detector_background", None)
+        if mode == "gzsd" and detector_bg is None:
+            raise ValueError("GZSD needs the detector's own background row: call inject_classifier first "
+                             "or pass detector_bg")
+        if detector_bg is not None:
+            self.register_buffer("detector_bg_weight", detector_bg[0].detach().clone(), persistent=False)
+            self.register_buffer("detector_bg_bias", detector_bg[1].detach().clone().reshape(()),
+                                 persistent=False)
+        else:
+            self.detector_bg_weight = self.detector_bg_bias = None
+
+    @property
+    def score_scale(self) -> float:
+        """Released score = this factor x probability (2 in GZSD: two groups, each sums to 1)."""
+        return 2.0 if self.mode == "gzsd" else 1.0
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.flatten(start_dim=1)
+        logits, deltas = self.base(x)
+        bg = None
+        if self.detector_bg_weight is not None:
+            bg = F.linear(x, self.detector_bg_weight[None], self.detector_bg_bias[None])[:, 0]
+        if self.mode == "seen":
+            return seen_log_probs(logits, self.split, bg), deltas
+        deltas = borrow_box_regression(logits, deltas, self.split.seen_ids, self.split.unseen_ids)
+        if self.mode == "zsd":
+            return zsd_log_probs(logits, self.split, self.excluded), deltas
+        return torch.log(gzsd_probs(logits, bg, self.split, self.seen_score_cut)), deltas
+
+    def extra_repr(self) -> str:
+        return (f"mode={self.mode}, excluded={self.excluded}, seen_score_cut={self.seen_score_cut}, "
+                f"unseen={len(self.split.unseen_ids)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Wiring into a torchvision detector
+# --------------------------------------------------------------------------------------------
+def install_zsd_head(model: nn.Module, split: Split, mode: str,
+                     classifier: Optional[tuple[Tensor, Tensor]] = None, bg_blend: float = 0.35,
+                     seen_score_cut: Optional[float] = None, excluded: str = "softmax") -> ZSDPredictor:
+    """Inject ``classifier`` (weight, bias) into ``model``'s predictor and install a ZSDPredictor.
+
+    ``classifier`` is required for 'zsd' / 'gzsd' and ignored for 'seen'. Also divides
+    ``model.roi_heads.score_thresh`` by the predictor's score_scale (see :func:`rescale_scores`).
+    """
+    base = model.roi_heads.box_predictor
+    if isinstance(base, ZSDPredictor):
+        raise ValueError("the model already has a ZSD head")
+    if mode != "seen":
+        if classifier is None:
+            raise ValueError(f"mode {mode!r} needs the synthesized classifier")
+        inject_classifier(base, split, classifier[0], classifier[1], bg_blend)
+    head = ZSDPredictor(base, split, mode, seen_score_cut=seen_score_cut, excluded=excluded)
+    model.roi_heads.box_predictor = head
+    prepare_postprocess(model, head)
+    return head
+
+
+def prepare_postprocess(model: nn.Module, head: ZSDPredictor) -> None:
+    """Scale torchvision's score threshold so that it applies to released-style scores."""
+    model.roi_heads.score_thresh = model.roi_heads.score_thresh / head.score_scale
+
+
+def rescale_scores(detections: list[dict], head: ZSDPredictor) -> list[dict]:
+    """Multiply the ``scores`` of torchvision detection dicts by ``head.score_scale`` (in place).
+
+    Each group probability is at most 1; the clamp only removes float round-off.
+    """
+    if not math.isclose(head.score_scale, 1.0):
+        for det in detections:
+            det["scores"] = (det["scores"] * head.score_scale).clamp(max=1.0)
+    return detections
