@@ -195,6 +195,10 @@ class InferenceConfig:
 
     bg_blend: float = 0.35  # weight of the detector's own background row
     seen_score_cut: Optional[float] = None  # SU's 0.3 GZSD cut; VLDUS: none
+    # excluded classes (COCO 48/17): 'softmax' = in the ZSD softmax with background and unseen
+    # (released behaviour), probability 0 in GZSD; 'mask' = probability 0 in both settings
+    excluded: str = "softmax"
+    show_score_thresh: float = 0.3  # `vldus test --show-dir` pictures: boxes with score >= this
 
 
 @dataclass
