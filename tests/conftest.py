@@ -1,0 +1,57 @@
+"""Shared pytest fixtures. Nothing here may touch the network."""
+import json
+import os
+from typing import NamedTuple
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+# A tiny open_clip architecture: 512-d joint embedding like ViT-B/32, 32x32 images, one layer
+# per tower, so a forward pass takes milliseconds on a CPU. vocab_size must stay 49408 (the
+# tokenizer's), context_length may be short.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 512,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+class TinyClip(NamedTuple):
+    """``model, weights_path = tiny_clip``; ``tiny_clip.arch`` is the config JSON for --arch."""
+
+    model: torch.nn.Module
+    weights_path: str
+
+    @property
+    def arch(self) -> str:
+        return os.path.join(os.path.dirname(self.weights_path), "tiny_clip_config.json")
+
+
+@pytest.fixture(scope="session")
+def _tiny_clip_files(tmp_path_factory) -> str:
+    """Write the tiny config and a randomly initialised (seeded) weights file once per session."""
+    from vldus.clip import build_open_clip
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    arch = str(folder / "tiny_clip_config.json")
+    with open(arch, "w") as f:
+        json.dump(TINY_CLIP_CONFIG, f)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_open_clip(arch)
+    weights = str(folder / "tiny_clip.pt")
+    torch.save(model.state_dict(), weights)
+    return weights
+
+
+@pytest.fixture
+def tiny_clip(_tiny_clip_files) -> TinyClip:
+    """A tiny random open_clip model (image embedding 512-d, frozen, eval) and its weights file."""
+    from vldus.clip import load_open_clip
+
+    weights = _tiny_clip_files
+    return TinyClip(load_open_clip(os.path.join(os.path.dirname(weights), "tiny_clip_config.json"),
+                                   weights), weights)

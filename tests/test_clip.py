@@ -1,0 +1,109 @@
+"""open_clip from local files: formats, frozen model, one-line errors for files that do not fit."""
+import json
+
+import pytest
+import torch
+
+from vldus.clip import (build_open_clip, clip_image_size, clip_mean_std, get_clip_tokenizer,
+                        load_open_clip)
+from vldus.errors import InputError
+
+
+def test_tiny_clip_fixture(tiny_clip):
+    model, weights = tiny_clip
+    assert not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    assert clip_image_size(model) == (32, 32)
+    with torch.no_grad():
+        img = model.encode_image(torch.randn(2, 3, 32, 32))
+        txt = model.encode_text(get_clip_tokenizer(tiny_clip.arch)(["a photo of a dog."]))
+    assert img.shape == (2, 512) and txt.shape == (1, 512)
+    # the same file gives the same model
+    again = load_open_clip(tiny_clip.arch, weights)
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def _same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("fmt", ["training_checkpoint", "safetensors", "torchscript"])
+def test_other_weight_formats(tiny_clip, tmp_path, fmt):
+    model, _ = tiny_clip
+    if fmt == "training_checkpoint":  # open_clip's train loop: DataParallel prefix + extras
+        path = tmp_path / "epoch_1.pt"
+        torch.save({"epoch": 1, "name": "x",
+                    "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    elif fmt == "safetensors":
+        from safetensors.torch import save_file
+        path = tmp_path / "open_clip_model.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    else:  # OpenAI ships TorchScript archives
+        path = tmp_path / "jit.pt"
+        torch.jit.script(model).save(str(path))
+    loaded = load_open_clip(tiny_clip.arch, path)
+    assert _same_weights(model, loaded)
+
+
+def test_missing_file(tiny_clip, tmp_path):
+    with pytest.raises(InputError, match=r"nope.pt: CLIP weights file not found"):
+        load_open_clip(tiny_clip.arch, tmp_path / "nope.pt")
+    with pytest.raises(InputError, match="no CLIP weights file"):
+        load_open_clip(tiny_clip.arch, "")
+
+
+def test_mismatched_shapes_and_keys(tiny_clip, tmp_path):
+    model, weights = tiny_clip
+    cfg = json.load(open(tiny_clip.arch))
+    cfg["vision_cfg"]["width"] = 96
+    cfg["text_cfg"]["layers"] = 2
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(cfg))
+    with pytest.raises(InputError) as e:
+        load_open_clip(str(other), weights)
+    msg = str(e.value)
+    assert msg.startswith(weights) and "missing keys" in msg and "shape mismatches" in msg
+    extra = dict(model.state_dict(), bogus=torch.zeros(1))
+    torch.save(extra, tmp_path / "extra.pt")
+    with pytest.raises(InputError, match=r"extra.pt: .*1 unexpected keys \(e.g. bogus\)"):
+        load_open_clip(tiny_clip.arch, tmp_path / "extra.pt")
+
+
+def test_unreadable_and_not_weights_only(tiny_clip, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="bad.pt: cannot read CLIP weights"):
+        load_open_clip(tiny_clip.arch, bad)
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "fn": json.dumps}, evil)  # needs full unpickling
+    with pytest.raises(InputError, match="evil.pt: cannot read CLIP weights"):
+        load_open_clip(tiny_clip.arch, evil)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(InputError, match="list.pt: not a state dict"):
+        load_open_clip(tiny_clip.arch, tmp_path / "list.pt")
+
+
+def test_unknown_arch_and_bad_config(tmp_path):
+    with pytest.raises(InputError, match="ViT-Nope: --arch: neither"):
+        build_open_clip("ViT-Nope")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"embed_dim": 8}))
+    with pytest.raises(InputError, match="cfg.json: not an open_clip model config"):
+        build_open_clip(str(cfg))
+
+
+def test_config_file_named_like_builtin_does_not_shadow_it(tiny_clip, tmp_path):
+    shadow = tmp_path / "ViT-B-32.json"
+    shadow.write_text(open(tiny_clip.arch).read())
+    assert clip_image_size(build_open_clip(str(shadow))) == (32, 32)
+    import open_clip
+    assert open_clip.get_model_config("ViT-B-32")["vision_cfg"]["image_size"] == 224
+
+
+def test_open_clip_config_json_with_preprocess(tiny_clip, tmp_path):
+    path = tmp_path / "open_clip_config.json"
+    path.write_text(json.dumps({"model_cfg": json.load(open(tiny_clip.arch)),
+                                "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}))
+    model = load_open_clip(str(path), tiny_clip.weights_path)
+    assert clip_mean_std(model) == ((0.5,) * 3, (0.25,) * 3)

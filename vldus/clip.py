@@ -1,0 +1,241 @@
+"""open_clip models built from LOCAL weight files. Nothing is ever downloaded.
+
+``arch`` names the architecture: an open_clip model name (``ViT-B-32``, ``ViT-B-32-quickgelu``,
+… see ``open_clip.list_models()``), or the path of a JSON model config — either open_clip's
+bare model config ``{"embed_dim", "vision_cfg", "text_cfg", ...}`` or an
+``open_clip_config.json`` ``{"model_cfg": {...}, "preprocess_cfg": {...}}``.
+
+``weights_path`` is a file with the weights of the whole model, in any of these formats:
+a plain state dict or an open_clip training checkpoint ``{"state_dict": ...}`` saved with
+``torch.save`` (``.pt``/``.pth``/``.bin``; keys may carry DataParallel's ``module.`` prefix),
+a ``.safetensors`` file (``open_clip_model.safetensors`` of the hub repos), or OpenAI's
+TorchScript archive (``ViT-B-32.pt`` of the ``clip`` package). Pickles are read with
+``weights_only=True``. OpenAI's weights were trained with QuickGELU: use
+``arch='ViT-B-32-quickgelu'`` with them to get OpenAI's numbers exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import tempfile
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from vldus.errors import InputError, require_file
+
+DEFAULT_ARCH = "ViT-B-32"
+_REGISTERED: dict[str, str] = {}  # config-file content hash -> registered open_clip model name
+_CONFIG_DIR: Optional[tempfile.TemporaryDirectory] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture
+# --------------------------------------------------------------------------------------------
+def resolve_arch(arch: str) -> tuple[str, dict]:
+    """(open_clip model name, preprocess overrides) for a built-in name or a config-JSON path.
+
+    A config file is registered with open_clip under a name derived from its content, so a file
+    called e.g. ``ViT-B-32.json`` can never shadow the built-in config of that name.
+    """
+    import open_clip
+
+    if os.path.isfile(arch):
+        try:
+            with open(arch) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:
+            raise InputError(arch, f"cannot read model config JSON ({e})") from None
+        preprocess = cfg.get("preprocess_cfg", {}) if isinstance(cfg, dict) else {}
+        model_cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else None
+        if not isinstance(model_cfg, dict) or not all(k in model_cfg for k in
+                                                      ("embed_dim", "vision_cfg", "text_cfg")):
+            raise InputError(arch, "not an open_clip model config (needs 'embed_dim', "
+                                   "'vision_cfg' and 'text_cfg', optionally under 'model_cfg')")
+        text = json.dumps(model_cfg, sort_keys=True)
+        key = hashlib.sha256(text.encode()).hexdigest()[:16]
+        if key not in _REGISTERED:
+            global _CONFIG_DIR
+            if _CONFIG_DIR is None:
+                _CONFIG_DIR = tempfile.TemporaryDirectory(prefix="vldus_clip_cfg_")
+            name = f"vldus-arch-{key}"
+            path = os.path.join(_CONFIG_DIR.name, f"{name}.json")
+            with open(path, "w") as f:
+                f.write(text)
+            open_clip.add_model_config(path)
+            _REGISTERED[key] = name
+        return _REGISTERED[key], preprocess
+    if arch not in open_clip.list_models():
+        raise InputError(arch, "--arch: neither an open_clip model name (open_clip.list_models()) "
+                               "nor a model-config JSON file")
+    return arch, {}
+
+
+def build_open_clip(arch: str = DEFAULT_ARCH, device: str | torch.device = "cpu") -> nn.Module:
+    """A randomly initialised open_clip model of architecture ``arch`` (offline)."""
+    import open_clip
+    from open_clip.model import get_model_preprocess_cfg, set_model_preprocess_cfg
+
+    name, preprocess = resolve_arch(arch)
+    logging.disable(logging.WARNING)  # "no pretrained weights loaded": we load them ourselves
+    try:
+        # No `pretrained` tag and no tower weights: open_clip has nothing to fetch.
+        model = open_clip.create_model(name, pretrained=None, pretrained_image=False,
+                                       pretrained_text=False, device=device)
+    except Exception as e:  # open_clip raises RuntimeError/ValueError/KeyError for bad configs
+        raise InputError(arch, f"cannot build open_clip model ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    if preprocess:
+        set_model_preprocess_cfg(model, {**get_model_preprocess_cfg(model), **preprocess})
+    return model
+
+
+def get_clip_tokenizer(arch: str = DEFAULT_ARCH) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's tokenizer for ``arch`` (texts -> (N, context_length) int64 token ids)."""
+    import open_clip
+
+    name, _ = resolve_arch(arch)
+    try:
+        return open_clip.get_tokenizer(name)
+    except Exception as e:  # an HF tokenizer that is not in the local cache
+        raise InputError(arch, f"cannot build the tokenizer offline ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------
+def read_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a CLIP weights file (see module doc for the formats), keys cleaned."""
+    path = require_file(path, "CLIP weights file")
+    obj: Any
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(path, device="cpu")
+        except Exception as e:
+            raise InputError(path, f"cannot read safetensors file ({str(e).splitlines()[0]})") from None
+    else:
+        try:
+            with warnings.catch_warnings():  # torch warns before refusing a TorchScript archive
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+            obj = _read_torchscript(path)
+            if obj is None:
+                raise InputError(path, "cannot read CLIP weights (not a weights-only torch file, "
+                                       f"safetensors or TorchScript archive: {str(e).splitlines()[0]})"
+                                 ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(path, "not a state dict (expected a mapping of parameter names to tensors)")
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI TorchScript extras
+        state.pop(key, None)
+    return state
+
+
+def _read_torchscript(path: str) -> Optional[dict[str, torch.Tensor]]:
+    """State dict of a TorchScript archive (OpenAI's own CLIP files), or None if it is not one."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as z:
+        if not any(n.endswith("code/__torch__.py") or "/code/" in n for n in z.namelist()):
+            return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return dict(torch.jit.load(path, map_location="cpu").state_dict())
+    except Exception:
+        return None
+
+
+def load_open_clip(arch: str = DEFAULT_ARCH, weights_path: str | os.PathLike = "",
+                   device: str | torch.device = "cpu") -> nn.Module:
+    """open_clip model ``arch`` with the weights of the local file ``weights_path``.
+
+    Returned frozen (``requires_grad=False`` everywhere) and in eval mode, on ``device``.
+    InputError names the file when it is missing, unreadable, or its keys/shapes do not fit.
+    """
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    if not weights_path:
+        raise InputError(arch, "no CLIP weights file given (nothing is downloaded; pass a local file)")
+    path = require_file(str(weights_path), "CLIP weights file")
+    state = read_clip_state_dict(path)
+    model = build_open_clip(arch, "cpu")
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    expected = model.state_dict()
+    # TorchScript archives also store buffers that open_clip keeps out of its state dict.
+    transient = {name for name, _ in model.named_buffers()} - set(expected)
+    state = {k: v for k, v in state.items() if k not in transient}
+    for key in ("logit_scale", "logit_bias"):  # scalar vs 1-element tensor across versions
+        if key in state and key in expected and state[key].numel() == expected[key].numel():
+            state[key] = state[key].reshape(expected[key].shape)
+    _check_fit(path, arch, state, expected)
+    model.load_state_dict(state, strict=True)
+    return freeze(model.to(device))
+
+
+def _check_fit(path: str, arch: str, state: dict, expected: dict) -> None:
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]})")
+        raise InputError(path, f"weights do not fit open_clip arch {arch!r}: " + ", ".join(parts))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradients (inputs can still receive gradients through it)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Facts about a loaded model
+# --------------------------------------------------------------------------------------------
+def clip_image_size(model: nn.Module) -> tuple[int, int]:
+    """(H, W) the image encoder expects."""
+    visual = getattr(model, "visual", model)
+    size = getattr(visual, "image_size", 224)
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def clip_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel normalisation constants of the image encoder (OpenAI's by default)."""
+    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    visual = getattr(model, "visual", model)
+    cfg = getattr(visual, "preprocess_cfg", None) or {}
+    mean = cfg.get("mean", getattr(visual, "image_mean", None)) or OPENAI_DATASET_MEAN
+    std = cfg.get("std", getattr(visual, "image_std", None)) or OPENAI_DATASET_STD
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
