@@ -17,6 +17,7 @@ from vldus.errors import InputError
 # Modules that define sub-commands, in the order ``vldus --help`` lists them.
 COMMAND_MODULES = [
     "vldus.data.shapes",
+    "vldus.detection.extract",
 ]
 
 
