@@ -18,6 +18,7 @@ from vldus.errors import InputError
 COMMAND_MODULES = [
     "vldus.data.shapes",
     "vldus.detection.extract",
+    "vldus.detection.inference",
 ]
 
 

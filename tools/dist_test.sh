@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Distributed `vldus test` with torchrun: each process detects its share of the test images,
+# rank 0 gathers the detections and writes the files (same result as one process).
+#
+#   tools/dist_test.sh CFG CHECKPOINT NPROC [vldus test options]
+#   tools/dist_test.sh configs/coco_65_15.yaml work_dirs/coco_65_15/detector/epoch_12.pth 4 \
+#       --syn-weights work_dirs/coco_65_15/synth/classifier_best.pth --zsd --out dets.json
+#
+# NPROC processes per node (GPUs: one per process, LOCAL_RANK picks the device; CPU: gloo).
+# Several nodes: set NNODES, NODE_RANK, MASTER_ADDR (and PORT) on each node.
+# PYTHON selects the interpreter (default: python).
+set -euo pipefail
+if [ "$#" -lt 3 ]; then
+    echo "usage: $0 CFG CHECKPOINT NPROC [vldus test options]" >&2
+    exit 2
+fi
+CFG=$1
+CKPT=$2
+NPROC=$3
+shift 3
+exec "${PYTHON:-python}" -m torch.distributed.run \
+    --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
+    --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${PORT:-29500}" \
+    --nproc_per_node="$NPROC" \
+    -m vldus.cli test --config "$CFG" --checkpoint "$CKPT" "$@"

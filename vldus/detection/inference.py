@@ -1,0 +1,311 @@
+"""``vldus test``: zero-shot detection on the test images, detections + metrics (stage 4).
+
+Steps: read the test annotations (``cfg.data.test``), choose the test images of the setting
+(SPEC §9.2, ``cfg.data.test_rule``), load the detector, inject the synthesized classifier and
+install the ZSD / GZSD scoring head (:mod:`vldus.detection.zsd`), detect image by image, then
+write
+
+- ``--out DETS.json``: COCO results ``[{"image_id", "category_id", "bbox": [x, y, w, h],
+  "score"}]``, at most ``detector.detections_per_img`` per image, boxes in original image pixels;
+- ``DETS.gt.json`` next to it: the ground truth of the chosen images (only unseen annotations in
+  ZSD) in COCO format, so ``vldus evaluate --ann DETS.gt.json --dets DETS.json`` re-scores them;
+- ``--metrics M.json`` (INTERFACES metrics layout) and the printed table;
+- ``--show-dir DIR``: one PNG per image with the detections above a display threshold.
+
+Under torchrun (``tools/dist_test.sh``) each rank detects every ``world``-th image and rank 0
+gathers the detections (``torch.distributed.gather_object`` over gloo) and writes the files; the
+result is the same as one process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vldus.config import Config, load_config
+from vldus.data.records import ImageRecord
+from vldus.data.splits import Split
+from vldus.errors import InputError, require_file
+
+SETTINGS = ("zsd", "gzsd", "seen")
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+class TestImages(Dataset):
+    """``records[i]`` -> ``(i, image float32 (3, H, W) in 0..1 or None, error message or None)``.
+
+    Read errors come back as a message (not raised in a loader worker, where they would lose
+    their type) and become an InputError in the main process.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path = self.records[i].path
+        try:
+            with Image.open(path) as im:
+                array = np.asarray(im.convert("RGB"))
+        except FileNotFoundError:
+            return i, None, "image file not found"
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return i, None, f"cannot read image ({type(e).__name__}: {e})"
+        return i, torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0), None
+
+
+# --------------------------------------------------------------------------------------------
+# Detection
+# --------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def detect(model: torch.nn.Module, head, records: Sequence[ImageRecord], device: str | torch.device,
+           workers: int = 0, show: Optional[dict] = None, progress: bool = True) -> list[dict]:
+    """Detections of each record, in order: ``{"boxes" (K,4) float32 xyxy, "scores" (K,), "labels"
+    (K,) int64}`` numpy arrays, scores in the released scale (:func:`zsd.rescale_scores`).
+
+    ``show``: ``{"dir", "class_names", "unseen_ids", "score_thresh"}`` draws each image to
+    ``dir/<file stem>.png``.
+    """
+    from vldus.detection.zsd import rescale_scores
+
+    loader = DataLoader(TestImages(records), batch_size=None, shuffle=False, num_workers=workers)
+    results: list[Optional[dict]] = [None] * len(records)
+    for i, image, error in tqdm(loader, total=len(records), desc="test", unit="img", disable=not progress):
+        if error is not None:
+            raise InputError(records[i].path, error)
+        out = rescale_scores(model([image.to(device)]), head)[0]
+        det = {"boxes": out["boxes"].float().cpu().numpy(), "scores": out["scores"].float().cpu().numpy(),
+               "labels": out["labels"].cpu().numpy().astype(np.int64)}
+        results[i] = det
+        if show is not None:
+            _draw(image, records[i], det, show)
+    return results
+
+
+def _draw(image: torch.Tensor, record: ImageRecord, det: dict, show: dict) -> None:
+    from PIL import Image
+
+    from vldus.detection.visualize import draw_detections
+
+    pil = Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).numpy())
+    picture = draw_detections(pil, det["boxes"], det["scores"], det["labels"], show["class_names"],
+                              show["unseen_ids"], show["score_thresh"], gt_boxes=record.boxes)
+    stem = os.path.splitext(os.path.basename(record.path))[0]
+    picture.save(os.path.join(show["dir"], f"{stem}.png"))
+
+
+# --------------------------------------------------------------------------------------------
+# Output files
+# --------------------------------------------------------------------------------------------
+def coco_results(records: Sequence[ImageRecord], detections: Sequence[dict], category_ids: Sequence[int],
+                 max_per_image: int) -> list[dict]:
+    """COCO results list: ``bbox`` [x, y, w, h], best ``max_per_image`` of each image by score."""
+    results = []
+    for record, det in zip(records, detections):
+        order = np.argsort(-det["scores"], kind="stable")[:max_per_image]
+        for k in order:
+            x1, y1, x2, y2 = det["boxes"][k].tolist()
+            results.append({"image_id": int(record.image_id),
+                            "category_id": int(category_ids[int(det["labels"][k]) - 1]),
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(det["scores"][k])})
+    return results
+
+
+def gt_path(out: str) -> str:
+    """``dets.json`` -> ``dets.gt.json`` (the ground truth written next to the detections)."""
+    stem = out[:-5] if out.endswith(".json") else out
+    return f"{stem}.gt.json"
+
+
+def write_json(path: str, obj) -> None:
+    """Write atomically (temporary file + os.replace); parent folders are created."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def evaluate(cfg: Config, split: Split, setting: str, records: Sequence[ImageRecord],
+             detections: Sequence[dict]) -> dict:
+    """Metrics of the detections (INTERFACES layout) with the project's ZSDEvaluator."""
+    from vldus.evaluation import ZSDEvaluator
+
+    evaluator = ZSDEvaluator(list(split.classes), list(split.unseen), "gzsd" if setting == "seen" else setting,
+                             iou_thresholds=tuple(cfg.evaluation.iou_thresholds),
+                             protocol=cfg.evaluation.protocol, excluded=tuple(split.excluded))
+    evaluator.process(list(records), list(detections))
+    return evaluator.evaluate()
+
+
+def format_metrics(metrics: dict) -> str:
+    from vldus.evaluation import format_table
+
+    return format_table(metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun)
+# --------------------------------------------------------------------------------------------
+def _dist_start() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call started the process group)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo")  # only Python objects are gathered, on the CPU
+    return dist.get_rank(), dist.get_world_size(), started
+
+
+def _gather(obj, rank: int, world: int) -> Optional[list]:
+    """Every rank's ``obj`` on rank 0 (a list in rank order); None on other ranks."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    box = [None] * world if rank == 0 else None
+    dist.gather_object(obj, box, dst=0)
+    return box
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Command
+# --------------------------------------------------------------------------------------------
+def add_parser(sub, common) -> None:
+    p = sub.add_parser("test", parents=[common], help="detect unseen classes on the test images (stage 4)",
+                       description="Inject the synthesized classifier into the detector, detect the "
+                                   "test images of the setting (SPEC 9.2) and write COCO-format "
+                                   "detections (+ DETS.gt.json) and metrics.")
+    p.add_argument("--config", required=True, help="split config (configs/*.yaml)")
+    p.add_argument("--checkpoint", required=True, help="detector checkpoint (train-detector)")
+    p.add_argument("--syn-weights", default=None, metavar="CLS",
+                   help="synthesized classifier (classifier_best.pth); required for --zsd/--gzsd")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--zsd", dest="setting", action="store_const", const="zsd",
+                      help="zero-shot detection: unseen classes only")
+    mode.add_argument("--gzsd", dest="setting", action="store_const", const="gzsd",
+                      help="generalized ZSD: seen and unseen classes")
+    mode.add_argument("--seen", dest="setting", action="store_const", const="seen",
+                      help="the plain detector over seen classes on the GZSD images (no synthesis)")
+    p.add_argument("--out", required=True, metavar="DETS.json", help="COCO-format detections")
+    p.add_argument("--metrics", default=None, metavar="M.json", help="write the metrics JSON here")
+    p.add_argument("--show-dir", default=None, metavar="DIR", help="draw detections, one PNG per image")
+    p.add_argument("--show-thresh", type=float, default=None,
+                   help="score shown in pictures (default: inference.show_score_thresh)")
+    p.add_argument("--seen-score-cut", type=float, default=None,
+                   help="GZSD: zero seen scores below this (SU used 0.3; default: inference.seen_score_cut)")
+    p.add_argument("--max-images", type=int, default=None, help="only the first N test images")
+    p.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) if available, else cpu")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace, cfg: Config) -> None:
+    if args.setting in ("zsd", "gzsd") and not args.syn_weights:
+        raise InputError("--syn-weights", f"required with --{args.setting} (the synthesized classifier file)")
+    if args.max_images is not None and args.max_images < 1:
+        raise InputError("--max-images", f"must be positive, got {args.max_images}")
+    if args.seen_score_cut is not None:
+        if args.setting != "gzsd":
+            raise InputError("--seen-score-cut", "applies to --gzsd only")
+        cfg.inference.seen_score_cut = args.seen_score_cut
+    cut = cfg.inference.seen_score_cut
+    if cut is not None and not 0.0 <= cut <= 1.0:
+        raise InputError(cfg.source_file, f"inference.seen_score_cut: {cut} is not a probability")
+    if not 0.0 <= cfg.inference.bg_blend <= 1.0:
+        raise InputError(cfg.source_file, f"inference.bg_blend: {cfg.inference.bg_blend} is not in [0, 1]")
+    from vldus.detection.zsd import EXCLUDED_MODES
+
+    if cfg.inference.excluded not in EXCLUDED_MODES:
+        raise InputError(cfg.source_file, f"inference.excluded: {cfg.inference.excluded!r} is not one of "
+                                          f"{', '.join(EXCLUDED_MODES)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vldus.data.readers import coco_category_ids, load_records, records_to_coco, select_test
+    from vldus.detection.model import load_detector
+    from vldus.detection.zsd import install_zsd_head, load_syn_classifier
+
+    cfg = load_config(args.config, args.set)
+    _check_args(args, cfg)
+    split = cfg.load_split()
+    require_file(args.checkpoint, "detector checkpoint")
+    if args.syn_weights and args.setting != "seen":
+        require_file(args.syn_weights, "synthesized classifier")
+
+    rank, world, started = _dist_start()
+    try:
+        start = time.time()
+        records = load_records(cfg.data.test, split)
+        records = select_test(records, split, "gzsd" if args.setting == "seen" else args.setting,
+                              cfg.data.test_rule)
+        if args.max_images:
+            records = records[: args.max_images]
+        category_ids = coco_category_ids(cfg.data.test, split)
+
+        device = args.device or _default_device()
+        model = load_detector(cfg, split, args.checkpoint, device)
+        classifier = None
+        if args.setting != "seen":
+            in_features = model.roi_heads.box_predictor.cls_score.in_features
+            classifier = load_syn_classifier(args.syn_weights, split, in_features)
+        head = install_zsd_head(model, split, args.setting, classifier, bg_blend=cfg.inference.bg_blend,
+                                seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded)
+
+        show = None
+        if args.show_dir:
+            os.makedirs(args.show_dir, exist_ok=True)
+            thresh = cfg.inference.show_score_thresh if args.show_thresh is None else args.show_thresh
+            show = {"dir": args.show_dir, "class_names": split.classes, "unseen_ids": split.unseen_ids,
+                    "score_thresh": thresh}
+        mine = list(range(rank, len(records), world))
+        dets = detect(model, head, [records[i] for i in mine], device, workers=cfg.data.workers, show=show,
+                      progress=not args.quiet and rank == 0)
+        gathered = _gather(list(zip(mine, dets)), rank, world)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
+
+    detections: list[Optional[dict]] = [None] * len(records)
+    for part in gathered:
+        for i, det in part:
+            detections[i] = det
+    max_det = cfg.detector.detections_per_img
+    results = coco_results(records, detections, category_ids, max_det)
+    write_json(args.out, results)
+    write_json(gt_path(args.out), records_to_coco(records, split, category_ids))
+    metrics = evaluate(cfg, split, args.setting, records, detections)
+    if args.metrics:
+        write_json(args.metrics, metrics)
+    print(format_metrics(metrics))
+    print(f"test: {args.setting}: {len(records)} images, {len(results)} detections, "
+          f"{time.time() - start:.1f} s -> {args.out}", file=sys.stdout)
+    return 0
