@@ -51,13 +51,16 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from vldus.data.records import ImageRecord
 from vldus.data.splits import Split, normalize_name
 from vldus.errors import InputError
+
+if TYPE_CHECKING:
+    from vldus.config import DataSource
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ DROP_DEGENERATE_DEFAULT = {"coco": True, "shapes": False, "voc": False, "dior": 
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
-def load_records(source, split: Split, *, drop_degenerate: bool | None = None) -> list[ImageRecord]:
+def load_records(source: "DataSource", split: Split, *, drop_degenerate: bool | None = None) -> list[ImageRecord]:
     """Read every image listed by ``source`` (a :class:`vldus.config.DataSource`).
 
     Returns one record per image, in file / list order, labels = detector index
@@ -121,7 +124,7 @@ def select_unseen_only(records: Iterable[ImageRecord], split: Split) -> list[Ima
     return [r for r in records if len(r) and bool(np.isin(r.labels, unseen).all())]
 
 
-def coco_category_ids(source, split: Split) -> list[int]:
+def coco_category_ids(source: "DataSource", split: Split) -> list[int]:
     """Category id of each detector index 1..C (element ``i`` is the id of ``split.classes[i]``).
 
     coco/shapes: the ids of the JSON's ``categories`` matched by name (InputError if a class of
