@@ -322,6 +322,17 @@ def _visible_box(owner: np.ndarray, k: int, ob: _Object, cover: np.ndarray | Non
     return _mask_box(vis) + np.array([x0, y0, x0, y0])
 
 
+def _output_box(owner: np.ndarray, k: int, ob: _Object, ss: int) -> np.ndarray:
+    """Box of object k in output pixels: the tight box of the output pixels that the object's
+    visible part covers at least half of (so thin tips blended into the background do not count)."""
+    x0, y0 = (ob.box[:2] // ss) * ss
+    x1, y1 = -(-ob.box[2:] // ss) * ss
+    vis = owner[y0:y1, x0:x1] == k
+    cover = vis.reshape((y1 - y0) // ss, ss, (x1 - x0) // ss, ss).mean((1, 3))
+    pixels = cover >= 0.5 if (cover >= 0.5).any() else cover > 0
+    return _mask_box(pixels) + np.array([x0, y0, x0, y0]) // ss
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -400,8 +411,8 @@ def render_image(rng: np.random.Generator, labels: Sequence[int], size: int,
     arr = np.asarray(img, np.float32) * light[..., None] + tex[..., None] + noise
     image = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
 
-    boxes = np.array([_visible_box(owner, k, ob) for k, ob in enumerate(objects)], np.float64)
-    return image, boxes.reshape(-1, 4) / ss, np.array([ob.label for ob in objects], np.int64)
+    boxes = np.array([_output_box(owner, k, ob, ss) for k, ob in enumerate(objects)], np.float64)
+    return image, boxes.reshape(-1, 4), np.array([ob.label for ob in objects], np.int64)
 
 
 # --- image composition ---------------------------------------------------------------------
