@@ -307,3 +307,163 @@ def test_empty_output_is_still_written(tmp_path, extractor):
     m = run_extraction(extractor, records, paths, quiet=True)
     feats, labels = load(paths)
     assert m["rows"] == 0 and feats.shape == (0, 1024) and labels.shape == (0,)
+
+
+# --------------------------------------------------------------------------------------------
+# The command (config + checkpoint + COCO-format data, as a user runs it)
+# --------------------------------------------------------------------------------------------
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import yaml  # noqa: E402
+
+from vldus import cli  # noqa: E402
+from vldus.config import load_config  # noqa: E402
+
+CLASSES = ["disc", "square", "bar", "ring"]  # 'ring' is unseen
+
+
+def _write_coco(root, name, images):
+    """images: list of (boxes xywh, class names); draws each box as a bright rectangle."""
+    rng = np.random.default_rng(len(name))
+    entries, anns = [], []
+    for i, objects in enumerate(images):
+        pixels = rng.integers(0, 60, (64, 80, 3), dtype=np.uint8)
+        for x, y, w, h, _ in objects:
+            pixels[y:y + h, x:x + w] = 220
+        file = f"{name}_{i}.png"
+        Image.fromarray(pixels).save(root / "images" / file)
+        entries.append({"id": i + 1, "file_name": file, "width": 80, "height": 64})
+        for x, y, w, h, cls in objects:
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": CLASSES.index(cls) + 1,
+                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+    cats = [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)]
+    with open(root / "annotations" / f"instances_{name}.json", "w") as f:
+        json.dump({"images": entries, "annotations": anns, "categories": cats}, f)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny dataset, its config (R18-FPN at 64 px) and a random-weight detector checkpoint."""
+    from vldus.detection.model import build_detector
+
+    root = tmp_path_factory.mktemp("proj")
+    (root / "images").mkdir()
+    (root / "annotations").mkdir()
+    seen = [[(5, 5, 20, 30, "disc"), (40, 20, 30, 20, "square")], [(10, 30, 40, 20, "bar")],
+            [(50, 5, 20, 50, "disc")], [(30, 30, 30, 30, "square")],
+            [(5, 5, 30, 30, "disc"), (45, 30, 20, 20, "ring")]]  # last one: has an unseen object
+    test = [[(10, 10, 30, 30, "ring")], [(40, 10, 30, 40, "ring"), (5, 40, 20, 20, "ring")],
+            [(5, 5, 30, 30, "disc"), (45, 30, 20, 20, "ring")]]
+    _write_coco(root, "train", seen)
+    _write_coco(root, "test", test)
+    with open(root / "split.json", "w") as f:
+        json.dump({"name": "tiny", "classes": CLASSES, "unseen": ["ring"]}, f)
+    tree = yaml.safe_load(open("configs/shapes.yaml"))
+    tree.update(name="tiny", split=str(root / "split.json"), work_dir=str(root / "work"))
+    src = {"format": "coco", "img_dir": str(root / "images")}
+    tree["data"]["train"] = {**src, "ann_file": str(root / "annotations/instances_train.json"), "repeat": 2}
+    tree["data"]["test"] = {**src, "ann_file": str(root / "annotations/instances_test.json")}
+    tree["detector"].update(backbone="resnet18", norm="bn", backbone_weights=None, fpn_channels=16,
+                            min_size=64, max_size=80, rpn_pre_nms_train=300, rpn_post_nms_train=100)
+    tree["features"]["num_rois"] = 64
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    cfg = load_config(str(config))
+    split = cfg.load_split()
+    torch.manual_seed(0)
+    model = build_detector(cfg, split)
+    ckpt = root / "epoch_1.pth"
+    torch.save({"model": model.state_dict(), "classes": list(split.classes), "epoch": 1}, ckpt)
+    return {"root": root, "config": str(config), "ckpt": str(ckpt), "cfg": cfg}
+
+
+def _args(project, save_dir, *extra, classes="seen", data_split="train"):
+    return ["extract-features", "--quiet", "--config", project["config"], "--checkpoint", project["ckpt"],
+            "--classes", classes, "--data-split", data_split, "--save-dir", str(save_dir), *extra]
+
+
+def test_command_seen_train_and_unseen_test(project, tmp_path, capsys):
+    with torch_threads(1):
+        assert cli.main(_args(project, tmp_path, "--shard-size", "3")) == 0
+    out = capsys.readouterr().out
+    assert "from 4 images (8 passes), 0 skipped bad images" in out  # repeat 2; 'ring' image dropped
+    labels = np.load(tmp_path / "train_0.6_0.3_labels.npy")
+    assert np.load(tmp_path / "train_0.6_0.3_feats.npy").shape == (len(labels), 1024)
+    assert set(np.unique(labels)) == {0, 1, 2, 3} and (labels > 0).sum() >= 2 * 6
+
+    assert cli.main(_args(project, tmp_path, classes="unseen", data_split="test")) == 0
+    labels = np.load(tmp_path / "test_0.6_0.3_labels.npy")
+    assert set(np.unique(labels)) == {0, 4}  # unseen-only test images: 'ring' (index 4) + bg
+    m = json.load(open(tmp_path / "test_0.6_0.3_manifest.json"))
+    assert m["images"] == 2 and m["rows_per_label"]["ring"] == (labels == 4).sum() >= 3
+
+
+def test_command_defaults_to_work_dir_features(project):
+    args = _args(project, "unused", "--max-images", "1")
+    i = args.index("--save-dir")
+    assert cli.main(args[:i] + args[i + 2:]) == 0
+    feats = os.path.join(project["cfg"].path("features"), "train_0.6_0.3_feats.npy")
+    assert os.path.isfile(feats)
+
+
+@pytest.mark.parametrize("case", ["missing_ckpt", "wrong_classes", "missing_config", "bad_image"])
+def test_command_bad_input_is_one_line_exit_2(project, tmp_path, capsys, case):
+    from vldus.detection.model import build_detector
+    from vldus.data.splits import split_from_names
+
+    args = _args(project, tmp_path / "out")
+    if case == "missing_ckpt":
+        args[args.index("--checkpoint") + 1] = needle = str(tmp_path / "none.pth")
+    elif case == "wrong_classes":
+        other = split_from_names("x", CLASSES + ["star"], ["ring"])
+        needle = str(tmp_path / "five.pth")
+        torch.save({"model": build_detector(project["cfg"], other).state_dict()}, needle)
+        args[args.index("--checkpoint") + 1] = needle
+    elif case == "missing_config":
+        args[args.index("--config") + 1] = needle = str(tmp_path / "none.yaml")
+    else:
+        bad = tmp_path / "bad.yaml"
+        tree = yaml.safe_load(open(project["config"]))
+        images = tmp_path / "images"
+        images.mkdir()
+        for f in (project["root"] / "images").iterdir():
+            (images / f.name).write_bytes(f.read_bytes())
+        (images / "train_0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        tree["data"]["train"]["img_dir"] = str(images)
+        bad.write_text(yaml.safe_dump(tree))
+        args[args.index("--config") + 1] = str(bad)
+        needle = str(images / "train_0.png")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and err.startswith("vldus extract-features: error:")
+    if case == "bad_image":
+        assert cli.main(args + ["--skip-bad-images"]) == 0
+        assert "1 skipped bad image " in capsys.readouterr().out
+
+
+def test_torchrun_two_processes_match_one(project, tmp_path):
+    with torch_threads(1):  # torchrun workers run with OMP_NUM_THREADS=1: same arithmetic
+        assert cli.main(_args(project, tmp_path / "one", "--shard-size", "1")) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "vldus.cli", *_args(project, tmp_path / "two", "--shard-size", "1")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("extract-features:") == 1  # rank 0 reports
+    one = [np.load(tmp_path / "one" / f"train_0.6_0.3_{k}.npy") for k in ("feats", "labels")]
+    two = [np.load(tmp_path / "two" / f"train_0.6_0.3_{k}.npy") for k in ("feats", "labels")]
+    assert len(one[1]) == len(two[1]) and np.array_equal(one[1], two[1])
+    assert np.allclose(one[0], two[0], atol=1e-4)
+
+
+class torch_threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
