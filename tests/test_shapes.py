@@ -1,5 +1,4 @@
 """vldus make-shapes: layout, determinism, attributes, composition, clutter, box accuracy, CLI errors."""
-import colorsys
 import contextlib
 import hashlib
 import io
@@ -91,7 +90,7 @@ def test_coco_json_is_valid(data, split):
             x, y, w, h = a["bbox"]
             assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 128 and y + h <= 128
             assert a["area"] == pytest.approx(w * h) and a["iscrowd"] == 0
-            assert w >= 0.5 * S.ShapesStyle().object_size[0] * 128 or h >= 0.5 * S.ShapesStyle().object_size[0] * 128
+            assert max(w, h) >= 0.5 * S.ShapesStyle().object_size[0] * 128  # no slivers
 
 
 def test_train_and_test_image_ids_are_disjoint(data):
@@ -267,3 +266,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, argv, expected):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vldus make-shapes: error: ") and expected in lines[0]
     assert not os.path.exists(tmp_path / "d")  # nothing written on bad input
+
+
+def test_cli_out_is_a_file_is_one_line_exit_2(tmp_path):
+    (tmp_path / "f").write_text("x")
+    rc, _, err = _cli("make-shapes", "--out", str(tmp_path / "f"), "--quiet", "--train-images", "1")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / "f") in err

@@ -21,6 +21,14 @@ aspect change, colour jitter and optional outline, 2-6 objects per image with bo
 occlusion, an illumination field and pixel noise. Each box is the tight box of the visible
 (not occluded) pixels of its object.
 
+Defaults (chosen for a 2-core CPU demo): 160 px images (objects 13-56 px across; a
+MobileNetV2-FPN detector resizes them anyway), 600 train / 200 test images, 2-6 objects each.
+Train: 85 % of images all-seen, 10 % mixed, 5 % all-unseen (the last two are dropped by the
+training rule, as in COCO). Test: 15 % all-seen, 50 % mixed, 35 % all-unseen, so ZSD and GZSD
+both have about a hundred objects per unseen class. Class frequencies are balanced within the
+seen and within the unseen group. Generation: about 7 ms of one core per 160 px image
+(4 ms drawing, 3 ms PNG encoding).
+
 Determinism: every image is drawn from its own generator seeded with (seed, split, index), and
 files are written with fixed PNG/JSON settings, so the same options give byte-identical files.
 """
@@ -490,8 +498,11 @@ def make_shapes(out_dir: str | os.PathLike, seed: int = 0, train_images: int = D
 
     img_dir = os.path.join(out_dir, "images")
     ann_dir = os.path.join(out_dir, "annotations")
-    os.makedirs(img_dir, exist_ok=True)
-    os.makedirs(ann_dir, exist_ok=True)
+    try:
+        os.makedirs(img_dir, exist_ok=True)
+        os.makedirs(ann_dir, exist_ok=True)
+    except OSError as e:
+        raise InputError(out_dir, f"cannot create the output folder ({e.strerror})") from None
     categories = [{"id": i + 1, "name": c, "supercategory": c.split()[1]} for i, c in enumerate(CLASSES)]
 
     summary: dict = {"seen": list(seen_names), "unseen": list(unseen_names)}
