@@ -244,7 +244,7 @@ def test_output_names_layout_and_manifest(tmp_path, extractor):
     assert on_disk["rows"] == m["rows"] and on_disk["run"]["seed"] == 3
     # same rows whatever the shard size; a different seed gives other samples
     other = output_paths(str(tmp_path / "other"), "train", 0.6, 0.3)
-    run_extraction(extractor, records, other, repeat=2, seed=3, shard_size=4, quiet=True)
+    run_extraction(extractor, records, other, repeat=2, seed=3, shard_size=4, quiet=True, workers=2)
     assert all(np.array_equal(a, b) for a, b in zip(load(paths), load(other)))
     run_extraction(extractor, records, other, repeat=2, seed=4, shard_size=4, quiet=True)
     assert not np.array_equal(load(paths)[0], load(other)[0])
@@ -286,16 +286,18 @@ def test_resume_with_other_settings_is_refused(tmp_path, extractor):
         run_extraction(extractor, records, paths, shard_size=1, seed=9, resume=True, quiet=True)
 
 
-def test_bad_images(tmp_path, extractor):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_images(tmp_path, extractor, workers):
     records = make_records(tmp_path, n=3)
     open(records[1].path, "wb").write(b"not an image")
     os.remove(records[2].path)
     paths = output_paths(str(tmp_path / "out"), "train", 0.6, 0.3)
     with pytest.raises(InputError) as e:
-        run_extraction(extractor, records, paths, quiet=True)
+        run_extraction(extractor, records, paths, quiet=True, workers=workers)
     assert records[1].path in str(e.value) and "cannot read image" in str(e.value)
     assert not os.path.exists(paths.feats)
-    m = run_extraction(extractor, records, paths, repeat=2, skip_bad_images=True, quiet=True)
+    m = run_extraction(extractor, records, paths, repeat=2, skip_bad_images=True, quiet=True,
+                       workers=workers)
     assert m["skipped_images"] == sorted([records[1].path, records[2].path]) and m["passes"] == 2
     assert "2 skipped bad images" in extract.summary_line(m, paths)
     assert len(np.load(paths.labels)) == m["rows"] > 0

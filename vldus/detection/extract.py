@@ -24,14 +24,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
+import functools
 import hashlib
+import itertools
 import json
 import os
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +48,9 @@ from vldus.data.records import ImageRecord
 from vldus.data.splits import Split
 from vldus.detection.shards import ShardStore, atomic_write_json, merge_shards, read_json, shard_ranges
 from vldus.errors import InputError, require_file
+
+
+BARRIER_TIMEOUT = datetime.timedelta(hours=12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +276,7 @@ def _prepare(store: ShardStore, paths: OutputPaths, run_info: dict, resume: bool
 
 def run_extraction(extractor, records: Sequence[ImageRecord], paths: OutputPaths, *,
                    repeat: int = 1, seed: int = 0, shard_size: int = 500, resume: bool = False,
-                   skip_bad_images: bool = False, quiet: bool = False,
+                   skip_bad_images: bool = False, quiet: bool = False, workers: int = 0,
                    class_names: Sequence[str] = (), run_info: Optional[dict] = None) -> Optional[dict]:
     """Extract the RoI features of ``records`` (each one ``repeat`` times) into ``paths``.
 
@@ -278,6 +285,7 @@ def run_extraction(extractor, records: Sequence[ImageRecord], paths: OutputPaths
     process takes its share of the unfinished shards; rank 0 merges and returns the manifest
     dict, other ranks return None. ``run_info`` (JSON-able settings that determine the output)
     guards ``resume``: a parts folder of a run with other settings is an InputError.
+    ``workers`` threads decode the next images while the model runs.
     """
     rank, world = _dist_info()
     dim = extractor.cfg.dim
@@ -307,10 +315,11 @@ def run_extraction(extractor, records: Sequence[ImageRecord], paths: OutputPaths
         counts = np.zeros(0, np.int64)
         skipped: list[str] = []
         with store.writer(shard) as writer:
-            for item in items[shard]:
+            loaded = _prefetch(lambda item: read_image(records[item % n].path), items[shard], workers)
+            for item, image_of in zip(items[shard], loaded):
                 record = records[item % n]
                 try:
-                    image = read_image(record.path)
+                    image = image_of()
                 except InputError:
                     if not skip_bad_images:
                         raise
@@ -331,6 +340,24 @@ def run_extraction(extractor, records: Sequence[ImageRecord], paths: OutputPaths
     if rank != 0:
         return None
     return _finish(store, paths, len(items), run_info, class_names, time.time() - started)
+
+
+def _prefetch(load: Callable[[int], object], items: Sequence[int], workers: int) -> Iterator[Callable[[], object]]:
+    """For each item, a callable returning ``load(item)`` (or raising its error), loaded up to
+    ``2 * workers`` items ahead in background threads; in the caller's thread if ``workers`` is 0."""
+    if workers <= 0:
+        for item in items:
+            yield functools.partial(load, item)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        queue: deque[Future] = deque()
+        ahead = iter(items)
+        for item in itertools.islice(ahead, 2 * workers):
+            queue.append(pool.submit(load, item))
+        while queue:
+            yield queue.popleft().result
+            for item in itertools.islice(ahead, 1):
+                queue.append(pool.submit(load, item))
 
 
 def _add_counts(counts: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -443,7 +470,9 @@ def run(args: argparse.Namespace) -> int:
 
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
-        dist.init_process_group("gloo")  # barriers only: features stay on each rank's device
+        # barriers only (features stay on each rank's device); ranks may wait for each other
+        # for up to one shard's time, which on a CPU can exceed the 30 min default
+        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
         records, repeat = select_images(cfg, split, args.classes, args.data_split)
         if args.max_images:
@@ -463,6 +492,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = run_extraction(extractor, records, paths, repeat=repeat, seed=seed,
                                   shard_size=args.shard_size, resume=args.resume,
                                   skip_bad_images=args.skip_bad_images, quiet=args.quiet,
+                                  workers=cfg.data.workers,
                                   class_names=split.classes, run_info=run_info)
     finally:
         if own_group:
