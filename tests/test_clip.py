@@ -107,3 +107,9 @@ def test_open_clip_config_json_with_preprocess(tiny_clip, tmp_path):
                                 "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}))
     model = load_open_clip(str(path), tiny_clip.weights_path)
     assert clip_mean_std(model) == ((0.5,) * 3, (0.25,) * 3)
+
+
+def test_openai_constants_match_open_clip():
+    import open_clip
+    from vldus.clip import OPENAI_MEAN, OPENAI_STD
+    assert OPENAI_MEAN == open_clip.OPENAI_DATASET_MEAN and OPENAI_STD == open_clip.OPENAI_DATASET_STD

@@ -30,6 +30,10 @@ from torch import nn
 from vldus.errors import InputError, require_file
 
 DEFAULT_ARCH = "ViT-B-32"
+# OpenAI CLIP's image normalisation (= open_clip.OPENAI_DATASET_MEAN/STD; kept here so that
+# generic encoders do not need the open_clip import).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _REGISTERED: dict[str, str] = {}  # config-file content hash -> registered open_clip model name
 _CONFIG_DIR: Optional[tempfile.TemporaryDirectory] = None
 
@@ -224,12 +228,10 @@ def clip_image_size(model: nn.Module) -> tuple[int, int]:
 
 def clip_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel normalisation constants of the image encoder (OpenAI's by default)."""
-    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
     visual = getattr(model, "visual", model)
     cfg = getattr(visual, "preprocess_cfg", None) or {}
-    mean = cfg.get("mean", getattr(visual, "image_mean", None)) or OPENAI_DATASET_MEAN
-    std = cfg.get("std", getattr(visual, "image_std", None)) or OPENAI_DATASET_STD
+    mean = cfg.get("mean", getattr(visual, "image_mean", None)) or OPENAI_MEAN
+    std = cfg.get("std", getattr(visual, "image_std", None)) or OPENAI_STD
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
