@@ -35,6 +35,7 @@ from vldus.evaluation.mean_ap import evaluate_mmdet_v1
 SETTINGS = ("zsd", "gzsd", "seen")
 PROTOCOLS = ("mmdet-v1", "coco")
 GROUPS_OF_SETTING = {"zsd": ("unseen",), "gzsd": ("seen", "unseen"), "seen": ("seen",)}
+MAX_DETS_PER_IMAGE = 100  # the "@100" of Recall@100 (and the published detector's max_per_img)
 
 
 def _numpy(x: Any, dtype) -> np.ndarray:
@@ -56,7 +57,7 @@ class ZSDEvaluator:
 
     def __init__(self, class_names: Sequence[str], unseen: Sequence[str], setting: str,
                  iou_thresholds: Sequence[float] = (0.4, 0.5, 0.6), protocol: str = "mmdet-v1",
-                 excluded: Sequence[str] = (), max_dets_per_image: int = 100,
+                 excluded: Sequence[str] = (), max_dets_per_image: int = MAX_DETS_PER_IMAGE,
                  inclusive_boxes: bool = False):
         if setting not in SETTINGS:
             raise ValueError(f"unknown setting {setting!r} (one of {', '.join(SETTINGS)})")
