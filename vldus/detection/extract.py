@@ -176,7 +176,9 @@ class RoIFeatureExtractor:
                 features = OrderedDict([("0", features)])
             with training_proposals(model.rpn):
                 proposals, _ = model.rpn(images, features)
-            rois, labels = assign_and_sample(proposals[0].float(), targets[0]["boxes"],
+            proposals = proposals[0].float()
+            proposals = proposals[torch.isfinite(proposals).all(dim=1)]  # guard against a diverged model
+            rois, labels = assign_and_sample(proposals, targets[0]["boxes"],
                                              targets[0]["labels"], self.cfg, generator)
             if len(rois) == 0:
                 return np.zeros((0, self.cfg.dim), np.float32), np.zeros((0,), np.int64)
