@@ -1,0 +1,177 @@
+"""train-detector: loss goes down, resume == uninterrupted, divergence stops cleanly, torchrun works."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vldus.cli import main
+from vldus.config import Config, DataSource, save_config
+from vldus.detection import train as train_mod
+from vldus.detection.train import latest_checkpoint, lr_factor, train_detector
+from vldus.errors import InputError
+
+CLASSES = ["red square", "green square", "blue square"]
+COLOURS = {1: (230, 30, 30), 2: (30, 200, 30), 3: (30, 30, 230)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2 shared cores: two OpenMP threads spin against the other jobs (10x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_tiny_coco(root, n_images=8, size=64, seed=0, unseen_every=0):
+    """Noise images with 1-2 coloured squares; every ``unseen_every``-th image holds a blue one."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root / "images", exist_ok=True)
+    images, anns = [], []
+    for i in range(1, n_images + 1):
+        canvas = rng.integers(90, 160, (size, size, 3)).astype(np.uint8)
+        labels = [int(rng.integers(1, 3)) for _ in range(int(rng.integers(1, 3)))]
+        if unseen_every and i % unseen_every == 0:
+            labels[0] = 3
+        for label in labels:
+            s = int(rng.integers(size // 5, size // 2))
+            x, y = (int(v) for v in rng.integers(0, size - s, 2))
+            canvas[y:y + s, x:x + s] = COLOURS[label]
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": label,
+                         "bbox": [x, y, s, s], "area": s * s, "iscrowd": 0})
+        name = f"im_{i:03d}.png"
+        Image.fromarray(canvas).save(root / "images" / name)
+        images.append({"id": i, "file_name": name, "width": size, "height": size})
+    cats = [{"id": k + 1, "name": c} for k, c in enumerate(CLASSES)]
+    ann_file = root / "instances.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    split_file = root / "split.json"
+    split_file.write_text(json.dumps({"name": "tiny", "classes": CLASSES, "unseen": ["blue square"]}))
+    return str(ann_file), str(root / "images"), str(split_file)
+
+
+def tiny_config(tmp_path, epochs=2, **train) -> Config:
+    ann, img_dir, split = make_tiny_coco(tmp_path / "data")
+    cfg = Config(name="tiny", split=split, work_dir=str(tmp_path / "work"))
+    cfg.data.train = DataSource(format="shapes", ann_file=ann, img_dir=img_dir)
+    cfg.data.test = DataSource(format="shapes", ann_file=ann, img_dir=img_dir)
+    cfg.data.workers = 0
+    d = cfg.detector
+    d.backbone, d.norm, d.trainable_layers, d.fpn_channels = "mobilenet_v2", "bn", 5, 32
+    d.min_size = d.max_size = 64
+    d.anchor_sizes = [8, 16, 32, 64, 128]
+    d.rpn_pre_nms_train = d.rpn_post_nms_train = 200
+    d.rpn_pre_nms_test = d.rpn_post_nms_test = 100
+    d.rpn_batch_size, d.roi_batch_size = 64, 64
+    t = cfg.train
+    t.epochs, t.batch_size, t.lr, t.warmup_iters, t.lr_steps, t.log_interval = epochs, 2, 0.01, 2, [1], 2
+    for k, v in train.items():
+        setattr(t, k, v)
+    return cfg
+
+
+def test_lr_schedule_matches_mmdet():
+    cfg = Config()
+    cfg.train.warmup_iters, cfg.train.warmup_ratio, cfg.train.lr_steps = 500, 1 / 3, [8, 11]
+    assert lr_factor(0, 100, cfg) == pytest.approx(1 / 3)
+    assert lr_factor(250, 100, cfg) == pytest.approx(2 / 3)
+    assert lr_factor(500, 100, cfg) == 1.0
+    assert lr_factor(799, 100, cfg) == 1.0
+    assert lr_factor(800, 100, cfg) == pytest.approx(0.1)  # first iteration of epoch 9
+    assert lr_factor(1100, 100, cfg) == pytest.approx(0.01)
+
+
+def test_training_lowers_the_loss(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=6, lr_steps=[], warmup_iters=1, lr=0.02)
+    last = train_detector(cfg, progress=False)
+    assert last == cfg.path("detector", "epoch_6.pth")
+    log = [json.loads(line) for line in open(cfg.path("detector", "log.jsonl"))]
+    epochs = [r for r in log if "checkpoint" in r]
+    assert [r["epoch"] for r in epochs] == list(range(1, 7))
+    assert epochs[-1]["loss"] < 0.7 * epochs[0]["loss"], [r["loss"] for r in epochs]
+    iters = [r for r in log if "iter" in r]
+    assert {"lr", "loss_classifier", "loss_objectness", "s_per_iter", "images_per_s"} <= set(iters[0])
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["epoch"] == 6 and ckpt["classes"] == CLASSES
+    assert ckpt["model"]["roi_heads.box_predictor.cls_score.weight"].shape == (len(CLASSES) + 1, 1024)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    whole = tiny_config(tmp_path / "a", epochs=2, flip=0.5)
+    train_detector(whole, progress=False)
+
+    parted = tiny_config(tmp_path / "b", epochs=1, flip=0.5)
+    train_detector(parted, progress=False)
+    parted.train.epochs = 2
+    train_detector(parted, resume=True, progress=False)
+
+    a = torch.load(whole.path("detector", "epoch_2.pth"), weights_only=True)
+    b = torch.load(parted.path("detector", "epoch_2.pth"), weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
+    cfg = tiny_config(tmp_path, epochs=1)
+    train_detector(cfg, progress=False)
+    good = cfg.path("detector", "epoch_1.pth")
+    before = open(good, "rb").read()
+
+    original = train_mod._check_finite
+    calls = {"n": 0}
+
+    def poisoned(loss, losses, *args):  # the loss of the 2nd iteration of epoch 2 becomes NaN
+        calls["n"] += 1
+        if calls["n"] == 2:
+            loss = loss * float("nan")
+        return original(loss, losses, *args)
+
+    monkeypatch.setattr(train_mod, "_check_finite", poisoned)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg.train.epochs = 2
+    save_config(cfg, str(cfg_file))
+    code = main(["train-detector", "--config", str(cfg_file), "--resume", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "non-finite loss at epoch 2, iteration 2" in err and good in err
+    assert open(good, "rb").read() == before
+    assert latest_checkpoint(cfg.path("detector")) == good
+    assert not os.path.exists(cfg.path("detector", "epoch_2.pth"))
+
+
+def test_frozen_bn_without_weights_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.detector.norm = "frozen_bn"
+    with pytest.raises(InputError, match="backbone_weights"):
+        train_detector(cfg, progress=False)
+
+
+def test_missing_weights_file_via_cli(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    cfg_file = tmp_path / "cfg.yaml"
+    save_config(cfg, str(cfg_file))
+    missing = str(tmp_path / "weights" / "mobilenet_v2.pth")
+    code = main(["train-detector", "--config", str(cfg_file), "--quiet",
+                 "--set", f"detector.backbone_weights={missing}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and missing in err[0]
+
+
+def test_torchrun_two_processes(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1)
+    cfg_file = tmp_path / "cfg.yaml"
+    save_config(cfg, str(cfg_file))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "vldus.cli", "train-detector", "--config", str(cfg_file), "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(cfg.path("detector", "epoch_1.pth"), weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert ckpt["iters_per_epoch"] == 2  # 8 images / 2 processes / batch 2

@@ -1,0 +1,459 @@
+"""``vldus train-detector``: train the seen-class Faster R-CNN (SPEC Part B §2).
+
+Single process, or one process per GPU/CPU slot under torchrun (``tools/dist_train.sh``):
+DistributedDataParallel with a DistributedSampler, nccl on CUDA, gloo on CPU.
+
+Schedule (``cfg.train``): SGD (lr, momentum, weight decay on every parameter, as mmdetection),
+linear warm-up over ``warmup_iters`` iterations from ``warmup_ratio`` x lr, lr x ``lr_gamma``
+at each epoch of ``lr_steps`` (0-based epoch index, mmdetection's ``step=[8, 11]``), gradient
+clipping at max-norm ``grad_clip``, autocast + GradScaler on CUDA when ``amp``.
+
+Outputs in ``cfg.path('detector')``:
+  ``epoch_N.pth``  {"model", "optimizer", "scheduler", "scaler", "rng" (one entry per rank:
+                   torch, cuda, numpy, python), "epoch": N, "classes": [names], "world_size",
+                   "iters_per_epoch"}; written to a temporary file and renamed, so a crash never
+                   leaves a half-written checkpoint. ``--resume`` continues from the latest.
+  ``log.jsonl``    one JSON object per ``log_interval`` iterations ({"epoch", "iter", "lr",
+                   "loss", each loss, "s_per_iter", "images_per_s"}) and one per epoch
+                   ({"epoch", "loss", "time_s", "checkpoint"[, "val"]}).
+  ``config.yaml``  the resolved config.
+
+Determinism: data order depends on (train.seed, epoch), flips on (seed, epoch, sample), and
+every RNG state is checkpointed; on CPU deterministic algorithms are switched on. A run stopped
+after epoch k and resumed ends with the same weights as an uninterrupted one.
+
+A non-finite loss stops training with exit code 1 and a message naming the epoch and the
+iteration; no checkpoint is written for that epoch, so the last good one stays as it was.
+
+``--validate`` reports seen-class mAP after each epoch with ``vldus.evaluation.ZSDEvaluator`` on
+``data.val``, or, when it is null, on ``data.test``; in both cases on the images whose objects
+are all seen (the §2.3 rule), so unseen objects never count as misses or false positives.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from vldus.config import Config, load_config, save_config
+from vldus.data.splits import Split
+from vldus.detection.dataset import DetectionDataset, collate_fn, training_dataset
+from vldus.detection.model import build_detector, checkpoint_state, resolve_norm
+from vldus.errors import InputError
+
+LOG_FILE = "log.jsonl"
+CHECKPOINT_RE = re.compile(r"epoch_(\d+)\.pth")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged; the message names the epoch, the iteration and the last checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------
+# Processes and devices
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """One process per device. torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain run is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return DistInfo(rank=rank, world_size=world, device=device)
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def deterministic_cpu(enabled: bool) -> Iterator[None]:
+    """Deterministic algorithms for the duration of training (CPU runs), restored afterwards."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Random state (checkpointed, so a resumed run continues the same random streams)
+# --------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """This process's RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch gives each worker base_seed + worker_id; derive numpy/python from it.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def checkpoint_path(cfg: Config, epoch: int) -> str:
+    return cfg.path("detector", f"epoch_{epoch}.pth")
+
+
+def latest_checkpoint(directory: str) -> Optional[str]:
+    """``epoch_N.pth`` with the largest N in ``directory``, or None."""
+    if not os.path.isdir(directory):
+        return None
+    found = [(int(m.group(1)), f) for f in os.listdir(directory) if (m := CHECKPOINT_RE.fullmatch(f))]
+    return os.path.join(directory, max(found)[1]) if found else None
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Write to ``path.tmp`` then rename: the file at ``path`` is always complete."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_training_checkpoint(path: str, split: Split) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(path, f"cannot read checkpoint ({(str(e).splitlines() or [''])[0]})") from None
+    checkpoint_state(ckpt, path)
+    missing = [k for k in ("optimizer", "scheduler", "epoch", "rng") if k not in ckpt]
+    if missing:
+        raise InputError(path, f"not a train-detector checkpoint (no {', '.join(missing)}); cannot resume")
+    if list(ckpt.get("classes", split.classes)) != list(split.classes):
+        raise InputError(path, f"checkpoint classes differ from split {split.name!r}")
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule
+# --------------------------------------------------------------------------------------------
+def lr_factor(iteration: int, iters_per_epoch: int, cfg: Config) -> float:
+    """Multiplier of train.lr at global ``iteration`` (0-based): step decay x linear warm-up."""
+    t = cfg.train
+    epoch = iteration // iters_per_epoch
+    factor = t.lr_gamma ** sum(epoch >= s for s in t.lr_steps)
+    if iteration < t.warmup_iters:
+        factor *= 1.0 - (1.0 - iteration / t.warmup_iters) * (1.0 - t.warmup_ratio)
+    return factor
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (seen classes)
+# --------------------------------------------------------------------------------------------
+def _evaluator_class():
+    try:
+        from vldus.evaluation import ZSDEvaluator
+    except ImportError:
+        raise InputError("--validate", "needs vldus.evaluation.ZSDEvaluator, which this installation "
+                                       "does not have yet; train without --validate") from None
+    return ZSDEvaluator
+
+
+def validation_dataset(cfg: Config, split: Split) -> DetectionDataset:
+    """``data.val`` (or ``data.test`` when val is null): images whose objects are all seen."""
+    from vldus.data.readers import load_records, select_training
+
+    source = cfg.data.val or cfg.data.test
+    records = select_training(load_records(source, split), split, min_side=0)
+    if not records:
+        raise InputError(source.ann_file or source.list_file or None,
+                         "--validate: no image whose objects are all seen classes")
+    return DetectionDataset(records, train=False)
+
+
+@torch.no_grad()
+def evaluate_seen(model: torch.nn.Module, dataset: DetectionDataset, cfg: Config, split: Split,
+                  device: torch.device, progress: bool = True) -> dict:
+    """Run the detector on ``dataset`` and return the evaluator's metrics dict (gzsd layout)."""
+    evaluator = _evaluator_class()(list(split.classes), list(split.unseen), setting="gzsd",
+                                   iou_thresholds=tuple(cfg.evaluation.iou_thresholds),
+                                   protocol=cfg.evaluation.protocol, excluded=tuple(split.excluded))
+    by_id = {r.image_id: r for r in dataset.records}
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, collate_fn=collate_fn,
+                        num_workers=cfg.data.workers)
+    was_training = model.training
+    model.eval()
+    for images, targets in tqdm(loader, desc="validate", disable=not progress, leave=False):
+        outputs = model([im.to(device) for im in images])
+        dets = [{k: v.float().cpu() for k, v in o.items()} for o in outputs]
+        evaluator.process([by_id[t["image_id"]] for t in targets], dets)
+    model.train(was_training)
+    return evaluator.evaluate()
+
+
+def seen_map(metrics: dict, iou: str = "0.5") -> float:
+    return float(metrics["groups"]["seen"]["map"][iou])
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+class _JsonLog:
+    """Append-only JSON-lines log, written by rank 0 only."""
+
+    def __init__(self, path: Optional[str], fresh: bool):
+        self.path = path
+        if path and fresh:
+            open(path, "w").close()
+
+    def write(self, record: dict) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _check_finite(loss: torch.Tensor, losses: dict, epoch: int, iteration: int, info: DistInfo,
+                  last_good: Optional[str]) -> None:
+    """Stop every rank together when any rank's loss is NaN/inf (before the step: weights stay good)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+    if info.world_size > 1:
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        keep = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
+        raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, iteration {iteration} ({parts}); "
+                                 f"{keep}. Lower train.lr or raise train.warmup_iters, then --resume")
+
+
+def train_detector(cfg: Config, resume: bool = False, validate: bool = False, skip_bad_images: bool = False,
+                   progress: bool = True) -> Optional[str]:
+    """Train per ``cfg`` and return the path of the last checkpoint (see the module docstring)."""
+    info = init_distributed()
+    split = cfg.load_split()
+    t = cfg.train
+    det_dir = cfg.path("detector")
+    if cfg.detector.backbone_weights is None and resolve_norm(cfg.detector) == "frozen_bn":
+        raise InputError(cfg.source_file or "config", "detector.norm frozen_bn needs detector.backbone_weights: "
+                                                      "frozen BatchNorm on a random backbone diverges; "
+                                                      "use norm bn, gn or auto")
+    if validate:
+        _evaluator_class()
+    os.makedirs(det_dir, exist_ok=True)
+
+    seed_everything(t.seed + info.rank)
+    dataset = training_dataset(cfg, split, skip_bad=skip_bad_images)
+    val_set = validation_dataset(cfg, split) if validate and info.is_main else None
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=t.seed)
+    loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=collate_fn,
+                        num_workers=cfg.data.workers, worker_init_fn=_seed_worker)
+    iters_per_epoch = len(loader)
+
+    model = build_detector(cfg, split).to(info.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters_per_epoch, cfg))
+    amp = t.amp and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    start_epoch, last_good = 0, None
+    latest = latest_checkpoint(det_dir) if resume else None
+    if latest:
+        ckpt = load_training_checkpoint(latest, split)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        rngs = ckpt["rng"]
+        if len(rngs) == info.world_size:
+            set_rng_state(rngs[info.rank])
+        elif info.is_main:
+            print(f"note: {latest} was written by {len(rngs)} process(es), this run has "
+                  f"{info.world_size}: random streams restart, the result will differ from an "
+                  f"uninterrupted run", file=sys.stderr)
+        start_epoch, last_good = int(ckpt["epoch"]), latest
+        if ckpt.get("iters_per_epoch", iters_per_epoch) != iters_per_epoch and info.is_main:
+            print(f"note: {iters_per_epoch} iterations per epoch now, {ckpt['iters_per_epoch']} "
+                  f"before: the lr schedule is continued by iteration count", file=sys.stderr)
+        if info.is_main:
+            print(f"resuming from {latest} (epoch {start_epoch} of {t.epochs})", file=sys.stderr)
+    elif info.is_main and resume:
+        print(f"no checkpoint in {det_dir}; starting from scratch", file=sys.stderr)
+
+    if info.is_main:
+        save_config(cfg, os.path.join(det_dir, "config.yaml"))
+    log = _JsonLog(os.path.join(det_dir, LOG_FILE) if info.is_main else None, fresh=not latest)
+
+    train_model: torch.nn.Module = model
+    if info.world_size > 1:
+        if info.device.type == "cuda" and resolve_norm(cfg.detector) == "bn":
+            train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = DistributedDataParallel(train_model, device_ids=[info.device.index] if info.device.index
+                                              is not None else None)
+    skipped: set[str] = set()
+
+    with deterministic_cpu(info.device.type == "cpu"):
+        for epoch in range(start_epoch, t.epochs):
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            train_model.train()
+            epoch_start, sums, count = time.time(), {}, 0
+            window_start, window = time.time(), {}
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and info.is_main),
+                       unit="it", dynamic_ncols=True)
+            for i, (images, targets) in enumerate(bar):
+                for target in targets:
+                    skipped.update(target.pop("skipped", ()))
+                images = [im.to(info.device, non_blocking=True) for im in images]
+                targets = [{k: (v.to(info.device) if torch.is_tensor(v) else v) for k, v in tg.items()}
+                           for tg in targets]
+                with torch.autocast(info.device.type, enabled=amp):
+                    losses = train_model(images, targets)
+                loss = sum(losses.values())
+                _check_finite(loss, losses, epoch + 1, i + 1, info, last_good)
+
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if t.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+
+                values = {k: v.item() for k, v in losses.items()} | {"loss": loss.item()}
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    window[k] = window.get(k, 0.0) + v
+                count += 1
+                n_window = (i % t.log_interval) + 1
+                if n_window == t.log_interval or i + 1 == iters_per_epoch:
+                    elapsed = time.time() - window_start
+                    record = {"epoch": epoch + 1, "iter": i + 1, "iters": iters_per_epoch, "lr": lr}
+                    record |= {k: v / n_window for k, v in window.items()}
+                    record |= {"s_per_iter": elapsed / n_window,
+                               "images_per_s": n_window * t.batch_size * info.world_size / max(elapsed, 1e-9)}
+                    log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}",
+                                    img_s=f"{record['images_per_s']:.1f}")
+                    window_start, window = time.time(), {}
+
+            summary = {"epoch": epoch + 1} | {k: v / max(count, 1) for k, v in sums.items()}
+            summary["time_s"] = time.time() - epoch_start
+            path = checkpoint_path(cfg, epoch + 1)
+            rngs = _gather(rng_state(), info)
+            if info.is_main:
+                save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                 "rng": rngs, "epoch": epoch + 1, "classes": list(split.classes),
+                                 "world_size": info.world_size, "iters_per_epoch": iters_per_epoch}, path)
+                summary["checkpoint"] = path
+                if val_set is not None:
+                    metrics = evaluate_seen(model, val_set, cfg, split, info.device, progress)
+                    summary["val"] = {"seen_map": metrics["groups"]["seen"]["map"],
+                                      "seen_recall": metrics["groups"]["seen"]["recall"]}
+                    print(f"epoch {epoch + 1}: seen mAP@0.5 {seen_map(metrics):.1f}", file=sys.stderr)
+                log.write(summary)
+            _barrier(info)
+            last_good = path
+
+    all_skipped = set().union(*_gather(sorted(skipped), info))
+    if all_skipped and info.is_main:
+        print(f"skipped {len(all_skipped)} unreadable image(s), e.g. {sorted(all_skipped)[0]}", file=sys.stderr)
+    return last_good
+
+
+def _gather(obj, info: DistInfo) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (every rank gets the list)."""
+    if info.world_size == 1:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def add_parser(sub, common) -> None:
+    p = sub.add_parser("train-detector", parents=[common],
+                       help="train the seen-class Faster R-CNN (single process or under torchrun)",
+                       description="Train the seen-class detector. Exit 2: bad input; exit 1: the loss "
+                                   "became non-finite (the last good checkpoint is kept).")
+    p.add_argument("--config", required=True, help="config YAML (or the name of a bundled one)")
+    p.add_argument("--work-dir", help="override cfg.work_dir; checkpoints go to WORK_DIR/detector/")
+    p.add_argument("--resume", action="store_true", help="continue from the latest epoch_N.pth")
+    p.add_argument("--validate", action="store_true", help="report seen-class mAP after each epoch")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images (counted at the end) instead of stopping")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    try:
+        last = train_detector(cfg, resume=args.resume, validate=args.validate,
+                              skip_bad_images=args.skip_bad_images, progress=not args.quiet)
+    except NonFiniteLossError as e:
+        print(f"vldus {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if last and not args.quiet and int(os.environ.get("RANK", "0")) == 0:
+        print(f"detector checkpoint: {last}", file=sys.stderr)
+    return 0
