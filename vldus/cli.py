@@ -19,7 +19,6 @@ COMMAND_MODULES = [
     "vldus.data.shapes",
     "vldus.data.embeddings",
     "vldus.detection.train",
-    "vldus.detection.train",
     "vldus.detection.extract",
     "vldus.detection.inference",
     "vldus.evaluation.cli",
