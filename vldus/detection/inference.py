@@ -142,12 +142,16 @@ def write_json(path: str, obj) -> None:
 
 def evaluate(cfg: Config, split: Split, setting: str, records: Sequence[ImageRecord],
              detections: Sequence[dict]) -> dict:
-    """Metrics of the detections (INTERFACES layout) with the project's ZSDEvaluator."""
+    """Metrics of the detections (INTERFACES layout) with the project's ZSDEvaluator.
+
+    ``seen`` (the plain detector) scores the seen-class annotations of the GZSD images.
+    """
     from vldus.evaluation import ZSDEvaluator
 
-    evaluator = ZSDEvaluator(list(split.classes), list(split.unseen), "gzsd" if setting == "seen" else setting,
+    evaluator = ZSDEvaluator(list(split.classes), list(split.unseen), setting,
                              iou_thresholds=tuple(cfg.evaluation.iou_thresholds),
-                             protocol=cfg.evaluation.protocol, excluded=tuple(split.excluded))
+                             protocol=cfg.evaluation.protocol, excluded=tuple(split.excluded),
+                             max_dets_per_image=cfg.detector.detections_per_img)
     evaluator.process(list(records), list(detections))
     return evaluator.evaluate()
 

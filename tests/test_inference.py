@@ -1,0 +1,242 @@
+"""`vldus test` end to end on a tiny generated COCO-format dataset with a tiny random detector."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from vldus.cli import main
+from vldus.config import load_config
+from vldus.data.records import ImageRecord
+from vldus.detection.inference import coco_results, gt_path
+from vldus.detection.visualize import SEEN_COLOUR, UNSEEN_COLOUR, draw_detections
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["red circle", "blue circle", "red square", "blue square", "green star", "grey star"]
+UNSEEN = ["blue circle", "green star"]  # detector ids 2, 5
+EXCLUDED = ["grey star"]  # id 6, like COCO 48/17's excluded classes
+CAT_IDS = [11, 12, 13, 14, 15, 16]  # COCO category ids differ from detector indices
+# test images: (width, height, [(class index 0-based, box xyxy)])
+IMAGES = [
+    (80, 60, [(1, (5, 5, 30, 30)), (0, (40, 10, 70, 40))]),    # unseen + seen
+    (64, 96, [(0, (10, 10, 40, 40))]),                         # seen only: never a test image
+    (96, 64, [(4, (20, 8, 60, 50))]),                          # unseen only
+    (72, 72, [(2, (4, 4, 30, 30)), (5, (40, 40, 70, 70))]),    # seen + excluded: not a test image
+    (64, 64, [(4, (8, 8, 40, 40)), (5, (40, 30, 62, 60))]),    # unseen + excluded
+    (90, 70, [(1, (50, 20, 85, 60)), (3, (5, 5, 35, 35))]),    # unseen + seen
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny convolutions are 10x slower when two threads contend for 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Dataset, split, config, random detector checkpoint and synthesized classifier files."""
+    root = tmp_path_factory.mktemp("tiny_zsd")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    images, annotations = [], []
+    for n, (w, h, objects) in enumerate(IMAGES, start=1):
+        im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        draw = ImageDraw.Draw(im)
+        for c, box in objects:
+            draw.rectangle(box, fill=(40 * c, 255 - 40 * c, 128))
+            annotations.append({"id": len(annotations) + 1, "image_id": 100 + n, "category_id": CAT_IDS[c],
+                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                                "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})
+        im.save(root / "images" / f"img{n}.png")
+        images.append({"id": 100 + n, "file_name": f"img{n}.png", "width": w, "height": h})
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": i, "name": c} for i, c in zip(CAT_IDS, CLASSES)]}
+    (root / "test.json").write_text(json.dumps(coco))
+    (root / "split.json").write_text(json.dumps({"name": "tiny", "classes": CLASSES, "unseen": UNSEEN,
+                                                 "excluded": EXCLUDED}))
+    config = {
+        "name": "tiny", "split": str(root / "split.json"), "work_dir": str(root / "work"),
+        "data": {"train": {"format": "coco", "ann_file": str(root / "test.json"), "img_dir": str(root / "images")},
+                 "test": {"format": "coco", "ann_file": str(root / "test.json"), "img_dir": str(root / "images")},
+                 "test_rule": "coco", "workers": 0},
+        "detector": {"backbone": "resnet18", "norm": "bn", "fpn_channels": 32, "min_size": 64, "max_size": 96,
+                     "anchor_sizes": [8, 16, 32, 64, 128], "rpn_pre_nms_test": 100, "rpn_post_nms_test": 50},
+    }
+    cfg_path = root / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+
+    from vldus.detection.model import build_detector
+
+    cfg = load_config(str(cfg_path))
+    split = cfg.load_split()
+    torch.manual_seed(0)
+    model = build_detector(cfg, split)
+    torch.save({"model": model.state_dict(), "classes": list(split.classes), "epoch": 1}, root / "det.pth")
+    g = torch.Generator().manual_seed(1)
+    rows = 1 + len(split.unseen_ids)
+    torch.save({"fc.weight": torch.randn(rows, 1024, generator=g) * 0.05, "fc.bias": torch.zeros(rows)},
+               root / "cls.pth")
+    torch.save({"fc.weight": torch.zeros(rows + 1, 1024), "fc.bias": torch.zeros(rows + 1)}, root / "bad.pth")
+    return root
+
+
+def cli_args(project, *extra):
+    return ["test", "--config", str(project / "tiny.yaml"), "--checkpoint", str(project / "det.pth"),
+            "--quiet", *extra]
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+def test_coco_results_layout_and_top_k():
+    rec = ImageRecord(7, "x.png", 50, 40)
+    det = {"boxes": np.array([[1, 2, 11, 22], [0, 0, 5, 5], [3, 3, 4, 4]], np.float32),
+           "scores": np.array([0.2, 0.9, 0.5], np.float32), "labels": np.array([2, 1, 2])}
+    out = coco_results([rec], [det], [30, 40], max_per_image=2)
+    assert out == [{"image_id": 7, "category_id": 30, "bbox": [0.0, 0.0, 5.0, 5.0], "score": pytest.approx(0.9)},
+                   {"image_id": 7, "category_id": 40, "bbox": [3.0, 3.0, 1.0, 1.0], "score": pytest.approx(0.5)}]
+    assert gt_path("a/dets.json") == "a/dets.gt.json" and gt_path("dets") == "dets.gt.json"
+
+
+def test_draw_detections_colours_and_threshold():
+    im = Image.new("RGB", (100, 100), (0, 0, 0))
+    boxes = np.array([[10, 40, 50, 90], [60, 40, 95, 90], [5, 5, 95, 30]], np.float32)
+    out = draw_detections(im, boxes, np.array([0.9, 0.8, 0.1]), np.array([1, 2, 1]), ["seen cls", "unseen cls"],
+                          unseen_ids=[2], score_thresh=0.3)
+    px = out.load()
+    assert px[10, 70] == SEEN_COLOUR and px[95, 70] == UNSEEN_COLOUR
+    assert px[50, 5] == px[95, 15] == (0, 0, 0)  # the 0.1 box is below the display threshold
+    assert px[12, 36] != (0, 0, 0)  # a label above the seen box
+    assert im.getpixel((10, 70)) == (0, 0, 0)  # the input is not drawn on
+
+
+# --- the command ----------------------------------------------------------------------------
+def test_zsd_end_to_end(project, tmp_path):
+    out, metrics, show = tmp_path / "dets.json", tmp_path / "m.json", tmp_path / "show"
+    rc = main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--zsd", "--out", str(out),
+                        "--metrics", str(metrics), "--show-dir", str(show), "--set", "inference.excluded=mask"))
+    assert rc == 0
+    dets = _read(out)
+    chosen = {101, 103, 105, 106}  # images with at least one unseen object (coco rule)
+    unseen_cats = {CAT_IDS[CLASSES.index(c)] for c in UNSEEN}
+    assert dets and {d["image_id"] for d in dets} <= chosen
+    assert {d["category_id"] for d in dets} <= unseen_cats
+    sizes = {100 + n: (w, h) for n, (w, h, _) in enumerate(IMAGES, start=1)}
+    for d in dets:
+        x, y, w, h = d["bbox"]
+        W, H = sizes[d["image_id"]]
+        assert 0 <= x and 0 <= y and x + w <= W + 1e-3 and y + h <= H + 1e-3 and 0.05 < d["score"] <= 1
+    assert max(sum(d["image_id"] == i for d in dets) for i in chosen) <= 100
+    gt = _read(gt_path(str(out)))
+    assert {im["id"] for im in gt["images"]} == chosen
+    assert {a["category_id"] for a in gt["annotations"]} == unseen_cats  # zsd: unseen annotations only
+    assert len(gt["annotations"]) == 4
+    m = _read(metrics)
+    assert m["setting"] == "zsd" and set(m["classes"]) == set(UNSEEN)
+    assert sorted(os.listdir(show)) == ["img1.png", "img3.png", "img5.png", "img6.png"]
+    # `vldus evaluate` re-scores the written files to the same metrics
+    rc = main(["evaluate", "--ann", gt_path(str(out)), "--dets", str(out), "--unseen", ",".join(UNSEEN),
+               "--excluded", ",".join(EXCLUDED), "--setting", "zsd", "--out", str(tmp_path / "m2.json"), "--quiet"])
+    assert rc == 0 and _read(tmp_path / "m2.json") == m
+
+
+def test_seen_mode_needs_no_synthesis(project, tmp_path):
+    out = tmp_path / "seen.json"
+    assert main(cli_args(project, "--seen", "--out", str(out), "--metrics", str(tmp_path / "m.json"))) == 0
+    cats = {d["category_id"] for d in _read(out)}
+    assert cats and cats <= {CAT_IDS[i] for i in (0, 2, 3)}
+    m = _read(tmp_path / "m.json")
+    assert m["setting"] == "seen" and set(m["classes"]) <= {"red circle", "red square", "blue square"}
+
+
+def test_gzsd_end_to_end_and_seen_score_cut(project, tmp_path):
+    runs = {}
+    for name, extra in (("plain", []), ("cut", ["--seen-score-cut", "0.3"])):
+        out = tmp_path / f"{name}.json"
+        rc = main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--gzsd", "--out", str(out),
+                            "--metrics", str(tmp_path / f"{name}.m.json"), *extra))
+        assert rc == 0
+        runs[name] = _read(out)
+    dets = runs["plain"]
+    cats = {d["category_id"] for d in dets}
+    assert CAT_IDS[5] not in cats  # the excluded class is never output in gzsd
+    assert cats & {CAT_IDS[i] for i in (0, 2, 3)} and cats & {CAT_IDS[i] for i in (1, 4)}
+    # the cut removes every seen detection scoring below 0.3 and leaves the unseen scores alone
+    # (it can only free places in the 100-per-image budget for more unseen detections)
+    seen_cats = {CAT_IDS[i] for i in (0, 2, 3)}
+    cut = runs["cut"]
+    assert all(d["score"] >= 0.3 for d in cut if d["category_id"] in seen_cats)
+    assert any(d["score"] < 0.3 for d in dets if d["category_id"] in seen_cats)
+    def unseen(ds):  # (image, category) -> array of [score, bbox]
+        out = {}
+        for d in ds:
+            if d["category_id"] not in seen_cats:
+                out.setdefault((d["image_id"], d["category_id"]), []).append([d["score"]] + d["bbox"])
+        return {k: np.array(v) for k, v in out.items()}
+
+    before, after = unseen(dets), unseen(cut)
+    assert sum(map(len, before.values())) < sum(map(len, after.values()))
+    for key, rows in before.items():  # every unseen detection is still there, same score and box
+        dist = np.abs(rows[:, None, :] - after[key][None, :, :]).max(axis=2)
+        assert (dist.min(axis=1) < 1e-4).all()
+    m = _read(tmp_path / "plain.m.json")
+    assert m["setting"] == "gzsd" and "hm" in m and "grey star" not in m["classes"]
+    gt = _read(gt_path(str(tmp_path / "plain.json")))
+    assert CAT_IDS[5] not in {a["category_id"] for a in gt["annotations"]}
+    assert len(gt["annotations"]) == 6
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--zsd"], "--syn-weights: required with --zsd"),
+    (["--syn-weights", "CLS", "--zsd", "--seen-score-cut", "0.3"], "applies to --gzsd only"),
+    (["--syn-weights", "BAD", "--zsd"], r"bad.pth: 'fc.weight' (4, 1024) / 'fc.bias' (4,) do not fit"),
+    (["--syn-weights", "MISSING", "--gzsd"], "missing.pth: synthesized classifier not found"),
+    (["--syn-weights", "CLS", "--zsd", "--set", "inference.excluded=raw"], "inference.excluded: 'raw'"),
+])
+def test_bad_input_is_one_line_exit_2(project, tmp_path, capsys, extra, message):
+    names = {"CLS": "cls.pth", "BAD": "bad.pth", "MISSING": "missing.pth"}
+    extra = [str(project / names[e]) if e in names else e for e in extra]
+    rc = main(cli_args(project, *extra, "--out", str(tmp_path / "d.json")))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("vldus test: error: ") and "\n" not in err
+    assert message in err
+    assert not (tmp_path / "d.json").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_same_detections(project, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, PORT=str(_free_port()),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    common = ["--syn-weights", str(project / "cls.pth"), "--gzsd", "--quiet"]
+    assert main(cli_args(project, *common, "--out", str(tmp_path / "one.json"))) == 0  # one thread, like OMP=1
+    two = [os.path.join(ROOT, "tools", "dist_test.sh"), str(project / "tiny.yaml"), str(project / "det.pth"), "2",
+           *common, "--out", str(tmp_path / "two.json")]
+    done = subprocess.run(two, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("test: gzsd: 4 images") == 1  # rank 0 alone writes and reports
+    a, b = _read(tmp_path / "one.json"), _read(tmp_path / "two.json")
+    assert len(a) == len(b) > 0
+    assert [(d["image_id"], d["category_id"]) for d in a] == [(d["image_id"], d["category_id"]) for d in b]
+    np.testing.assert_allclose([d["bbox"] + [d["score"]] for d in a], [d["bbox"] + [d["score"]] for d in b],
+                               rtol=0, atol=1e-4)
+    assert _read(tmp_path / "one.gt.json") == _read(tmp_path / "two.gt.json")
