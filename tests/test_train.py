@@ -1,6 +1,7 @@
 """train-detector: loss goes down, resume == uninterrupted, divergence stops cleanly, torchrun works."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from vldus.detection import train as train_mod
 from vldus.detection.train import latest_checkpoint, lr_factor, train_detector
 from vldus.errors import InputError
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["red square", "green square", "blue square"]
 COLOURS = {1: (230, 30, 30), 2: (30, 200, 30), 3: (30, 30, 230)}
 
@@ -88,12 +90,14 @@ def test_lr_schedule_matches_mmdet():
 
 def test_training_lowers_the_loss(tmp_path):
     cfg = tiny_config(tmp_path, epochs=6, lr_steps=[], warmup_iters=1, lr=0.02)
-    last = train_detector(cfg, progress=False)
+    last = train_detector(cfg, validate=True, progress=False)
     assert last == cfg.path("detector", "epoch_6.pth")
     log = [json.loads(line) for line in open(cfg.path("detector", "log.jsonl"))]
     epochs = [r for r in log if "checkpoint" in r]
     assert [r["epoch"] for r in epochs] == list(range(1, 7))
     assert epochs[-1]["loss"] < 0.7 * epochs[0]["loss"], [r["loss"] for r in epochs]
+    # --validate (data.val is null -> data.test, seen-only images): a seen mAP per epoch
+    assert all(0.0 <= r["val"]["seen_map"]["0.5"] <= 100.0 for r in epochs)
     iters = [r for r in log if "iter" in r]
     assert {"lr", "loss_classifier", "loss_objectness", "s_per_iter", "images_per_s"} <= set(iters[0])
     ckpt = torch.load(last, weights_only=True)
@@ -164,14 +168,30 @@ def test_missing_weights_file_via_cli(tmp_path, capsys):
 
 
 def test_torchrun_two_processes(tmp_path):
+    """tools/dist_train.sh -> torchrun -> 2 gloo processes with DDP."""
     cfg = tiny_config(tmp_path, epochs=1)
     cfg_file = tmp_path / "cfg.yaml"
     save_config(cfg, str(cfg_file))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "vldus.cli", "train-detector", "--config", str(cfg_file), "--quiet"]
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable,
+               MASTER_PORT=str(port))
+    cmd = ["bash", os.path.join(REPO, "tools", "dist_train.sh"), str(cfg_file), "2", "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(cfg.path("detector", "epoch_1.pth"), weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert ckpt["iters_per_epoch"] == 2  # 8 images / 2 processes / batch 2
+
+
+def test_skip_bad_images(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, epochs=1)
+    bad = os.path.join(cfg.data.train.img_dir, "im_002.png")
+    with open(bad, "wb") as f:
+        f.write(b"broken")
+    with pytest.raises(InputError) as e:
+        train_detector(cfg, progress=False)
+    assert bad in str(e.value)
+    assert train_detector(cfg, skip_bad_images=True, progress=False) == cfg.path("detector", "epoch_1.pth")
+    assert f"skipped 1 unreadable image(s), e.g. {bad}" in capsys.readouterr().err

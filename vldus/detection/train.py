@@ -223,8 +223,8 @@ def validation_dataset(cfg: Config, split: Split) -> DetectionDataset:
 @torch.no_grad()
 def evaluate_seen(model: torch.nn.Module, dataset: DetectionDataset, cfg: Config, split: Split,
                   device: torch.device, progress: bool = True) -> dict:
-    """Run the detector on ``dataset`` and return the evaluator's metrics dict (gzsd layout)."""
-    evaluator = _evaluator_class()(list(split.classes), list(split.unseen), setting="gzsd",
+    """Run the detector on ``dataset`` and return the evaluator's metrics dict (setting "seen")."""
+    evaluator = _evaluator_class()(list(split.classes), list(split.unseen), setting="seen",
                                    iou_thresholds=tuple(cfg.evaluation.iou_thresholds),
                                    protocol=cfg.evaluation.protocol, excluded=tuple(split.excluded))
     by_id = {r.image_id: r for r in dataset.records}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Distributed `vldus train-detector` with torchrun: one process per GPU (nccl), or per CPU
+# slot (gloo) when there is no GPU; DistributedDataParallel, each process sees its share of
+# every epoch. train.batch_size is per process (the paper: 4 GPUs x 1 image at lr 0.02).
+#
+#   tools/dist_train.sh CFG NPROC [train-detector options]
+#   tools/dist_train.sh configs/coco_65_15.yaml 4 --validate
+#   tools/dist_train.sh configs/coco_65_15.yaml 4 --resume
+#
+# Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT (or PORT) on each node.
+# PYTHON selects the interpreter (default: python).
+set -euo pipefail
+if [ "$#" -lt 2 ]; then
+    echo "usage: $0 CFG NPROC [vldus train-detector options]" >&2
+    exit 2
+fi
+CFG=$1
+NPROC=$2
+shift 2
+exec "${PYTHON:-python}" -m torch.distributed.run \
+    --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
+    --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-${PORT:-29500}}" \
+    --nproc_per_node="$NPROC" \
+    -m vldus.cli train-detector --config "$CFG" "$@"
