@@ -207,10 +207,18 @@ def test_gzsd_end_to_end_and_seen_score_cut(project, tmp_path):
     (["--syn-weights", "BAD", "--zsd"], r"bad.pth: 'fc.weight' (4, 1024) / 'fc.bias' (4,) do not fit"),
     (["--syn-weights", "MISSING", "--gzsd"], "missing.pth: synthesized classifier not found"),
     (["--syn-weights", "CLS", "--zsd", "--set", "inference.excluded=raw"], "inference.excluded: 'raw'"),
+    (["--syn-weights", "CLS", "--gzsd", "--set", "inference.seen_score_cut=3"], "seen_score_cut: 3.0 is not"),
+    (["--syn-weights", "CLS", "--zsd", "--set", "data.test.ann_file=SEEN_ONLY"], "seen_only.json: no test image"),
+    (["--seen", "--max-images", "0"], "--max-images: must be positive"),
 ])
 def test_bad_input_is_one_line_exit_2(project, tmp_path, capsys, extra, message):
+    coco = _read(project / "test.json")  # image 102 alone: seen objects only
+    coco["images"] = [im for im in coco["images"] if im["id"] == 102]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] == 102]
+    (tmp_path / "seen_only.json").write_text(json.dumps(coco))
     names = {"CLS": "cls.pth", "BAD": "bad.pth", "MISSING": "missing.pth"}
     extra = [str(project / names[e]) if e in names else e for e in extra]
+    extra = [e.replace("SEEN_ONLY", str(tmp_path / "seen_only.json")) for e in extra]
     rc = main(cli_args(project, *extra, "--out", str(tmp_path / "d.json")))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("vldus test: error: ") and "\n" not in err

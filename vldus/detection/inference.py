@@ -229,66 +229,90 @@ def add_parser(sub, common) -> None:
 
 
 def _check_args(args: argparse.Namespace, cfg: Config) -> None:
-    if args.setting in ("zsd", "gzsd") and not args.syn_weights:
-        raise InputError("--syn-weights", f"required with --{args.setting} (the synthesized classifier file)")
+    """Option checks (InputError) and the command-line overrides of the config."""
     if args.max_images is not None and args.max_images < 1:
         raise InputError("--max-images", f"must be positive, got {args.max_images}")
     if args.seen_score_cut is not None:
         if args.setting != "gzsd":
             raise InputError("--seen-score-cut", "applies to --gzsd only")
         cfg.inference.seen_score_cut = args.seen_score_cut
-    cut = cfg.inference.seen_score_cut
-    if cut is not None and not 0.0 <= cut <= 1.0:
-        raise InputError(cfg.source_file, f"inference.seen_score_cut: {cut} is not a probability")
-    if not 0.0 <= cfg.inference.bg_blend <= 1.0:
-        raise InputError(cfg.source_file, f"inference.bg_blend: {cfg.inference.bg_blend} is not in [0, 1]")
+
+
+def check_inference_config(cfg: Config) -> None:
+    """InputError naming the config file for an impossible ``inference`` value."""
     from vldus.detection.zsd import EXCLUDED_MODES
 
-    if cfg.inference.excluded not in EXCLUDED_MODES:
-        raise InputError(cfg.source_file, f"inference.excluded: {cfg.inference.excluded!r} is not one of "
+    inf = cfg.inference
+    if inf.seen_score_cut is not None and not 0.0 <= inf.seen_score_cut <= 1.0:
+        raise InputError(cfg.source_file, f"inference.seen_score_cut: {inf.seen_score_cut} is not a probability")
+    if not 0.0 <= inf.bg_blend <= 1.0:
+        raise InputError(cfg.source_file, f"inference.bg_blend: {inf.bg_blend} is not in [0, 1]")
+    if inf.excluded not in EXCLUDED_MODES:
+        raise InputError(cfg.source_file, f"inference.excluded: {inf.excluded!r} is not one of "
                                           f"{', '.join(EXCLUDED_MODES)}")
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    _check_args(args, cfg)
+    run_test(cfg, args.setting, args.checkpoint, args.syn_weights, args.out, metrics_path=args.metrics,
+             show_dir=args.show_dir, show_thresh=args.show_thresh, max_images=args.max_images,
+             device=args.device, quiet=args.quiet)
+    return 0
+
+
+def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[str], out: str,
+             metrics_path: Optional[str] = None, show_dir: Optional[str] = None,
+             show_thresh: Optional[float] = None, max_images: Optional[int] = None,
+             device: Optional[str] = None, quiet: bool = False) -> Optional[dict]:
+    """The whole ``vldus test`` (see the module docstring); returns the metrics on rank 0, else None.
+
+    ``setting``: 'zsd' | 'gzsd' (need ``syn_weights``) | 'seen'. Under torchrun every rank calls it.
+    """
     from vldus.data.readers import coco_category_ids, load_records, records_to_coco, select_test
     from vldus.detection.model import load_detector
     from vldus.detection.zsd import install_zsd_head, load_syn_classifier
 
-    cfg = load_config(args.config, args.set)
-    _check_args(args, cfg)
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    check_inference_config(cfg)
     split = cfg.load_split()
-    require_file(args.checkpoint, "detector checkpoint")
-    if args.syn_weights and args.setting != "seen":
-        require_file(args.syn_weights, "synthesized classifier")
+    require_file(checkpoint, "detector checkpoint")
+    if setting != "seen":
+        if not syn_weights:
+            raise InputError("--syn-weights", f"required with --{setting} (the synthesized classifier file)")
+        require_file(syn_weights, "synthesized classifier")
 
     rank, world, started = _dist_start()
     try:
         start = time.time()
-        records = load_records(cfg.data.test, split)
-        records = select_test(records, split, "gzsd" if args.setting == "seen" else args.setting,
-                              cfg.data.test_rule)
-        if args.max_images:
-            records = records[: args.max_images]
+        records = select_test(load_records(cfg.data.test, split), split,
+                              "gzsd" if setting == "seen" else setting, cfg.data.test_rule)
+        if not records:
+            raise InputError(cfg.data.test.ann_file or cfg.data.test.list_file or None,
+                             f"no test image for {setting} (rule '{cfg.data.test_rule}': images with "
+                             f"unseen objects of split '{split.name}')")
+        if max_images:
+            records = records[:max_images]
         category_ids = coco_category_ids(cfg.data.test, split)
 
-        device = args.device or _default_device()
-        model = load_detector(cfg, split, args.checkpoint, device)
+        device = device or _default_device()
+        model = load_detector(cfg, split, checkpoint, device)
         classifier = None
-        if args.setting != "seen":
+        if setting != "seen":
             in_features = model.roi_heads.box_predictor.cls_score.in_features
-            classifier = load_syn_classifier(args.syn_weights, split, in_features)
-        head = install_zsd_head(model, split, args.setting, classifier, bg_blend=cfg.inference.bg_blend,
+            classifier = load_syn_classifier(syn_weights, split, in_features)
+        head = install_zsd_head(model, split, setting, classifier, bg_blend=cfg.inference.bg_blend,
                                 seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded)
 
         show = None
-        if args.show_dir:
-            os.makedirs(args.show_dir, exist_ok=True)
-            thresh = cfg.inference.show_score_thresh if args.show_thresh is None else args.show_thresh
-            show = {"dir": args.show_dir, "class_names": split.classes, "unseen_ids": split.unseen_ids,
-                    "score_thresh": thresh}
+        if show_dir:
+            os.makedirs(show_dir, exist_ok=True)
+            show = {"dir": show_dir, "class_names": split.classes, "unseen_ids": split.unseen_ids,
+                    "score_thresh": cfg.inference.show_score_thresh if show_thresh is None else show_thresh}
         mine = list(range(rank, len(records), world))
         dets = detect(model, head, [records[i] for i in mine], device, workers=cfg.data.workers, show=show,
-                      progress=not args.quiet and rank == 0)
+                      progress=not quiet and rank == 0)
         gathered = _gather(list(zip(mine, dets)), rank, world)
     finally:
         if started:
@@ -296,20 +320,19 @@ def run(args: argparse.Namespace) -> int:
 
             dist.destroy_process_group()
     if rank != 0:
-        return 0
+        return None
 
     detections: list[Optional[dict]] = [None] * len(records)
     for part in gathered:
         for i, det in part:
             detections[i] = det
-    max_det = cfg.detector.detections_per_img
-    results = coco_results(records, detections, category_ids, max_det)
-    write_json(args.out, results)
-    write_json(gt_path(args.out), records_to_coco(records, split, category_ids))
-    metrics = evaluate(cfg, split, args.setting, records, detections)
-    if args.metrics:
-        write_json(args.metrics, metrics)
+    results = coco_results(records, detections, category_ids, cfg.detector.detections_per_img)
+    write_json(out, results)
+    write_json(gt_path(out), records_to_coco(records, split, category_ids))
+    metrics = evaluate(cfg, split, setting, records, detections)
+    if metrics_path:
+        write_json(metrics_path, metrics)
     print(format_metrics(metrics))
-    print(f"test: {args.setting}: {len(records)} images, {len(results)} detections, "
-          f"{time.time() - start:.1f} s -> {args.out}", file=sys.stdout)
-    return 0
+    print(f"test: {setting}: {len(records)} images, {len(results)} detections, "
+          f"{time.time() - start:.1f} s -> {out}", file=sys.stdout)
+    return metrics
