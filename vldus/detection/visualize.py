@@ -46,6 +46,7 @@ def draw_detections(image: Image.Image, boxes: np.ndarray, scores: np.ndarray, l
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tw, th = right - left, bottom - top
         ty = y1 - th - 2 if y1 - th - 2 >= 0 else y1  # above the box, inside when at the top edge
-        draw.rectangle((x1, ty, x1 + tw + 2, ty + th + 2), fill=colour)
-        draw.text((x1 + 1 - left, ty + 1 - top), text, fill=TEXT_COLOUR, font=font)
+        tx = max(0.0, min(x1, out.width - tw - 2))  # keep the label inside the picture
+        draw.rectangle((tx, ty, tx + tw + 2, ty + th + 2), fill=colour)
+        draw.text((tx + 1 - left, ty + 1 - top), text, fill=TEXT_COLOUR, font=font)
     return out
