@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "vldus.data.embeddings",
     "vldus.detection.train",
     "vldus.detection.extract",
+    "vldus.synthesis.compat",
+    "vldus.synthesis.cli",
     "vldus.detection.inference",
     "vldus.evaluation.cli",
 ]

@@ -1,0 +1,87 @@
+"""``vldus train-generator``: stage 3b + 3c (SPEC Part B §6, §7); see vldus.synthesis.pipeline."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vldus.synthesis.compat import default_device
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser("train-generator", parents=[common],
+                       help="stage 3: train the unseen-feature synthesizer and the unseen classifier",
+                       description="Train the conditional WGAN-GP on seen RoI features, synthesize "
+                                   "unseen features and train the unseen classifier; writes "
+                                   "WORK_DIR/synth/classifier_best.pth and friends.")
+    p.add_argument("--config", required=True, help="split config (configs/*.yaml or a bundled name)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set gan.epochs=3")
+    p.add_argument("--resume", action="store_true", help="continue from synth/checkpoint_latest.pth")
+    p.add_argument("--legacy", action="store_true",
+                   help="released behaviour of the unseen-classifier loss: no gradient reaches G "
+                        "(gan.legacy_unseen_loss=true)")
+    p.add_argument("--distill", choices=("active", "logged", "off"),
+                   help="CLIP distillation: active (trains D and G), logged (released: computed, "
+                        "not optimised) or off (default: gan.distill)")
+    p.add_argument("--clip-weights", metavar="FILE", help="local open_clip weights (gan.clip_weights)")
+    p.add_argument("--select-on-test", action="store_true",
+                   help="published model selection on the real unseen TEST features (leaks test "
+                        "data; unseen_classifier.selection=test)")
+    p.add_argument("--checkpoint", metavar="CKPT",
+                   help="detector checkpoint for C_s (default gan.detector_checkpoint, else the "
+                        "latest WORK_DIR/detector/epoch_N.pth)")
+    p.add_argument("--features-dir", help="folder of the {train,test}_{fg}_{bg} feature files "
+                                          "(default WORK_DIR/features)")
+    p.add_argument("--out-dir", help="output folder (default WORK_DIR/synth)")
+    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda if available)")
+    p.add_argument("--skip-check", action="store_true",
+                   help="do not scan the feature files for NaN/inf (they were checked before)")
+    p.set_defaults(func=run)
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The --set list plus the overrides the flags stand for (flags win)."""
+    extra = []
+    if args.legacy:
+        extra.append("gan.legacy_unseen_loss=true")
+    if args.distill:
+        extra.append(f"gan.distill={args.distill}")
+    if args.clip_weights:
+        extra.append(f"gan.clip_weights={args.clip_weights!s}")
+    if args.select_on_test:
+        extra.append("unseen_classifier.selection=test")
+    return list(args.set) + extra
+
+
+def run(args: argparse.Namespace) -> int:
+    from vldus.config import load_config
+    from vldus.errors import InputError, require_file
+    from vldus.synthesis.pipeline import CHECKPOINT, SynthesisOptions, run_synthesis
+    from vldus.synthesis.trainer import NonFiniteLoss
+
+    cfg = load_config(args.config, config_overrides(args))
+    if args.clip_weights:
+        require_file(args.clip_weights, "CLIP weights file")
+    options = SynthesisOptions(device=default_device(args.device), resume=args.resume,
+                               quiet=args.quiet, features_dir=args.features_dir,
+                               detector_checkpoint=args.checkpoint, out_dir=args.out_dir,
+                               check_features=not args.skip_check)
+    out_dir = args.out_dir or cfg.path("synth")
+    try:
+        meta = run_synthesis(cfg, options)
+    except NonFiniteLoss as e:
+        ckpt = os.path.join(out_dir, CHECKPOINT)
+        last = ckpt if os.path.isfile(ckpt) else "none (no epoch finished)"
+        print(f"vldus train-generator: error: training diverged: {e}; last good checkpoint: {last} "
+              f"(lower gan.lr, or resume with --resume)", file=sys.stderr)
+        return 1
+    res = meta["results"]
+    line = (f"synthesizer done: {os.path.join(out_dir, 'classifier_best.pth')} (GAN {meta['selected']['epoch']} "
+            f"epochs selected by '{meta['selected']['rule']}', {meta['samples_per_s']} samples/s")
+    if "test_mean_class_accuracy" in res:
+        line += f", unseen test mean class accuracy {res['test_mean_class_accuracy']:.3f}"
+        if not res["test_used_for_selection"]:
+            line += " (reported only, not used for selection)"
+    print(line + ")")
+    return 0

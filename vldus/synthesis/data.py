@@ -1,0 +1,198 @@
+"""RoI feature files for stage 3, read through memory maps (SPEC Part B §3, §6.2).
+
+A feature set is the pair written by ``vldus extract-features``:
+``{split}_{fg}_{bg}_feats.npy`` (N, dim) float32 and ``{split}_{fg}_{bg}_labels.npy`` (N,) int64
+(0 = background, k = detector class index). The labels (8 bytes a row) are held in memory; the
+features (4 KB a row) never are: rows are gathered from a memory map opened for one chunk at a
+time and closed again, so the pages of a many-gigabyte file never pile up in the process.
+
+:func:`sample_epoch_pool` is the per-epoch data pool of the published GAN trainer.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vldus.data.splits import Split
+from vldus.errors import InputError, require_file
+
+# Rows read per memory map in one go: 32768 rows x 1024 float32 = 128 MB of touched pages.
+CHUNK_ROWS = 32768
+
+
+def feature_file_paths(features_dir: str, data_split: str, fg_iou: float, bg_iou: float) -> tuple[str, str]:
+    """(feats, labels) paths under the names ``vldus extract-features`` writes."""
+    from vldus.detection.extract import output_paths
+
+    paths = output_paths(features_dir, data_split, fg_iou, bg_iou)
+    return paths.feats, paths.labels
+
+
+@dataclass
+class FeatureFile:
+    """An (N, dim) float32 feature file with its (N,) labels; rows gathered chunk by chunk."""
+
+    feats_path: str
+    labels_path: str
+    labels: np.ndarray  # (N,) int64, in memory
+    dim: int
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def open(cls, feats_path: str, labels_path: str, dim: int, num_classes: int) -> "FeatureFile":
+        """Check headers, shapes and label range; InputError naming the file and the count."""
+        require_file(feats_path, "feature file")
+        require_file(labels_path, "label file")
+        shape, dtype = _npy_header(feats_path)
+        if len(shape) != 2:
+            raise InputError(feats_path, f"expected an (N, {dim}) feature matrix, got shape {shape}")
+        if shape[1] != dim:
+            raise InputError(feats_path, f"feature width {shape[1]} != features.dim {dim} of the config")
+        if dtype != np.float32:
+            raise InputError(feats_path, f"feature dtype {dtype}, expected float32")
+        try:
+            labels = np.load(labels_path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise InputError(labels_path, f"cannot read labels ({str(e).splitlines()[0]})") from None
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(labels_path, f"expected (N,) integer labels, got shape {labels.shape} "
+                                          f"dtype {labels.dtype}")
+        if len(labels) != shape[0]:
+            raise InputError(labels_path, f"{len(labels)} labels for {shape[0]} feature rows in "
+                                          f"{feats_path}")
+        bad = (labels < 0) | (labels > num_classes)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise InputError(labels_path, f"{int(bad.sum())} labels out of range 0..{num_classes} "
+                                          f"(first: row {first}, label {int(labels[first])})")
+        return cls(feats_path, labels_path, labels.astype(np.int64), dim)
+
+    # --- reading ------------------------------------------------------------------------
+    def _map(self) -> np.ndarray:
+        return np.load(self.feats_path, mmap_mode="r")
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a float32 array (a copy; the map is closed afterwards)."""
+        mm = self._map()
+        out = np.array(mm[start:stop])
+        del mm
+        return out
+
+    def gather(self, rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (any order, repeats allowed) -> float32 tensor (len(rows), dim).
+
+        Rows are read in ascending order, ``CHUNK_ROWS`` per memory map, then put back in the
+        requested order.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        out = torch.empty((len(rows), self.dim), dtype=torch.float32)
+        order = np.argsort(rows, kind="stable")
+        for start in range(0, len(rows), CHUNK_ROWS):
+            pick = order[start:start + CHUNK_ROWS]
+            mm = self._map()
+            out[torch.from_numpy(pick)] = torch.from_numpy(mm[rows[pick]])
+            del mm  # unmap: the touched pages leave this process
+        return out
+
+    def iter_chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """(start row, rows start..start+k as float32 array) over the whole file."""
+        for start in range(0, self.num_rows, chunk_rows):
+            yield start, self.read_range(start, min(start + chunk_rows, self.num_rows))
+
+    def check_finite(self, quiet: bool = False) -> None:
+        """Scan every row for NaN/inf; InputError naming the file, the count and the first row."""
+        bad_rows, first = 0, None
+        bar = tqdm(total=self.num_rows, desc=f"check {os.path.basename(self.feats_path)}",
+                   unit="row", unit_scale=True, disable=quiet, leave=False)
+        for start, chunk in self.iter_chunks():
+            bad = ~np.isfinite(chunk).all(axis=1)
+            if bad.any():
+                bad_rows += int(bad.sum())
+                if first is None:
+                    first = start + int(np.flatnonzero(bad)[0])
+            bar.update(len(chunk))
+        bar.close()
+        if bad_rows:
+            raise InputError(self.feats_path, f"{bad_rows} rows contain NaN or inf (first: row {first})")
+
+    # --- label bookkeeping ---------------------------------------------------------------
+    def counts(self, num_classes: int) -> np.ndarray:
+        """(C+1,) number of rows per label."""
+        return np.bincount(self.labels, minlength=num_classes + 1)
+
+
+def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a .npy file, read through a memory map (no data is loaded)."""
+    try:
+        mm = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise InputError(path, f"not a .npy array file ({str(e).splitlines()[0]})") from None
+    shape, dtype, fortran = mm.shape, mm.dtype, (mm.ndim > 1 and not mm.flags.c_contiguous)
+    del mm
+    if fortran:
+        raise InputError(path, "Fortran-ordered array; save it C-ordered (np.ascontiguousarray)")
+    return tuple(shape), np.dtype(dtype)
+
+
+def check_training_labels(features: FeatureFile, split: Split) -> None:
+    """Training features (from seen-only images): background and every seen class present,
+    no unseen or excluded rows. InputError naming the file and the count otherwise."""
+    counts = features.counts(split.num_classes)
+    if counts[0] == 0:
+        raise InputError(features.labels_path, "no background rows (label 0)")
+    other = [i for i in split.unseen_ids + split.excluded_ids if counts[i] > 0]
+    if other:
+        names = ", ".join(f"{split.classes[i - 1]} ({counts[i]})" for i in other[:5])
+        raise InputError(features.labels_path, f"{int(counts[other].sum())} rows of unseen/excluded "
+                                               f"classes in training features: {names}")
+    empty = [i for i in split.seen_ids if counts[i] == 0]
+    if empty:
+        names = ", ".join(split.classes[i - 1] for i in empty[:10])
+        raise InputError(features.labels_path, f"{len(empty)} seen classes have no features: {names}")
+
+
+def require_unseen(split: Split) -> None:
+    if not split.unseen_ids:
+        raise InputError(split.source_file or split.name, "the unseen class list is empty")
+
+
+# --------------------------------------------------------------------------------------------
+# The GAN's per-epoch pool (SPEC §6.2)
+# --------------------------------------------------------------------------------------------
+def sample_epoch_pool(labels: torch.Tensor, budget: int, generator: torch.Generator,
+                      fg_rows: Optional[torch.Tensor] = None,
+                      bg_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Row indices of one GAN epoch: all foreground + floor(#fg / #labels) random background
+    rows (#labels = distinct labels, background included), shuffled, the first ``budget`` kept.
+
+    ``fg_rows``/``bg_rows`` may be passed precomputed (they only depend on ``labels``).
+    """
+    if fg_rows is None:
+        fg_rows = torch.nonzero(labels > 0).squeeze(1)
+    if bg_rows is None:
+        bg_rows = torch.nonzero(labels == 0).squeeze(1)
+    num_labels = int(torch.unique(labels).numel())
+    n_bg = min(len(fg_rows) // num_labels, len(bg_rows))
+    bg = bg_rows[torch.randperm(len(bg_rows), generator=generator)[:n_bg]]
+    pool = torch.cat([fg_rows, bg])
+    return pool[torch.randperm(len(pool), generator=generator)[:budget]]
+
+
+def sample_batches(pool_size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(iterations, batch) positions into the pool: ceil(pool/batch) iterations, each an
+    independent random batch without repeats (batches may overlap), as the published trainer
+    draws them. No iteration when the pool is smaller than one batch (its short batch is skipped).
+    """
+    if pool_size < batch_size:
+        return torch.empty((0, batch_size), dtype=torch.int64)
+    iterations = -(-pool_size // batch_size)
+    return torch.stack([torch.randperm(pool_size, generator=generator)[:batch_size]
+                        for _ in range(iterations)])

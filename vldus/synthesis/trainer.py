@@ -1,0 +1,303 @@
+"""The conditional WGAN-GP of the synthesizer: one training iteration and its losses
+(SPEC Part B §6.3, §6.4).
+
+One iteration on a real batch (x, y), a = E[y]:
+
+- **critic**, ``critic_iter`` steps on the same real batch, a fresh z each:
+  L_D = -(mean D(x,a) - mean D(G(z,a),a)) + lambda * mean (||grad_x D(x^,a)|| - 1)^2
+  [+ distillation total, ``distill='active'``: gradients into D; the fakes are detached].
+- **generator**, one step with D frozen:
+  L_G = -mean D(G(z,a),a) + cls_weight * NLL(C_s(G(z,a)), y) + lz_ratio * L_ms
+  + cls_weight_unseen * NLL(C_u(G(z_u, a_u)), y_u) [+ distillation total, ``active``].
+  ``legacy_unseen_loss`` computes the C_u term on detached features (the released code: no
+  gradient reaches G).
+
+Speed (the same arithmetic as the published trainer, less of it):
+
+- G is not updated during the critic steps, so the fakes of all critic steps come from one
+  G forward (their noise is drawn fresh for each step, as published).
+- D's first layer is affine, so the pre-activation of the interpolate
+  x^ = alpha x + (1 - alpha) G(z) is alpha pre(x) + (1 - alpha) pre(G(z)): no third forward
+  through the widest layer. Its input gradient is computed in closed form
+  (:meth:`Critic.input_gradient`), not by double backward.
+- The embedding part of the first layer is computed once per distinct embedding row.
+- Matmuls run in bfloat16 under autocast (``gan.precision``), weights stay float32.
+- No host synchronisation per iteration: losses go into a preallocated tensor that is checked
+  for NaN/inf every ``CHECK_EVERY`` iterations.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vldus.errors import InputError
+from vldus.synthesis.critic_step import CriticUpdate
+from vldus.synthesis.models import CompatClassifier, Critic, Generator
+
+# The loss values recorded for every iteration (columns of the history tensor).
+LOSS_NAMES = ("loss_d", "wasserstein", "gp", "distill_d", "loss_g", "adversarial", "cls_seen",
+              "mode_seeking", "cls_unseen", "distill_g", "l_fa", "l_ra_dis", "l_ra_div")
+CHECK_EVERY = 50  # iterations between NaN/inf checks (the only host syncs of an epoch)
+MS_EPS = 1e-5  # published mode-seeking denominator guard
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or inf; names the epoch (1-based), the iteration and the loss."""
+
+    def __init__(self, epoch: int, iteration: int, name: str):
+        self.epoch, self.iteration, self.name = epoch, iteration, name
+        super().__init__(f"non-finite {name} at epoch {epoch}, iteration {iteration}")
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+def mode_seeking_loss(fake1: torch.Tensor, fake2: torch.Tensor, z1: torch.Tensor,
+                      z2: torch.Tensor) -> torch.Tensor:
+    """MSGAN term 1 / (mean|G(z2,a) - G(z1,a)| / mean|z2 - z1| + 1e-5)."""
+    ratio = (fake2 - fake1).abs().mean() / (z2 - z1).abs().mean()
+    return 1.0 / (ratio + MS_EPS)
+
+
+# --------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bfloat16 dot products (avx512_bf16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """gan.precision 'auto' -> 'bf16' where the device multiplies bfloat16 natively, else 'fp32'."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise InputError("gan.precision", f"{precision!r}: expected auto, fp32 or bf16")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------
+class GANTrainer:
+    """Trains G and D one epoch at a time.
+
+    Args:
+        generator, critic: the networks (initialised by the caller).
+        embeddings: E (C+1, att_dim), row 0 = background (spectral-normalised).
+        seen_classifier: C_s, the detector's frozen classification layer (1024 -> C+1).
+        unseen_classifier: C_u, the frozen compatibility classifier with the UNSEEN rows.
+        unseen_ids: detector indices of the unseen classes, ascending (rows of C_u).
+        gan_cfg: the ``gan`` config section (weights, lr, batch size, critic_iter ...).
+        device, precision: where and how ('fp32' | 'bf16') to compute.
+        distiller: a CLIPDistiller (``mode`` 'active' or 'logged'), or None.
+        seed: seeds the noise generator (z, alpha).
+    """
+
+    def __init__(self, generator: Generator, critic: Critic, embeddings: torch.Tensor,
+                 seen_classifier: nn.Module, unseen_classifier: CompatClassifier,
+                 unseen_ids: list[int], gan_cfg, device: torch.device | str = "cpu",
+                 precision: str = "fp32", distiller: Optional[nn.Module] = None, seed: int = 0):
+        self.device = torch.device(device)
+        self.cfg = gan_cfg
+        self.G = generator.to(self.device)
+        self.D = critic.to(self.device)
+        self.E = torch.as_tensor(embeddings, dtype=torch.float32).to(self.device)
+        self.seen_cls = _frozen(seen_classifier.to(self.device))
+        self.unseen_cls = _frozen(unseen_classifier.to(self.device))
+        self.unseen_att = self.E[torch.as_tensor(unseen_ids)]
+        self.distiller = distiller
+        self.precision = precision
+        fused = self.device.type in ("cpu", "cuda")
+        betas = (gan_cfg.beta1, 0.999)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=gan_cfg.lr, betas=betas, fused=fused)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=gan_cfg.lr, betas=betas, fused=fused)
+        self.critic_update = CriticUpdate(self.D, gan_cfg.lambda_gp, precision)
+        self.noise = torch.Generator(self.device).manual_seed(seed)
+        num_unseen, per_class = len(unseen_ids), gan_cfg.batch_size // 4
+        self.unseen_labels = torch.arange(num_unseen, device=self.device).repeat_interleave(per_class)
+
+    # --- helpers ------------------------------------------------------------------------
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device, generator=self.noise)
+
+    @property
+    def distill_active(self) -> bool:
+        return self.distiller is not None and self.distiller.mode == "active"
+
+    # --- one epoch ----------------------------------------------------------------------
+    def train_epoch(self, feats: torch.Tensor, labels: torch.Tensor, batches: torch.Tensor,
+                    epoch: int = 1, progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+        """Run ``len(batches)`` iterations; batch i = rows ``batches[i]`` of feats/labels.
+
+        feats (P, dim) float32, labels (P,) int64 and batches (iterations, B) live on the
+        trainer's device. Returns the loss history (iterations, len(LOSS_NAMES)) on the CPU.
+        Raises NonFiniteLoss (epoch and iteration named) when a loss turns NaN/inf.
+        """
+        self.G.train()
+        self.D.train()
+        history = torch.zeros(len(batches), len(LOSS_NAMES), device=self.device)
+        checked = 0
+        for i in range(len(batches)):
+            rows = batches[i]
+            x, y = feats.index_select(0, rows), labels.index_select(0, rows)
+            d_stats = self.critic_steps(x, y)
+            g_stats = self.generator_step(x, y)
+            history[i] = torch.stack(d_stats + g_stats)
+            if (i + 1) % CHECK_EVERY == 0 or i + 1 == len(batches):
+                self._check_finite(history[checked:i + 1], epoch, checked)
+                if progress is not None:
+                    progress(i + 1 - checked)
+                checked = i + 1
+        return history.cpu()
+
+    def _check_finite(self, rows: torch.Tensor, epoch: int, first_iteration: int) -> None:
+        bad = ~torch.isfinite(rows)
+        if bool(bad.any()):
+            it, col = (int(v) for v in torch.nonzero(bad)[0])
+            raise NonFiniteLoss(epoch, first_iteration + it + 1, LOSS_NAMES[col])
+
+    # --- critic -------------------------------------------------------------------------
+    def critic_steps(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """``critic_iter`` WGAN-GP steps of D on the real batch (x, y); returns the last
+        step's [loss_d, wasserstein, gp, distill_d] (detached scalars)."""
+        cfg, B = self.cfg, x.shape[0]
+        steps = cfg.critic_iter
+        a = self.E.index_select(0, y)
+        with torch.no_grad(), self.autocast():
+            z = self.randn(steps * B, cfg.nz)
+            same_att = torch.arange(B, device=self.device).repeat(steps)
+            fakes = self.G(z, a, same_att).float().view(steps, B, -1)
+        alphas = torch.rand(steps, B, 1, device=self.device, generator=self.noise)
+        for step in range(steps):
+            fwd = self.critic_update.forward(x, fakes[step], a, alphas[step])
+            distill, feat_grad = torch.zeros((), device=self.device), None
+            if self.distill_active:
+                distill, feat_grad = self._distill_feature_grad(x, fakes[step], fwd.feat)
+            self.critic_update.backward(fwd, feat_grad)
+            self.opt_d.step()
+            self.critic_update.refresh()
+        loss_d = fwd.gp - fwd.wasserstein + distill
+        return [loss_d, fwd.wasserstein, fwd.gp, distill.detach()]
+
+    def _distill_feature_grad(self, x: torch.Tensor, fake: torch.Tensor,
+                              feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distillation total on the first ``distill_rows`` real and fake rows, and its
+        gradient w.r.t. the critic's features (2B, F) (fakes are data for the critic)."""
+        B, r = x.shape[0], min(self.cfg.distill_rows, x.shape[0])
+        feat_real = feat[:r].float().requires_grad_(True)
+        feat_fake = feat[B:B + r].float().requires_grad_(True)
+        with torch.enable_grad():
+            total = self.distiller(x[:r], fake[:r], feat_real, feat_fake)["total"]
+            g_real, g_fake = torch.autograd.grad(total, [feat_real, feat_fake])
+        feat_grad = torch.zeros(feat.shape, device=self.device)
+        feat_grad[:r], feat_grad[B:B + r] = g_real, g_fake
+        return total.detach(), feat_grad
+
+    # --- generator ----------------------------------------------------------------------
+    def generator_step(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """One G step; returns [loss_g, adversarial, cls_seen, mode_seeking, cls_unseen,
+        distill_g, l_fa, l_ra_dis, l_ra_div] (detached scalars)."""
+        cfg, B = self.cfg, x.shape[0]
+        a = self.E.index_select(0, y)
+        legacy = cfg.legacy_unseen_loss
+        self.D.requires_grad_(False)
+        # one G forward for fake1 = G(z1, a), fake2 = G(z2, a) and (unless legacy) the unseen batch
+        n_unseen = 0 if legacy else len(self.unseen_labels)
+        z = self.randn(2 * B + n_unseen, cfg.nz)
+        att = torch.cat([a, self.unseen_att])
+        index = torch.cat([torch.arange(B, device=self.device).repeat(2), B + self.unseen_labels[:n_unseen]])
+        with self.autocast():
+            out = self.G(z, att, index).float()
+            fake1, fake2 = out[:B], out[B:2 * B]
+            feat_fake, score = self.D(fake1, a)
+            adversarial = -score.float().mean()
+            cls_seen = F.cross_entropy(self.seen_cls(fake1).float(), y)
+            mode_seeking = mode_seeking_loss(fake1, fake2, z[:B], z[B:2 * B])
+            if legacy:  # released: unseen features generated without autograd history
+                with torch.no_grad():
+                    z_u = self.randn(len(self.unseen_labels), cfg.nz)
+                    fake_u = self.G(z_u, self.unseen_att, self.unseen_labels).float()
+            else:
+                fake_u = out[2 * B:]
+            cls_unseen = F.cross_entropy(self.unseen_cls(fake_u).float(), self.unseen_labels)
+        loss_g = (adversarial + cfg.cls_weight * cls_seen + cfg.lz_ratio * mode_seeking
+                  + cfg.cls_weight_unseen * cls_unseen)
+        zero = torch.zeros((), device=self.device)
+        parts = {"total": zero, "l_fa": zero, "l_ra_dis": zero, "l_ra_div": zero}
+        if self.distiller is not None:
+            r = min(cfg.distill_rows, B)
+            with torch.no_grad(), self.autocast():
+                feat_real = self.D(x[:r], a[:r])[0]
+            parts = self.distiller(x[:r], fake1[:r], feat_real, feat_fake[:r])
+            if self.distill_active:
+                loss_g = loss_g + parts["total"]
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        self.D.requires_grad_(True)
+        return [t.detach().float() for t in (loss_g, adversarial, cls_seen, mode_seeking, cls_unseen,
+                                             parts["total"], parts["l_fa"], parts["l_ra_dis"],
+                                             parts["l_ra_div"])]
+
+    # --- synthesis ----------------------------------------------------------------------
+    @torch.no_grad()
+    def synthesize(self, att: torch.Tensor, num: int, generator: torch.Generator,
+                   chunk: int = 8192) -> torch.Tensor:
+        """``num`` features per row of ``att`` (K, att_dim), float32 (K * num, dim), class-major.
+        Noise comes from ``generator`` (so synthesis does not disturb the training streams)."""
+        self.G.eval()
+        index = torch.arange(len(att), device=self.device).repeat_interleave(num)
+        out = []
+        for start in range(0, len(index), chunk):
+            idx = index[start:start + chunk]
+            z = torch.randn(len(idx), self.cfg.nz, device=self.device, generator=generator)
+            out.append(self.G(z, att.to(self.device), idx).float())
+        self.G.train()
+        return torch.cat(out)
+
+    # --- checkpoint state ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"generator": self.G.state_dict(), "critic": self.D.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "noise_rng": self.noise.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.G.load_state_dict(state["generator"])
+        self.D.load_state_dict(state["critic"])
+        self.critic_update.refresh()
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.noise.set_state(state["noise_rng"])
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename: a kill never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
