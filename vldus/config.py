@@ -280,6 +280,13 @@ def _coerce(tp: Any, value: Any, where: str, file: str):
         return [_coerce(args[0], v, f"{where}[{i}]", file) for i, v in enumerate(value)] if args else list(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float:  # YAML 1.1 reads 1e-5 (no dot) as a string
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise InputError(file, f"{where}: expected float, got {value!r}")
     if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise InputError(file, f"{where}: expected {tp.__name__}, got {value!r}")
     return value
