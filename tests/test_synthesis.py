@@ -256,7 +256,7 @@ def test_gather_keeps_order_across_chunks(tmp_path, monkeypatch):
     feats = np.arange(50 * 4, dtype=np.float32).reshape(50, 4)
     np.save(tmp_path / "f.npy", feats)
     np.save(tmp_path / "l.npy", np.zeros(50, np.int64))
-    monkeypatch.setattr(data, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(data, "GATHER_ROWS", 7)
     ff = data.FeatureFile.open(str(tmp_path / "f.npy"), str(tmp_path / "l.npy"), 4, 3)
     rows = np.array([49, 3, 3, 20, 0, 17, 8, 49])
     assert torch.equal(ff.gather(rows), torch.from_numpy(feats[rows]))

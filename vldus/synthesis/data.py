@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -21,8 +21,11 @@ from tqdm import tqdm
 from vldus.data.splits import Split
 from vldus.errors import InputError, require_file
 
-# Rows read per memory map in one go: 32768 rows x 1024 float32 = 128 MB of touched pages.
+# Rows read per memory map in one go. Sequential reads: 32768 rows x 1024 float32 = 128 MB.
+# Random rows: each page fault may map its neighbours too (the kernel's fault-around, 64 KB),
+# so a random chunk keeps up to 4096 x 64 KB = 256 MB of the file resident until it is unmapped.
 CHUNK_ROWS = 32768
+GATHER_ROWS = 4096
 
 
 def feature_file_paths(features_dir: str, data_split: str, fg_iou: float, bg_iou: float) -> tuple[str, str]:
@@ -79,46 +82,36 @@ class FeatureFile:
     def _map(self) -> np.ndarray:
         return np.load(self.feats_path, mmap_mode="r")
 
-    def read_range(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as a float32 array (a copy; the map is closed afterwards)."""
-        mm = self._map()
-        out = np.array(mm[start:stop])
-        del mm
-        return out
-
     def gather(self, rows: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` (any order, repeats allowed) -> float32 tensor (len(rows), dim).
 
-        Rows are read in ascending order, ``CHUNK_ROWS`` per memory map, then put back in the
+        Rows are read in ascending order, ``GATHER_ROWS`` per memory map, then put back in the
         requested order.
         """
         rows = np.asarray(rows, dtype=np.int64)
         out = torch.empty((len(rows), self.dim), dtype=torch.float32)
         order = np.argsort(rows, kind="stable")
-        for start in range(0, len(rows), CHUNK_ROWS):
-            pick = order[start:start + CHUNK_ROWS]
+        for start in range(0, len(rows), GATHER_ROWS):
+            pick = order[start:start + GATHER_ROWS]
             mm = self._map()
             out[torch.from_numpy(pick)] = torch.from_numpy(mm[rows[pick]])
             del mm  # unmap: the touched pages leave this process
         return out
-
-    def iter_chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-        """(start row, rows start..start+k as float32 array) over the whole file."""
-        for start in range(0, self.num_rows, chunk_rows):
-            yield start, self.read_range(start, min(start + chunk_rows, self.num_rows))
 
     def check_finite(self, quiet: bool = False) -> None:
         """Scan every row for NaN/inf; InputError naming the file, the count and the first row."""
         bad_rows, first = 0, None
         bar = tqdm(total=self.num_rows, desc=f"check {os.path.basename(self.feats_path)}",
                    unit="row", unit_scale=True, disable=quiet, leave=False)
-        for start, chunk in self.iter_chunks():
-            bad = ~np.isfinite(chunk).all(axis=1)
+        for start in range(0, self.num_rows, CHUNK_ROWS):
+            mm = self._map()
+            bad = ~np.isfinite(mm[start:start + CHUNK_ROWS]).all(axis=1)  # on the map: no copy
+            del mm
             if bad.any():
                 bad_rows += int(bad.sum())
                 if first is None:
                     first = start + int(np.flatnonzero(bad)[0])
-            bar.update(len(chunk))
+            bar.update(len(bad))
         bar.close()
         if bad_rows:
             raise InputError(self.feats_path, f"{bad_rows} rows contain NaN or inf (first: row {first})")
@@ -193,6 +186,7 @@ def sample_batches(pool_size: int, batch_size: int, generator: torch.Generator) 
     """
     if pool_size < batch_size:
         return torch.empty((0, batch_size), dtype=torch.int64)
-    iterations = -(-pool_size // batch_size)
-    return torch.stack([torch.randperm(pool_size, generator=generator)[:batch_size]
-                        for _ in range(iterations)])
+    batches = torch.empty((-(-pool_size // batch_size), batch_size), dtype=torch.int64)
+    for i in range(len(batches)):
+        batches[i] = torch.randperm(pool_size, generator=generator)[:batch_size]
+    return batches
