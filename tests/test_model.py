@@ -32,12 +32,8 @@ def test_architecture(backbone, norm):
     assert head.fc6.in_features == 256 * 7 * 7 and head.fc7.out_features == 1024
     assert model.roi_heads.box_roi_pool.sampling_ratio == 2
     assert model.rpn.anchor_generator.num_anchors_per_location() == [3] * 5
-    # trainable_layers=3: stem and the first stage are frozen, the rest trains
-    frozen = [n for n, p in model.backbone.body.named_parameters() if not p.requires_grad]
-    trained = [n for n, p in model.backbone.body.named_parameters() if p.requires_grad]
-    assert frozen and trained
-    if backbone.startswith("resnet"):
-        assert all(n.startswith(("conv1", "bn1", "layer1")) for n in frozen)
+    # no ImageNet weights: nothing is frozen, whatever trainable_layers says
+    assert all(p.requires_grad for p in model.backbone.parameters())
     feats = model.backbone(torch.rand(1, 3, 64, 64))
     assert list(feats) == ["0", "1", "2", "3", "pool"]
     assert [f.shape[-1] for f in feats.values()] == [16, 8, 4, 2, 1]
@@ -62,6 +58,21 @@ def test_backbone_weights_are_loaded(tmp_path):
     model = build_detector(tiny_cfg(backbone="resnet18", norm="frozen_bn", backbone_weights=str(path)), SPLIT)
     assert torch.equal(model.backbone.body.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
     assert torch.equal(model.backbone.body.bn1.running_var, ref.bn1.running_var)
+    # trainable_layers=3 with weights: stem and layer1 are frozen, the rest trains
+    frozen = {n.split(".")[0] for n, p in model.backbone.body.named_parameters() if not p.requires_grad}
+    trained = {n.split(".")[0] for n, p in model.backbone.body.named_parameters() if p.requires_grad}
+    assert frozen == {"conv1", "layer1"} and trained == {"layer2", "layer3", "layer4"}
+
+
+@pytest.mark.parametrize("trainable,frozen_stages", [(0, 5), (2, 3), (5, 0)])
+def test_mobilenet_trainable_layers(tmp_path, trainable, frozen_stages):
+    path = tmp_path / "mnv2.pth"
+    torch.save(mobilenet_v2().state_dict(), path)
+    model = build_detector(tiny_cfg(backbone="mobilenet_v2", backbone_weights=str(path),
+                                    trainable_layers=trainable), SPLIT)
+    last_frozen = {0: -1, 3: 6, 5: 18}[frozen_stages]  # features index ending the frozen stages
+    for name, p in model.backbone.body.named_parameters():
+        assert p.requires_grad == (int(name.split(".")[0]) > last_frozen), name
 
 
 def test_packaged_mobilenet_weights_fit():

@@ -60,7 +60,7 @@ class DetectorConfig:
     backbone: str = "resnet101"  # resnet18/34/50/101, mobilenet_v2
     backbone_weights: Optional[str] = None  # torchvision-format ImageNet state dict, local file
     norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn | gn (from scratch) | auto (frozen_bn iff weights)
-    trainable_layers: int = 3  # mmdet frozen_stages=1 == stem + layer1 frozen
+    trainable_layers: int = 3  # of 5 stages; mmdet frozen_stages=1 == stem + layer1 frozen; all without weights
     fpn_channels: int = 256
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])

@@ -144,8 +144,10 @@ def build_backbone(det: DetectorConfig, load_weights: bool = True) -> BackboneWi
         return_layers = dict(_MOBILENET_OUTPUTS)
         in_channels = [net[int(i)].out_channels for i in return_layers]  # 24, 32, 96, 1280
 
-    # Freeze the earliest stages (mmdet frozen_stages=1 == trainable_layers 3 of 5).
-    _freeze([m for stage in stages[: 5 - det.trainable_layers] for m in stage])
+    # Freeze the earliest stages (mmdet frozen_stages=1 == trainable_layers 3 of 5). Without
+    # ImageNet weights nothing is frozen: fixed random filters would only hurt.
+    trainable = det.trainable_layers if det.backbone_weights else 5
+    _freeze([m for stage in stages[: 5 - trainable] for m in stage])
     return BackboneWithFPN(net, return_layers, in_channels, det.fpn_channels)
 
 
