@@ -28,12 +28,12 @@ from typing import Optional
 
 import torch
 
-from vldus.synthesis.models import LEAKY_SLOPE, Critic
+from vldus.synthesis.models import LEAKY_SLOPE, ComputeWeights, Critic
 
 
 def _lrelu_and_slope(pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LeakyReLU(pre), its derivative: 1 where pre > 0, else the slope)."""
-    slope = torch.where(pre > 0, 1.0, LEAKY_SLOPE).to(pre.dtype)
+    """(LeakyReLU(pre), its derivative: 1 where pre > 0, else the slope), in pre's dtype."""
+    slope = torch.where(pre > 0, pre.new_ones(()), pre.new_full((), LEAKY_SLOPE))
     return pre * slope, slope
 
 
@@ -67,24 +67,18 @@ class CriticUpdate:
     def __init__(self, critic: Critic, lambda_gp: float, precision: str = "fp32"):
         self.D = critic
         self.lambda_gp = lambda_gp
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.weights = ComputeWeights(critic, precision)
+        self.dtype = self.weights.dtype
         for p in critic.parameters():
             p.grad = torch.zeros_like(p)
-        if self.dtype == torch.float32:
-            self.low = {p: p for p in critic.parameters()}
-        else:
-            self.low = {p: torch.empty_like(p, dtype=self.dtype) for p in critic.parameters()}
-        self.refresh()
+        # the weight-gradient products write into these (bfloat16), then into the float32 .grad
+        self.grad_out = {name: (p.grad if self.dtype == torch.float32 else
+                                torch.empty_like(p, dtype=self.dtype))
+                         for name, p in critic.named_parameters()}
 
-    @torch.no_grad()
     def refresh(self) -> None:
-        """Copy the float32 weights into the compute-precision buffers."""
-        if self.dtype != torch.float32:
-            for p, q in self.low.items():
-                q.copy_(p)
-
-    def w(self, p: torch.nn.Parameter) -> torch.Tensor:
-        return self.low[p]
+        """Copy the float32 weights into the compute-precision buffers (after each step)."""
+        self.weights.refresh()
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, fake: torch.Tensor, att: torch.Tensor,
@@ -92,8 +86,9 @@ class CriticUpdate:
         """Scores of [x; fake] and the penalty at alpha x + (1 - alpha) fake; x, fake (B, X),
         att (B, A), alpha (B, 1)."""
         D, c, B = self.D, self.dtype, x.shape[0]
-        W1x, b1, W1a = self.w(D.fc1_x.weight), self.w(D.fc1_x.bias), self.w(D.fc1_att.weight)
-        W2, b2, w3 = self.w(D.fc2.weight), self.w(D.fc2.bias), self.w(D.fc3.weight)
+        w = self.weights
+        W1x, b1, W1a = w["fc1_x.weight"], w["fc1_x.bias"], w["fc1_att.weight"]
+        W2, b2, w3 = w["fc2.weight"], w["fc2.bias"], w["fc3.weight"]
         xin = torch.cat([x, fake]).to(c)
         att = att.to(c)
         pre_x = xin @ W1x.T                                    # (2B, H) input part of layer 1
@@ -120,7 +115,7 @@ class CriticUpdate:
         gradient of extra losses w.r.t. ``f.feat``, added to the Wasserstein term's."""
         D, c = self.D, self.dtype
         B = f.att.shape[0]
-        W1x, W2, w3 = self.w(D.fc1_x.weight), self.w(D.fc2.weight), self.w(D.fc3.weight)
+        W1x, W2 = self.weights["fc1_x.weight"], self.weights["fc2.weight"]
 
         # penalty: dL/dg, then back through g = W1x^T (m1 . (W2^T (m2 . w3)))
         norm = f.grad_x.norm(dim=1, keepdim=True)
@@ -138,10 +133,17 @@ class CriticUpdate:
         d_pre1 = (d_pre2 @ W2) * f.m1                          # (2B, H)
 
         # each weight: one product over [Wasserstein rows; penalty rows]
-        D.fc1_x.weight.grad.copy_(torch.cat([d_pre1, f.u1]).T @ torch.cat([f.xin, r]))
+        self._weight_grad(D.fc1_x.weight, "fc1_x.weight", torch.cat([d_pre1, f.u1]), torch.cat([f.xin, r]))
         D.fc1_x.bias.grad.copy_(d_pre1.float().sum(0))
-        D.fc1_att.weight.grad.copy_((d_pre1[:B] + d_pre1[B:]).T @ f.att)
-        D.fc2.weight.grad.copy_(torch.cat([d_pre2, f.u2]).T @ torch.cat([f.h1, q]))
+        self._weight_grad(D.fc1_att.weight, "fc1_att.weight", d_pre1[:B] + d_pre1[B:], f.att)
+        self._weight_grad(D.fc2.weight, "fc2.weight", torch.cat([d_pre2, f.u2]), torch.cat([f.h1, q]))
         D.fc2.bias.grad.copy_(d_pre2.float().sum(0))
         D.fc3.weight.grad.copy_((d_score @ f.feat.float() + (f.m2i * du2).float().sum(0)).view(1, -1))
         D.fc3.bias.grad.copy_(d_score.sum().reshape(1))
+
+    def _weight_grad(self, param: torch.nn.Parameter, name: str, d_out: torch.Tensor,
+                     inputs: torch.Tensor) -> None:
+        """param.grad = d_out^T @ inputs (rows summed), through the preallocated buffer."""
+        out = torch.mm(d_out.T, inputs, out=self.grad_out[name])
+        if out is not param.grad:
+            param.grad.copy_(out)

@@ -151,3 +151,57 @@ def seen_classifier_from_detector(checkpoint_path: str, num_classes: int, dim: i
         layer.weight.copy_(weight.float())
         layer.bias.copy_(bias.float())
     return layer
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed precision
+# --------------------------------------------------------------------------------------------
+class ComputeWeights:
+    """The weights a module multiplies with: its float32 parameters, or (``precision='bf16'``)
+    persistent bfloat16 copies of them.
+
+    The float32 parameters stay the optimizer's master weights: call :meth:`refresh` after each
+    optimizer step. ``weights(*inputs)`` runs the module with the copies (floating inputs cast
+    to their dtype). With ``trainable=True`` the copies collect gradients and
+    :meth:`grads_to_master` stores them, as float32, in the parameters' ``.grad``.
+    """
+
+    def __init__(self, module: nn.Module, precision: str = "fp32", trainable: bool = False):
+        self.module = module
+        self.params = dict(module.named_parameters())
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.copies = None
+        if self.dtype != torch.float32:
+            self.copies = {n: p.detach().to(self.dtype).requires_grad_(trainable)
+                           for n, p in self.params.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The compute tensor of parameter ``name`` (e.g. 'fc2.weight')."""
+        return self.params[name] if self.copies is None else self.copies[name]
+
+    def __call__(self, *inputs):
+        if self.copies is None:
+            return self.module(*inputs)
+        inputs = [t.to(self.dtype) if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs]
+        return torch.func.functional_call(self.module, self.copies, tuple(inputs))
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        if self.copies is not None:
+            for name, p in self.params.items():
+                self.copies[name].copy_(p)
+
+    def zero_grad(self) -> None:
+        for t in (self.params if self.copies is None else self.copies).values():
+            t.grad = None
+
+    @torch.no_grad()
+    def grads_to_master(self) -> None:
+        if self.copies is None:
+            return
+        for name, p in self.params.items():
+            g = self.copies[name].grad
+            if p.grad is None:
+                p.grad = g.float()
+            else:
+                p.grad.copy_(g)

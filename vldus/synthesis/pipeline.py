@@ -246,7 +246,7 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
             x, y, g = classifier_data(epoch)
             def keep_best(cls_epoch, model, epoch=epoch):
                 nonlocal best
-                acc, _ = inputs.test_set.accuracy(model)
+                acc, _ = inputs.test_set.accuracy(model, device)
                 record.setdefault("test_accuracy", []).append(acc)
                 if best is None or acc >= best["accuracy"]:
                     best = {"accuracy": acc, "epoch": epoch, "cls_epoch": cls_epoch,

@@ -37,7 +37,7 @@ from torch import nn
 
 from vldus.errors import InputError
 from vldus.synthesis.critic_step import CriticUpdate
-from vldus.synthesis.models import CompatClassifier, Critic, Generator
+from vldus.synthesis.models import CompatClassifier, ComputeWeights, Critic, Generator
 
 # The loss values recorded for every iteration (columns of the history tensor).
 LOSS_NAMES = ("loss_d", "wasserstein", "gp", "distill_d", "loss_g", "adversarial", "cls_seen",
@@ -118,7 +118,7 @@ class GANTrainer:
         self.E = torch.as_tensor(embeddings, dtype=torch.float32).to(self.device)
         self.seen_cls = _frozen(seen_classifier.to(self.device))
         self.unseen_cls = _frozen(unseen_classifier.to(self.device))
-        self.unseen_att = self.E[torch.as_tensor(unseen_ids)]
+        self.unseen_att = self.E[torch.as_tensor(unseen_ids, device=self.device)]
         self.distiller = distiller
         self.precision = precision
         fused = self.device.type in ("cpu", "cuda")
@@ -126,6 +126,8 @@ class GANTrainer:
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=gan_cfg.lr, betas=betas, fused=fused)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=gan_cfg.lr, betas=betas, fused=fused)
         self.critic_update = CriticUpdate(self.D, gan_cfg.lambda_gp, precision)
+        self.g_weights = ComputeWeights(self.G, precision, trainable=True)
+        self.d_weights = self.critic_update.weights  # D frozen in the G step: its copies serve
         self.noise = torch.Generator(self.device).manual_seed(seed)
         num_unseen, per_class = len(unseen_ids), gan_cfg.batch_size // 4
         self.unseen_labels = torch.arange(num_unseen, device=self.device).repeat_interleave(per_class)
@@ -182,10 +184,10 @@ class GANTrainer:
         cfg, B = self.cfg, x.shape[0]
         steps = cfg.critic_iter
         a = self.E.index_select(0, y)
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad():
             z = self.randn(steps * B, cfg.nz)
             same_att = torch.arange(B, device=self.device).repeat(steps)
-            fakes = self.G(z, a, same_att).float().view(steps, B, -1)
+            fakes = self.g_weights(z, a, same_att).float().view(steps, B, -1)
         alphas = torch.rand(steps, B, 1, device=self.device, generator=self.noise)
         for step in range(steps):
             fwd = self.critic_update.forward(x, fakes[step], a, alphas[step])
@@ -225,17 +227,18 @@ class GANTrainer:
         z = self.randn(2 * B + n_unseen, cfg.nz)
         att = torch.cat([a, self.unseen_att])
         index = torch.cat([torch.arange(B, device=self.device).repeat(2), B + self.unseen_labels[:n_unseen]])
+        self.g_weights.zero_grad()
         with self.autocast():
-            out = self.G(z, att, index).float()
+            out = self.g_weights(z, att, index).float()
             fake1, fake2 = out[:B], out[B:2 * B]
-            feat_fake, score = self.D(fake1, a)
+            feat_fake, score = self.d_weights(fake1, a)
             adversarial = -score.float().mean()
             cls_seen = F.cross_entropy(self.seen_cls(fake1).float(), y)
             mode_seeking = mode_seeking_loss(fake1, fake2, z[:B], z[B:2 * B])
             if legacy:  # released: unseen features generated without autograd history
                 with torch.no_grad():
                     z_u = self.randn(len(self.unseen_labels), cfg.nz)
-                    fake_u = self.G(z_u, self.unseen_att, self.unseen_labels).float()
+                    fake_u = self.g_weights(z_u, self.unseen_att, self.unseen_labels).float()
             else:
                 fake_u = out[2 * B:]
             cls_unseen = F.cross_entropy(self.unseen_cls(fake_u).float(), self.unseen_labels)
@@ -245,14 +248,15 @@ class GANTrainer:
         parts = {"total": zero, "l_fa": zero, "l_ra_dis": zero, "l_ra_div": zero}
         if self.distiller is not None:
             r = min(cfg.distill_rows, B)
-            with torch.no_grad(), self.autocast():
-                feat_real = self.D(x[:r], a[:r])[0]
+            with torch.no_grad():
+                feat_real = self.d_weights(x[:r], a[:r])[0].float()
             parts = self.distiller(x[:r], fake1[:r], feat_real, feat_fake[:r])
             if self.distill_active:
                 loss_g = loss_g + parts["total"]
-        self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
+        self.g_weights.grads_to_master()
         self.opt_g.step()
+        self.g_weights.refresh()
         self.D.requires_grad_(True)
         return [t.detach().float() for t in (loss_g, adversarial, cls_seen, mode_seeking, cls_unseen,
                                              parts["total"], parts["l_fa"], parts["l_ra_dis"],
@@ -284,6 +288,7 @@ class GANTrainer:
         self.G.load_state_dict(state["generator"])
         self.D.load_state_dict(state["critic"])
         self.critic_update.refresh()
+        self.g_weights.refresh()
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.noise.set_state(state["noise_rng"])
