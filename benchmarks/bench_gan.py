@@ -8,6 +8,9 @@ Prints, for each device: real samples per second of GAN training, the seconds on
 from configs/coco_65_15.yaml (batch 32, 5 critic steps, 4096-wide G and D, nz 300, 512-d
 embeddings, 15 unseen classes); the features, embeddings and classifiers are generated here.
 
+``--accuracy EPOCHS`` compares the unseen accuracy of fp32 and bf16 training on the separable
+synthetic task of the tests, at COCO widths.
+
 ``--reference`` also times a plain implementation of the published training loop (fp32, a G
 forward per critic step, the gradient penalty by double backward, the for-loop Adam, a numpy
 batch and a host sync every iteration) on the same machine, for a same-load comparison.
@@ -256,6 +259,39 @@ def rss_check(rows: int, iterations: int) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------------------------
+# Accuracy: bf16 against fp32 on a separable synthetic task at COCO widths
+# --------------------------------------------------------------------------------------------
+def accuracy_check(epochs: int) -> dict:
+    """Train stage 3 on tests/synthesis_task.py's task with 1024-d features and COCO's G/D widths
+    in both precisions; the per-epoch unseen test accuracies (recorded, as --select-on-test
+    does) and the final classifier's accuracy."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from synthesis_task import make_task, train_compat
+    from vldus.cli import main as vldus_main
+
+    cfg = load_config(CONFIG)
+    gan = cfg.gan
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="vldus_acc_") as folder:
+        task = make_task(folder, dim=cfg.features.dim, att_dim=8, overrides={
+            "gan.nz": gan.nz, "gan.ngh": gan.ngh, "gan.ndh": gan.ndh, "gan.d_feat": gan.d_feat,
+            "gan.batch_size": gan.batch_size, "gan.lr": 1e-4, "gan.epochs": epochs,
+            "unseen_classifier.syn_num": 250, "unseen_classifier.epochs": 15, "unseen_classifier.lr": 1e-4})
+        train_compat(task)
+        for precision in ("fp32", "bf16"):
+            run_dir = os.path.join(folder, precision)
+            vldus_main(["train-generator", "--config", task.config, "--quiet", "--select-on-test",
+                        "--out-dir", run_dir, "--set", f"gan.precision={precision}"])
+            log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+            curve = [max(r["test_accuracy"]) for r in log]
+            out[precision] = {"per_epoch": curve, "mean": float(np.mean(curve)),
+                              "last_epoch": curve[-1], "samples_per_s": float(np.mean([r["samples_per_s"] for r in log]))}
+            print(f"  {precision}: unseen accuracy per GAN epoch {' '.join(f'{a:.2f}' for a in curve)} "
+                  f"(mean {out[precision]['mean']:.3f})")
+    return out
+
+
 def main() -> None:
     torch.set_flush_denormal(True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,6 +301,8 @@ def main() -> None:
     ap.add_argument("--precision", default=None, help="auto | fp32 | bf16 | both (default: config, and fp32)")
     ap.add_argument("--reference", action="store_true", help="also time the plain published loop")
     ap.add_argument("--rss-rows", type=int, default=4_000_000, help="rows of the memory-check file (0: skip)")
+    ap.add_argument("--accuracy", type=int, default=0, metavar="EPOCHS",
+                    help="also compare unseen accuracy fp32 vs bf16 on a synthetic task (GAN epochs)")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
@@ -307,6 +345,9 @@ def main() -> None:
         results["rss_check"] = r
         print(f"memory check: {r['rows']:,} x {cfg.features.dim} feature file: peak RSS {r['peak_rss_mb']:.0f} MB "
               f"(NaN/inf scan {r['nan_scan_s']:.1f} s, epoch pool gather {r['pool_gather_s']:.1f} s)")
+    if args.accuracy:
+        print(f"accuracy check (synthetic separable task, {cfg.features.dim}-d features, COCO G/D widths):")
+        results["accuracy"] = accuracy_check(args.accuracy)
     results["load_after"] = os.getloadavg()
     print("load average after:", " ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(json.dumps(results, default=float))

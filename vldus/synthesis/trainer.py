@@ -16,12 +16,13 @@ Speed (the same arithmetic as the published trainer, less of it):
 
 - G is not updated during the critic steps, so the fakes of all critic steps come from one
   G forward (their noise is drawn fresh for each step, as published).
-- D's first layer is affine, so the pre-activation of the interpolate
-  x^ = alpha x + (1 - alpha) G(z) is alpha pre(x) + (1 - alpha) pre(G(z)): no third forward
-  through the widest layer. Its input gradient is computed in closed form
-  (:meth:`Critic.input_gradient`), not by double backward.
-- The embedding part of the first layer is computed once per distinct embedding row.
-- Matmuls run in bfloat16 under autocast (``gan.precision``), weights stay float32.
+- The critic update is written out by hand (:mod:`vldus.synthesis.critic_step`): the
+  interpolates reuse the first layer's products of x and G(z), the penalty's input gradient has
+  a closed form, and each weight's two gradient terms come from one matrix product.
+- The embedding part of a first layer is computed once per distinct embedding row.
+- ``gan.precision`` bf16: the products run in bfloat16 from persistent copies of the weights
+  (:class:`ComputeWeights`, refreshed after each optimizer step); the float32 weights, the
+  gradients given to Adam and the loss values stay float32.
 - No host synchronisation per iteration: losses go into a preallocated tensor that is checked
   for NaN/inf every ``CHECK_EVERY`` iterations.
 """
