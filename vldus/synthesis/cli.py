@@ -56,7 +56,7 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from vldus.config import load_config
-    from vldus.errors import InputError, require_file
+    from vldus.errors import require_file
     from vldus.synthesis.pipeline import CHECKPOINT, SynthesisOptions, run_synthesis
     from vldus.synthesis.trainer import NonFiniteLoss
 

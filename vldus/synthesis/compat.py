@@ -13,7 +13,6 @@ Output: ``cfg.path('synth', 'compat_classifier.pth')`` = {"fc.weight": (d, 1024)
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import time
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vldus.errors import InputError, require_file
+from vldus.errors import InputError
 from vldus.synthesis.data import CHUNK_ROWS, FeatureFile, check_training_labels, feature_file_paths
 from vldus.synthesis.models import CompatClassifier
 from vldus.synthesis.trainer import atomic_save, resolve_precision

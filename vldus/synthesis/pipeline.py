@@ -121,6 +121,9 @@ class _Inputs:
                 if ff is not None:
                     ff.check_finite(quiet=options.quiet)
         self.test_set = LabelledFeatures(self.test, split.unseen_ids) if self.test is not None else None
+        if self.test_set is not None and self.test_set.dropped:
+            print(f"note: {self.test.labels_path}: {self.test_set.dropped} rows of seen/excluded classes "
+                  "are not used (unseen test features: background + unseen classes)", flush=True)
         self.detector_checkpoint = options.detector_checkpoint or default_detector_checkpoint(cfg)
         self.seen_classifier = seen_classifier_from_detector(self.detector_checkpoint, split.num_classes, dim)
         unseen_rows = torch.from_numpy(self.embeddings[split.unseen_ids])
