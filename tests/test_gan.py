@@ -57,9 +57,8 @@ def test_critic_update_matches_double_backward(with_feature_loss):
     expected = torch.autograd.grad(loss, list(critic.parameters()))
 
     update = CriticUpdate(critic, 10.0, "fp32")
-    fwd = update.forward(x, fake, att, alpha)
-    update.backward(fwd, feat_w)
-    assert torch.allclose(fwd.gp, gp, rtol=1e-5)
+    loss = update.backward(update.forward(x, fake, att, alpha), feat_w)
+    assert torch.allclose(loss.gp, gp, rtol=1e-5)
     for (name, p), e in zip(critic.named_parameters(), expected):
         assert torch.allclose(p.grad, e, rtol=1e-4, atol=1e-5), name
 
@@ -76,9 +75,10 @@ def test_gradient_penalty_by_hand():
     m2 = torch.where(pre2 > 0, 1.0, 0.2)
     grad = ((m2 * critic.fc3.weight) @ critic.fc2.weight * m1) @ critic.fc1_x.weight
     by_hand = 10.0 * (grad.norm() - 1) ** 2
-    fwd = CriticUpdate(critic, 10.0, "fp32").forward(x, fake, att, alpha)
-    assert torch.allclose(fwd.grad_x, grad, atol=1e-6)
-    assert torch.allclose(fwd.gp, by_hand, rtol=1e-5)
+    update = CriticUpdate(critic, 10.0, "fp32")
+    loss = update.backward(update.forward(x, fake, att, alpha))
+    assert torch.allclose(loss.grad_x, grad, atol=1e-6)
+    assert torch.allclose(loss.gp, by_hand, rtol=1e-5)
 
 
 def test_critic_update_bf16_close_to_fp32():

@@ -12,14 +12,15 @@ instead of by autograd's double backward:
 
 - the interpolates' first-layer pre-activation is the interpolation of those of x and x~
   (the layer is affine), so the widest layer is applied to 2B rows, not 3B;
-- the two gradient contributions of each weight (Wasserstein term and penalty) come out of ONE
-  matrix product over the stacked rows;
+- rows that meet the same weight are stacked into one product: real, fake and interpolate rows
+  through the second layer, the Wasserstein and the penalty backward through it, and the two
+  gradient contributions of each weight;
 - under bfloat16 the weights are copied into persistent low-precision buffers once per update
   and the float32 gradients land in persistent buffers: no allocation per step.
 
-:func:`critic_step` is checked against autograd's double-backward penalty in the tests.
+:class:`CriticUpdate` is checked against autograd's double-backward penalty in the tests.
 Other losses on the critic's 512-d feature (the CLIP distillation) enter through
-``feat_grad``: their gradient w.r.t. the feature rows, added before the backward pass.
+``feat_grad``: their gradient w.r.t. the feature rows, given to the backward pass.
 """
 from __future__ import annotations
 
@@ -39,22 +40,25 @@ def _lrelu_and_slope(pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class CriticForward:
-    """What the backward pass needs from the forward pass (B = real rows = fake rows)."""
+    """The forward pass over real, fake and interpolate rows (B each), in compute dtype."""
 
-    xin: torch.Tensor    # (2B, X) [x; x~] in compute dtype
+    xin: torch.Tensor    # (2B, X) [x; x~]
     att: torch.Tensor    # (B, A)
-    h1: torch.Tensor     # (2B, H) first hidden layer
-    m1: torch.Tensor     # (2B, H) its LeakyReLU slopes
-    m2: torch.Tensor     # (2B, F) slopes of the feature layer
-    feat: torch.Tensor   # (2B, F) D's feature (rows :B real, B: fake)
+    h1: torch.Tensor     # (3B, H) first hidden layer: real, fake, interpolates
+    m1: torch.Tensor     # (3B, H) its LeakyReLU slopes
+    m2: torch.Tensor     # (3B, F) slopes of the feature layer
+    feat: torch.Tensor   # (2B, F) D's feature of the real and fake rows
     score: torch.Tensor  # (2B,) float32
-    u1: torch.Tensor     # (B, H) d score / d pre1 at the interpolates
-    u2: torch.Tensor     # (B, F) d score / d pre2 at the interpolates
-    m1i: torch.Tensor    # (B, H) slopes at the interpolates
-    m2i: torch.Tensor    # (B, F)
-    grad_x: torch.Tensor  # (B, X) float32, d score / d x at the interpolates
+    wasserstein: torch.Tensor  # mean score real - mean score fake
+
+
+@dataclass
+class CriticLoss:
+    """Loss terms of one update (float32 scalars) and the penalty's input gradients."""
+
     wasserstein: torch.Tensor
     gp: torch.Tensor
+    grad_x: torch.Tensor  # (B, X) d score / d x at the interpolates
 
 
 class CriticUpdate:
@@ -62,6 +66,7 @@ class CriticUpdate:
 
     ``precision='bf16'`` runs the products in bfloat16 from low-precision copies of the
     weights (call :meth:`refresh` after every optimizer step); the gradients are float32.
+    Use: ``f = update.forward(x, fake, att, alpha)``, then ``loss = update.backward(f)``.
     """
 
     def __init__(self, critic: Critic, lambda_gp: float, precision: str = "fp32"):
@@ -83,63 +88,59 @@ class CriticUpdate:
     @torch.no_grad()
     def forward(self, x: torch.Tensor, fake: torch.Tensor, att: torch.Tensor,
                 alpha: torch.Tensor) -> CriticForward:
-        """Scores of [x; fake] and the penalty at alpha x + (1 - alpha) fake; x, fake (B, X),
-        att (B, A), alpha (B, 1)."""
-        D, c, B = self.D, self.dtype, x.shape[0]
-        w = self.weights
-        W1x, b1, W1a = w["fc1_x.weight"], w["fc1_x.bias"], w["fc1_att.weight"]
-        W2, b2, w3 = w["fc2.weight"], w["fc2.bias"], w["fc3.weight"]
+        """x, fake (B, X) float32, att (B, A), alpha (B, 1): the interpolates are
+        alpha x + (1 - alpha) fake."""
+        w, c, B = self.weights, self.dtype, x.shape[0]
         xin = torch.cat([x, fake]).to(c)
         att = att.to(c)
-        pre_x = xin @ W1x.T                                    # (2B, H) input part of layer 1
-        pre_a = torch.addmm(b1, att, W1a.T)                    # (B, H) embedding part + bias
-        h1, m1 = _lrelu_and_slope((pre_x.view(2, B, -1) + pre_a).view(2 * B, -1))
-        feat, m2 = _lrelu_and_slope(torch.addmm(b2, h1, W2.T))
-        score = (feat.float() @ D.fc3.weight.T).squeeze(1) + D.fc3.bias
-        wasserstein = score[:B].mean() - score[B:].mean()
-
-        # interpolates: layer 1 is affine, so its pre-activation interpolates too
+        pre_x = xin @ w["fc1_x.weight"].T                              # (2B, H) input part
+        pre_a = torch.addmm(w["fc1_x.bias"], att, w["fc1_att.weight"].T)  # (B, H) embedding + bias
+        # layer 1 is affine: the interpolates' pre-activation interpolates those of x and x~
         pre_i = torch.lerp(pre_x[B:], pre_x[:B], alpha.to(c)) + pre_a
-        h1i, m1i = _lrelu_and_slope(pre_i)
-        _, m2i = _lrelu_and_slope(torch.addmm(b2, h1i, W2.T))
-        u2 = m2i * w3                                          # (B, F)
-        u1 = m1i * (u2 @ W2)                                   # (B, H)
-        grad_x = (u1 @ W1x).float()                            # (B, X)
-        gp = self.lambda_gp * ((grad_x.norm(dim=1) - 1.0) ** 2).mean()
-        return CriticForward(xin, att, h1, m1, m2, feat, score, u1, u2, m1i, m2i, grad_x,
-                             wasserstein, gp)
+        h1, m1 = _lrelu_and_slope(torch.cat([(pre_x.view(2, B, -1) + pre_a).view(2 * B, -1), pre_i]))
+        feat_all, m2 = _lrelu_and_slope(torch.addmm(w["fc2.bias"], h1, w["fc2.weight"].T))
+        feat = feat_all[:2 * B]
+        score = (feat.float() @ self.D.fc3.weight.T).squeeze(1) + self.D.fc3.bias
+        return CriticForward(xin, att, h1, m1, m2, feat, score, score[:B].mean() - score[B:].mean())
 
     @torch.no_grad()
-    def backward(self, f: CriticForward, feat_grad: Optional[torch.Tensor] = None) -> None:
-        """Write d L_D / d theta into the critic's ``.grad`` (float32). ``feat_grad`` (2B, F):
-        gradient of extra losses w.r.t. ``f.feat``, added to the Wasserstein term's."""
-        D, c = self.D, self.dtype
+    def backward(self, f: CriticForward, feat_grad: Optional[torch.Tensor] = None) -> CriticLoss:
+        """The penalty, and d L_D / d theta written into the critic's ``.grad`` (float32).
+        ``feat_grad`` (2B, F): gradient of extra losses w.r.t. ``f.feat``."""
+        D, w, c = self.D, self.weights, self.dtype
         B = f.att.shape[0]
-        W1x, W2 = self.weights["fc1_x.weight"], self.weights["fc2.weight"]
+        W1x, W2 = w["fc1_x.weight"], w["fc2.weight"]
+        m1_i, m2_i = f.m1[2 * B:], f.m2[2 * B:]
 
-        # penalty: dL/dg, then back through g = W1x^T (m1 . (W2^T (m2 . w3)))
-        norm = f.grad_x.norm(dim=1, keepdim=True)
-        r = (2.0 * self.lambda_gp / B) * (norm - 1.0) / norm.clamp_min(1e-12) * f.grad_x
-        r = r.to(c)                                            # (B, X)
-        q = f.m1i * (r @ W1x.T)                                # (B, H) dL/d(u2 W2)
-        du2 = q @ W2.T                                         # (B, F)
-
-        # Wasserstein term: d(-mean real + mean fake)/d score = -1/B, +1/B
+        # Wasserstein term: d(-mean real + mean fake)/d score = -1/B, +1/B; then the feature
         d_score = torch.cat([torch.full((B,), -1.0 / B), torch.full((B,), 1.0 / B)]).to(f.feat.device)
-        d_feat = d_score[:, None] * D.fc3.weight.float()       # (2B, F)
+        d_feat = d_score[:, None] * D.fc3.weight.float()               # (2B, F)
         if feat_grad is not None:
             d_feat = d_feat + feat_grad.float()
-        d_pre2 = (d_feat * f.m2).to(c)                         # (2B, F)
-        d_pre1 = (d_pre2 @ W2) * f.m1                          # (2B, H)
+        d_pre2 = (d_feat * f.m2[:2 * B]).to(c)                         # (2B, F)
+        # penalty: the input gradient g = W1x^T (m1 . (W2^T (m2 . w3))) at the interpolates
+        u2 = m2_i * w["fc3.weight"]                                     # (B, F) d score / d pre2
+        d_pre2_u2 = torch.cat([d_pre2, u2])                             # (3B, F)
+        d_h1 = d_pre2_u2 @ W2                                           # (3B, H) both in one product
+        d_pre1 = d_h1[:2 * B] * f.m1[:2 * B]                            # (2B, H)
+        u1 = d_h1[2 * B:] * m1_i                                        # (B, H) d score / d pre1
+        grad_x = (u1 @ W1x).float()                                     # (B, X)
+        norm = grad_x.norm(dim=1, keepdim=True)
+        gp = self.lambda_gp * ((norm - 1.0) ** 2).mean()
+        # back through g: r = dL/dg, q = dL/d(u2 W2), du2 = dL/du2
+        r = ((2.0 * self.lambda_gp / B) * (norm - 1.0) / norm.clamp_min(1e-12) * grad_x).to(c)
+        q = m1_i * (r @ W1x.T)                                          # (B, H)
+        du2 = q @ W2.T                                                  # (B, F)
 
         # each weight: one product over [Wasserstein rows; penalty rows]
-        self._weight_grad(D.fc1_x.weight, "fc1_x.weight", torch.cat([d_pre1, f.u1]), torch.cat([f.xin, r]))
+        self._weight_grad(D.fc1_x.weight, "fc1_x.weight", torch.cat([d_pre1, u1]), torch.cat([f.xin, r]))
         D.fc1_x.bias.grad.copy_(d_pre1.float().sum(0))
         self._weight_grad(D.fc1_att.weight, "fc1_att.weight", d_pre1[:B] + d_pre1[B:], f.att)
-        self._weight_grad(D.fc2.weight, "fc2.weight", torch.cat([d_pre2, f.u2]), torch.cat([f.h1, q]))
+        self._weight_grad(D.fc2.weight, "fc2.weight", d_pre2_u2, torch.cat([f.h1[:2 * B], q]))
         D.fc2.bias.grad.copy_(d_pre2.float().sum(0))
-        D.fc3.weight.grad.copy_((d_score @ f.feat.float() + (f.m2i * du2).float().sum(0)).view(1, -1))
+        D.fc3.weight.grad.copy_((d_score @ f.feat.float() + (m2_i * du2).float().sum(0)).view(1, -1))
         D.fc3.bias.grad.copy_(d_score.sum().reshape(1))
+        return CriticLoss(f.wasserstein, gp, grad_x)
 
     def _weight_grad(self, param: torch.nn.Parameter, name: str, d_out: torch.Tensor,
                      inputs: torch.Tensor) -> None:

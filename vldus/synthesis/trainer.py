@@ -195,11 +195,11 @@ class GANTrainer:
             distill, feat_grad = torch.zeros((), device=self.device), None
             if self.distill_active:
                 distill, feat_grad = self._distill_feature_grad(x, fakes[step], fwd.feat)
-            self.critic_update.backward(fwd, feat_grad)
+            loss = self.critic_update.backward(fwd, feat_grad)
             self.opt_d.step()
             self.critic_update.refresh()
-        loss_d = fwd.gp - fwd.wasserstein + distill
-        return [loss_d, fwd.wasserstein, fwd.gp, distill.detach()]
+        loss_d = loss.gp - loss.wasserstein + distill
+        return [loss_d, loss.wasserstein, loss.gp, distill.detach()]
 
     def _distill_feature_grad(self, x: torch.Tensor, fake: torch.Tensor,
                               feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
