@@ -58,3 +58,24 @@ def test_missing_config_file(tmp_path):
 def test_bundled_config_by_name():
     cfg = load_config("voc_16_4")
     assert cfg.name == "voc_16_4" and cfg.load_split().unseen == ("car", "dog", "sofa", "train")
+
+
+@pytest.mark.parametrize("item,field,expected", [
+    ("gan.distill=off", "distill", "off"),        # YAML 1.1 would make this False
+    ("gan.clip_weights=null", "clip_weights", None),
+    ("gan.clip_weights=w/yes.pt", "clip_weights", "w/yes.pt"),
+    ("gan.lr=1e-5", "lr", 1e-5),
+    ("gan.legacy_unseen_loss=true", "legacy_unseen_loss", True),
+])
+def test_override_values_follow_the_field_type(item, field, expected):
+    cfg = load_config("configs/shapes.yaml", [item])
+    assert getattr(cfg.gan, field) == expected
+
+
+def test_saved_config_round_trips(tmp_path):
+    from vldus.config import save_config
+
+    cfg = load_config("configs/shapes.yaml", ["gan.distill=off", "train.epochs=1"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(str(tmp_path / "c.yaml"))
+    assert again.to_dict() == cfg.to_dict()

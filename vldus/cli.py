@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "vldus.synthesis.cli",
     "vldus.detection.inference",
     "vldus.evaluation.cli",
+    "vldus.demo",
 ]
 
 

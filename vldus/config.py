@@ -264,14 +264,22 @@ def _build(cls: type, data: Any, where: str, file: str):
     return cls(**kwargs)
 
 
+class _Override(str):
+    """A ``--set`` value as typed: parsed as YAML unless the field is a string, so that
+    ``--set gan.distill=off`` stays 'off' (YAML 1.1 would read it as False)."""
+
+
 def _coerce(tp: Any, value: Any, where: str, file: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, _Override)
+                                                     and value.strip() in ("null", "~", "None", ""))):
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, where, file)
+    if isinstance(value, _Override):
+        value = str(value) if tp is str else yaml.safe_load(value)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where, file)
     if origin is list:
@@ -333,7 +341,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
         if "=" not in item:
             raise InputError("--set", f"'{item}' is not key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, key.strip(), _Override(raw))
     cfg = _build(Config, tree, "", path)
     cfg.source_file = path
     return cfg
