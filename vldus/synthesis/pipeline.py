@@ -95,6 +95,7 @@ class _Inputs:
 
     def __init__(self, cfg, options: SynthesisOptions):
         from vldus.data.embeddings import load_class_embeddings
+        from vldus.synthesis.distill import build_distiller
 
         gan, uc = cfg.gan, cfg.unseen_classifier
         if gan.distill not in DISTILL_MODES:
@@ -106,6 +107,16 @@ class _Inputs:
         dim = cfg.features.dim
         self.embeddings_file = cfg.embeddings.file
         self.embeddings = load_class_embeddings(cfg.embeddings.file, split, cfg.embeddings.spectral_norm)
+        self.distiller = None  # before the (long) feature scan: a missing CLIP file fails at once
+        if gan.distill != "off":
+            text = load_class_embeddings(cfg.embeddings.text_file or cfg.embeddings.file, split,
+                                         cfg.embeddings.spectral_norm)
+            self.distiller = build_distiller(gan, text, options.device)
+        self.detector_checkpoint = options.detector_checkpoint or default_detector_checkpoint(cfg)
+        self.seen_classifier = seen_classifier_from_detector(self.detector_checkpoint, split.num_classes, dim)
+        unseen_rows = torch.from_numpy(self.embeddings[split.unseen_ids])
+        self.compat_path = compat_classifier_path(cfg)
+        self.compat = load_compat_classifier(self.compat_path, unseen_rows, dim)
         features_dir = options.features_dir or cfg.path("features")
         self.train = FeatureFile.open(*feature_file_paths(features_dir, "train", cfg.features.fg_iou,
                                                           cfg.features.bg_iou), dim, split.num_classes)
@@ -124,12 +135,6 @@ class _Inputs:
         if self.test_set is not None and self.test_set.dropped:
             print(f"note: {self.test.labels_path}: {self.test_set.dropped} rows of seen/excluded classes "
                   "are not used (unseen test features: background + unseen classes)", flush=True)
-        self.detector_checkpoint = options.detector_checkpoint or default_detector_checkpoint(cfg)
-        self.seen_classifier = seen_classifier_from_detector(self.detector_checkpoint, split.num_classes, dim)
-        unseen_rows = torch.from_numpy(self.embeddings[split.unseen_ids])
-        self.compat_path = compat_classifier_path(cfg)
-        self.compat = load_compat_classifier(self.compat_path, unseen_rows, dim)
-        self.text_file = cfg.embeddings.text_file or cfg.embeddings.file
 
 
 def _settings_key(cfg) -> dict:
@@ -176,14 +181,6 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
     if uc.selection == "test":
         print(LEAK_NOTICE, flush=True)
 
-    distiller = None
-    if gan.distill != "off":
-        from vldus.data.embeddings import load_class_embeddings
-        from vldus.synthesis.distill import build_distiller
-
-        text = load_class_embeddings(inputs.text_file, split, cfg.embeddings.spectral_norm)
-        distiller = build_distiller(gan, text, device)
-
     init_gen = torch.Generator().manual_seed(gan.seed)
     att_dim, dim = inputs.embeddings.shape[1], cfg.features.dim
     G = Generator(gan.nz, att_dim, gan.ngh, dim)
@@ -191,7 +188,7 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
     init_weights(G, init_gen)
     init_weights(D, init_gen)
     trainer = GANTrainer(G, D, torch.from_numpy(inputs.embeddings), inputs.seen_classifier, inputs.compat,
-                         split.unseen_ids, gan, device, precision, distiller,
+                         split.unseen_ids, gan, device, precision, inputs.distiller,
                          seed=derive_seed(gan.seed, 1))
     sampler = torch.Generator().manual_seed(gan.seed)  # epoch pools and batches
 
