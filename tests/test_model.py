@@ -104,9 +104,12 @@ def test_mismatched_weights_file(tmp_path, content):
     assert str(path) in str(e.value)
 
 
-def test_legacy_mmdet_not_available():
-    with pytest.raises(InputError, match="legacy_mmdet"):
-        build_detector(tiny_cfg(legacy_mmdet=True), SPLIT)
+def test_legacy_mmdet_swaps_in_mmdet_arithmetic():  # details: tests/test_legacy.py
+    from vldus.detection.legacy import LegacyAnchorGenerator, LegacyBoxCoder
+    model = build_detector(tiny_cfg(legacy_mmdet=True), SPLIT)
+    assert isinstance(model.rpn.anchor_generator, LegacyAnchorGenerator)
+    assert isinstance(model.rpn.box_coder, LegacyBoxCoder) and model.rpn.box_coder.weights == (1, 1, 1, 1)
+    assert isinstance(model.roi_heads.box_coder, LegacyBoxCoder)
 
 
 def test_load_detector_round_trip_and_class_checks(tmp_path):

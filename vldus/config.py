@@ -87,7 +87,7 @@ class DetectorConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
-    legacy_mmdet: bool = False  # mmdetection-1.x anchor/box arithmetic (converted checkpoints); not yet
+    legacy_mmdet: bool = False  # mmdetection-1.x anchor/box arithmetic (converted checkpoints, vldus.detection.legacy)
 
 
 @dataclass

@@ -9,6 +9,9 @@ The predictor covers ALL classes of the split plus background: unseen rows exist
 receive positives (SPEC §1). ``model.roi_heads.box_predictor`` is the seam where the
 synthesized unseen classifier is injected later (vldus.detection.zsd).
 
+``detector.legacy_mmdet: true`` swaps in mmdetection-1.x anchor placement and box coding
+(vldus.detection.legacy) for checkpoints converted by ``vldus convert-checkpoint``.
+
 Every number comes from ``cfg.detector``. Backbone ImageNet weights are read from a local
 file in torchvision's format (``detector.backbone_weights``); nothing is downloaded.
 """
@@ -30,6 +33,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from vldus.config import Config, DetectorConfig
 from vldus.data.splits import Split
+from vldus.detection.legacy import apply_legacy_mmdet
 from vldus.errors import InputError
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -161,9 +165,6 @@ def build_detector(cfg: Config, split: Split, load_backbone: bool = True) -> Fas
     overwrite every weight anyway, see :func:`load_detector`).
     """
     det = cfg.detector
-    if det.legacy_mmdet:
-        raise InputError("detector.legacy_mmdet", "the mmdetection-1.x compatible box arithmetic "
-                                                  "is not available yet; set it to false")
     if len(det.anchor_sizes) != 5:
         raise InputError("detector.anchor_sizes", f"need one size per FPN level (5), got {det.anchor_sizes}")
 
@@ -192,6 +193,8 @@ def build_detector(cfg: Config, split: Split, load_backbone: bool = True) -> Fas
     )
     # torchvision hard-codes 1e-3 px as the smallest proposal; VOC/DIOR use min_bbox_size=1.
     model.rpn.min_size = max(float(det.rpn_min_size), 1e-3)
+    if det.legacy_mmdet:  # converted mmdetection-1.x checkpoints (vldus.detection.legacy)
+        apply_legacy_mmdet(model, det.anchor_sizes, det.aspect_ratios, det.bbox_reg_weights)
     return model
 
 

@@ -1,0 +1,146 @@
+"""mmdetection-1.x box arithmetic for torchvision's Faster R-CNN (``detector.legacy_mmdet: true``).
+
+A checkpoint trained with mmdetection 1.x (the published VLDUS detectors, SPEC Part B §2.1) and
+converted by ``vldus convert-checkpoint`` has the same weights as there, but torchvision places
+anchors and decodes boxes slightly differently. With the flag set, :func:`apply_legacy_mmdet`
+swaps these parts into a built model (composition: subclasses handed to ``model.rpn`` and
+``model.roi_heads``; torchvision itself is not patched):
+
+* :class:`LegacyAnchorGenerator` — mmdet 1.x ``AnchorGenerator(base_size=stride, scales=[size /
+  stride], ratios)`` with ``ctr=None``: the base anchor of a cell is centred at
+  ``0.5 * (stride - 1)`` (not 0) and spans ``[ctr - 0.5 (w - 1), ctr + 0.5 (w - 1)]`` (the +1
+  pixel convention), rounded; cells are shifted by the FIXED strides 4, 8, 16, 32, 64
+  (torchvision derives the stride as padded size // feature size, which is 61, not 64, for the
+  'pool' level of an 800-high image). Anchor order per location is the same in both
+  libraries (ratio-major; with one size per level simply the order of ``aspect_ratios``), so
+  ``rpn_cls`` / ``rpn_reg`` channels need no permutation.
+* :class:`LegacyBoxCoder` — mmdet 1.x ``bbox2delta`` / ``delta2bbox``: widths are
+  ``x2 - x1 + 1``, centres ``(x1 + x2) / 2``, decoded corners ``ctr -/+ 0.5 w +/- 0.5``, and
+  ``dw, dh`` clamped on both sides to ``|log(16 / 1000)|`` (torchvision clamps only above).
+  Weights = 1 / target_stds, as in the non-legacy coder.
+
+What remains different from mmdetection 1.x (not reproduced; effects are sub-pixel or at ties):
+
+* Image resize: mmcv ``imrescale`` rounds the new size (``int(w * s + 0.5)``) and resizes the
+  uint8 image with OpenCV bilinear (quantised to uint8); torchvision floors the size and
+  interpolates float tensors (bilinear, align_corners=False, no antialias). Boxes are mapped
+  back by one scale factor there, by per-axis size ratios here.
+* Clipping: mmdet 1.x clips decoded boxes to ``[0, W - 1]``, torchvision to ``[0, W]``.
+* NMS: mmdet 1.x's kernel computes IoU with ``+1`` widths; torchvision's ``nms`` without.
+  Proposals: mmdet keeps ``nms_post`` per level then the top ``max_num`` overall, torchvision
+  NMSes each level (batched) and keeps the top ``post_nms_top_n`` overall — the same set.
+* RoI level mapping: mmdet 1.x ``floor(log2(sqrt((w+1)(h+1)) / 56 + 1e-6))``, torchvision
+  ``floor(4 + log2(sqrt(w h) / 224) + 1e-6) - 2`` (no +1): boxes on a level boundary may move.
+* RoIAlign: both use the non-aligned variant (torchvision's MultiScaleRoIAlign calls
+  ``roi_align(aligned=False)``); mmdet 1.x's own kernel adds 1 to the RoI end before scaling
+  (to be checked against its source), torchvision does not.
+* torchvision drops boxes smaller than 0.01 px after decoding; mmdet 1.x's RCNN test does not.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+
+# The strides of the FPN levels '0'..'3', 'pool' (architecture, not a setting): mmdet 1.x
+# ``anchor_strides=[4, 8, 16, 32, 64]`` with ``anchor_base_sizes`` = the strides.
+FPN_STRIDES = (4, 8, 16, 32, 64)
+
+# mmdet 1.x delta2bbox ``wh_ratio_clip=16 / 1000``
+WH_RATIO_CLIP = 16 / 1000
+
+
+def mmdet_base_anchors(stride: int, size: float, ratios: Sequence[float]) -> Tensor:
+    """mmdet 1.x ``AnchorGenerator.gen_base_anchors`` for one level: (len(ratios), 4) float32.
+
+    ``base_size = stride``, ``scales = [size / stride]``; ratio = h / w.
+    """
+    ratios_t = torch.tensor(list(ratios), dtype=torch.float64)
+    ctr = 0.5 * (stride - 1)
+    h_ratios = torch.sqrt(ratios_t)
+    w_ratios = 1 / h_ratios
+    ws = stride * w_ratios * (size / stride)
+    hs = stride * h_ratios * (size / stride)
+    anchors = torch.stack([ctr - 0.5 * (ws - 1), ctr - 0.5 * (hs - 1),
+                           ctr + 0.5 * (ws - 1), ctr + 0.5 * (hs - 1)], dim=1)
+    return anchors.round().float()
+
+
+class LegacyAnchorGenerator(AnchorGenerator):
+    """torchvision AnchorGenerator with mmdet 1.x base anchors and fixed strides.
+
+    sizes: one tuple with ONE size per level (as build_detector makes them); strides: one per level.
+    Output: per image, (sum_l H_l W_l A, 4) xyxy anchors, location-major, anchors inner.
+    """
+
+    def __init__(self, sizes: Sequence[Sequence[int]], aspect_ratios: Sequence[Sequence[float]],
+                 strides: Sequence[int] = FPN_STRIDES) -> None:
+        super().__init__(tuple(tuple(s) for s in sizes), tuple(tuple(r) for r in aspect_ratios))
+        if len(strides) != len(self.sizes) or any(len(s) != 1 for s in self.sizes):
+            raise ValueError(f"need one size per level and one stride per level, got sizes "
+                             f"{self.sizes} and strides {tuple(strides)}")
+        self.strides = tuple(int(s) for s in strides)
+        self.cell_anchors = [mmdet_base_anchors(st, s[0], r)
+                             for st, s, r in zip(self.strides, self.sizes, self.aspect_ratios)]
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        grid_sizes = [list(f.shape[-2:]) for f in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
+        self.set_cell_anchors(dtype, device)
+        per_level = self.grid_anchors(grid_sizes, strides)
+        anchors = torch.cat(per_level)
+        return [anchors for _ in image_list.image_sizes]
+
+
+class LegacyBoxCoder(BoxCoder):
+    """mmdet 1.x ``bbox2delta`` / ``delta2bbox`` (+1 pixel widths), weights = 1 / target_stds.
+
+    encode_single(gt (N,4), proposals (N,4)) -> (N,4); decode_single(deltas (N,4K), boxes (N,4))
+    -> (N,4K). Means are 0 (as in every SPEC config).
+    """
+
+    def __init__(self, weights: Sequence[float]) -> None:
+        super().__init__(tuple(float(w) for w in weights), bbox_xform_clip=abs(math.log(WH_RATIO_CLIP)))
+
+    def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+        wx, wy, ww, wh = self.weights
+        p = proposals.to(reference_boxes.dtype)
+        px, py = (p[:, 0] + p[:, 2]) * 0.5, (p[:, 1] + p[:, 3]) * 0.5
+        pw, ph = p[:, 2] - p[:, 0] + 1.0, p[:, 3] - p[:, 1] + 1.0
+        g = reference_boxes
+        gx, gy = (g[:, 0] + g[:, 2]) * 0.5, (g[:, 1] + g[:, 3]) * 0.5
+        gw, gh = g[:, 2] - g[:, 0] + 1.0, g[:, 3] - g[:, 1] + 1.0
+        return torch.stack([wx * (gx - px) / pw, wy * (gy - py) / ph,
+                            ww * torch.log(gw / pw), wh * torch.log(gh / ph)], dim=1)
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        boxes = boxes.to(rel_codes.dtype)
+        wx, wy, ww, wh = self.weights
+        dx, dy = rel_codes[:, 0::4] / wx, rel_codes[:, 1::4] / wy
+        clip = self.bbox_xform_clip
+        dw = torch.clamp(rel_codes[:, 2::4] / ww, min=-clip, max=clip)
+        dh = torch.clamp(rel_codes[:, 3::4] / wh, min=-clip, max=clip)
+        px = ((boxes[:, 0] + boxes[:, 2]) * 0.5)[:, None]
+        py = ((boxes[:, 1] + boxes[:, 3]) * 0.5)[:, None]
+        pw = (boxes[:, 2] - boxes[:, 0] + 1.0)[:, None]
+        ph = (boxes[:, 3] - boxes[:, 1] + 1.0)[:, None]
+        gw, gh = pw * dw.exp(), ph * dh.exp()
+        gx, gy = px + pw * dx, py + ph * dy
+        out = torch.stack([gx - gw * 0.5 + 0.5, gy - gh * 0.5 + 0.5,
+                           gx + gw * 0.5 - 0.5, gy + gh * 0.5 - 0.5], dim=2)
+        return out.flatten(1)
+
+
+def apply_legacy_mmdet(model, anchor_sizes: Sequence[int], aspect_ratios: Sequence[float],
+                       bbox_reg_weights: Sequence[float]) -> None:
+    """Swap the mmdet 1.x anchor generator and box coders into a built torchvision FasterRCNN."""
+    model.rpn.anchor_generator = LegacyAnchorGenerator(
+        tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
+    model.rpn.box_coder = LegacyBoxCoder((1.0, 1.0, 1.0, 1.0))  # mmdet RPN target_stds = 1
+    model.roi_heads.box_coder = LegacyBoxCoder(bbox_reg_weights)
