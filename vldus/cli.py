@@ -19,11 +19,14 @@ COMMAND_MODULES = [
     "vldus.data.shapes",
     "vldus.data.embeddings",
     "vldus.detection.train",
+    "vldus.detection.convert",
     "vldus.detection.extract",
     "vldus.synthesis.compat",
     "vldus.synthesis.cli",
     "vldus.detection.inference",
     "vldus.evaluation.cli",
+    "vldus.bundle",
+    "vldus.detect",
     "vldus.demo",
 ]
 
