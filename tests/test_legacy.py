@@ -78,3 +78,18 @@ def test_encode_decode_round_trip_multiclass():
     out = coder.decode(torch.cat([deltas, deltas], 1), [props])
     assert out.shape == (6, 2, 4)
     torch.testing.assert_close(out[:, 1], gts, rtol=1e-5, atol=1e-4)
+
+
+def test_roi_align_ends_at_x2_plus_one():
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from vldus.detection.legacy import LegacyRoIAlign
+    # one level at stride 4 whose value is the feature-map x coordinate (bilinear is exact on it)
+    ramp = torch.arange(32.0).expand(1, 1, 32, 32).contiguous()
+    box = [torch.tensor([[0.0, 0.0, 27.0, 27.0]])]
+    legacy = LegacyRoIAlign(["0"], 7, 2)({"0": ramp}, box, [(128, 128)])
+    # mmdet 1.x: RoI [0, (27 + 1) / 4 = 7) -> 7 bins of 1 cell, samples at pw + 0.25, pw + 0.75
+    torch.testing.assert_close(legacy[0, 0, 0], torch.arange(7.0) + 0.5)
+    # torchvision alone: RoI [0, 6.75) -> bins of 6.75 / 7 cells
+    plain = MultiScaleRoIAlign(["0"], 7, 2)({"0": ramp}, box, [(128, 128)])
+    torch.testing.assert_close(plain[0, 0, 0], (torch.arange(7.0) + 0.5) * 6.75 / 7)

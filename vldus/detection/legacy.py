@@ -18,6 +18,9 @@ swaps these parts into a built model (composition: subclasses handed to ``model.
   ``x2 - x1 + 1``, centres ``(x1 + x2) / 2``, decoded corners ``ctr -/+ 0.5 w +/- 0.5``, and
   ``dw, dh`` clamped on both sides to ``|log(16 / 1000)|`` (torchvision clamps only above).
   Weights = 1 / target_stds, as in the non-legacy coder.
+* :class:`LegacyRoIAlign` — mmdet 1.x's RoIAlign kernel (non-aligned, like torchvision's
+  ``roi_align(aligned=False)``) ends an RoI at ``(x2 + 1) * scale``, and its FPN level mapper
+  uses ``sqrt((w + 1)(h + 1))``: both follow from pooling the box ``(x1, y1, x2 + 1, y2 + 1)``.
 
 What remains different from mmdetection 1.x (not reproduced; effects are sub-pixel or at ties):
 
@@ -29,11 +32,11 @@ What remains different from mmdetection 1.x (not reproduced; effects are sub-pix
 * NMS: mmdet 1.x's kernel computes IoU with ``+1`` widths; torchvision's ``nms`` without.
   Proposals: mmdet keeps ``nms_post`` per level then the top ``max_num`` overall, torchvision
   NMSes each level (batched) and keeps the top ``post_nms_top_n`` overall — the same set.
-* RoI level mapping: mmdet 1.x ``floor(log2(sqrt((w+1)(h+1)) / 56 + 1e-6))``, torchvision
-  ``floor(4 + log2(sqrt(w h) / 224) + 1e-6) - 2`` (no +1): boxes on a level boundary may move.
-* RoIAlign: both use the non-aligned variant (torchvision's MultiScaleRoIAlign calls
-  ``roi_align(aligned=False)``); mmdet 1.x's own kernel adds 1 to the RoI end before scaling
-  (to be checked against its source), torchvision does not.
+* RoI level mapping: mmdet 1.x ``floor(log2(s / 56 + 1e-6))``, torchvision (on the shifted
+  boxes) ``floor(4 + log2(s / 224) + 1e-6) - 2``, s = sqrt((w+1)(h+1)): the epsilon sits
+  elsewhere, which matters only within 1e-6 of a level boundary.
+* RoIAlign: an RoI narrower than one feature cell is widened to 1 cell by torchvision, kept
+  as is by mmdet 1.x (``fmax(end - start, 0)``).
 * torchvision drops boxes smaller than 0.01 px after decoding; mmdet 1.x's RCNN test does not.
 """
 from __future__ import annotations
@@ -46,6 +49,7 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import MultiScaleRoIAlign
 
 # The strides of the FPN levels '0'..'3', 'pool' (architecture, not a setting): mmdet 1.x
 # ``anchor_strides=[4, 8, 16, 32, 64]`` with ``anchor_base_sizes`` = the strides.
@@ -137,6 +141,17 @@ class LegacyBoxCoder(BoxCoder):
         return out.flatten(1)
 
 
+class LegacyRoIAlign(MultiScaleRoIAlign):
+    """MultiScaleRoIAlign over ``(x1, y1, x2 + 1, y2 + 1)``: mmdet 1.x RoI extent and level choice.
+
+    Same constructor and output, (sum N_i, C, out_h, out_w), as MultiScaleRoIAlign.
+    """
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        plus_one = [b + b.new_tensor([0.0, 0.0, 1.0, 1.0]) for b in boxes]
+        return super().forward(x, plus_one, image_shapes)
+
+
 def apply_legacy_mmdet(model, anchor_sizes: Sequence[int], aspect_ratios: Sequence[float],
                        bbox_reg_weights: Sequence[float]) -> None:
     """Swap the mmdet 1.x anchor generator and box coders into a built torchvision FasterRCNN."""
@@ -144,3 +159,5 @@ def apply_legacy_mmdet(model, anchor_sizes: Sequence[int], aspect_ratios: Sequen
         tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
     model.rpn.box_coder = LegacyBoxCoder((1.0, 1.0, 1.0, 1.0))  # mmdet RPN target_stds = 1
     model.roi_heads.box_coder = LegacyBoxCoder(bbox_reg_weights)
+    pool = model.roi_heads.box_roi_pool
+    model.roi_heads.box_roi_pool = LegacyRoIAlign(pool.featmap_names, pool.output_size, pool.sampling_ratio)
