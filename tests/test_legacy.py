@@ -93,3 +93,47 @@ def test_roi_align_ends_at_x2_plus_one():
     # torchvision alone: RoI [0, 6.75) -> bins of 6.75 / 7 cells
     plain = MultiScaleRoIAlign(["0"], 7, 2)({"0": ramp}, box, [(128, 128)])
     torch.testing.assert_close(plain[0, 0, 0], (torch.arange(7.0) + 0.5) * 6.75 / 7)
+
+
+def test_transform_rounds_size_like_mmcv_and_maps_back_by_the_scale():
+    from vldus.detection.legacy import LegacyTransform
+    t = LegacyTransform(96, 96, [0.5] * 3, [0.25] * 3)
+    t.eval()
+    # 70 x 90, scale min(96 / 90, 96 / 70) = 16 / 15: 74.67 -> 75 rows (torchvision floors to 74), 96 cols
+    images, _ = t([torch.rand(3, 70, 90)])
+    assert images.image_sizes == [(75, 96)]
+    result = t.postprocess([{"boxes": torch.tensor([[0.0, 15.0, 96.0, 75.0]])}], images.image_sizes, [(70, 90)])
+    torch.testing.assert_close(result[0]["boxes"], torch.tensor([[0.0, 15.0 * 15 / 16, 90.0, 75.0 * 15 / 16]]))
+    t.train()
+    target = {"boxes": torch.tensor([[10.0, 10.0, 21.0, 31.0], [0.0, 0.0, 90.0, 70.0]]), "labels": torch.tensor([1, 2])}
+    _, targets = t([torch.rand(3, 70, 90)], [target])
+    # inclusive (x2 - 1) then x 16/15, clipped to [0, 95] x [0, 74]
+    want = torch.tensor([[10.0, 10.0, 20.0, 30.0], [0.0, 0.0, 89.0, 69.0]]) * 16 / 15
+    want[1, 2], want[1, 3] = min(want[1, 2], 95.0), min(want[1, 3], 74.0)
+    torch.testing.assert_close(targets[0]["boxes"], want)
+    assert torch.equal(target["boxes"][0], torch.tensor([10.0, 10.0, 21.0, 31.0]))  # caller's dict untouched
+
+
+def test_legacy_detector_trains_and_detects():
+    from vldus.config import Config
+    from vldus.data.splits import split_from_names
+    from vldus.detection.legacy import LegacyRoIAlign, LegacyTransform
+    from vldus.detection.model import build_detector
+    split = split_from_names("tiny", ["a", "b"], ["b"])
+    cfg = Config(name="tiny", work_dir="unused")
+    det = cfg.detector
+    det.backbone, det.norm, det.fpn_channels, det.min_size, det.max_size = "resnet18", "bn", 32, 96, 96
+    det.legacy_mmdet = True
+    torch.manual_seed(0)
+    model = build_detector(cfg, split)
+    assert isinstance(model.transform, LegacyTransform) and isinstance(model.roi_heads.box_roi_pool, LegacyRoIAlign)
+    assert model.transform.min_size == (96,) and model.roi_heads.box_roi_pool.sampling_ratio == 2
+    target = {"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([1])}
+    losses = model([torch.rand(3, 70, 90)], [target])
+    assert set(losses) >= {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 70, 90)])
+    assert out["boxes"].shape[1] == 4 and (out["boxes"][:, 2] <= 90).all()

@@ -22,12 +22,18 @@ swaps these parts into a built model (composition: subclasses handed to ``model.
   ``roi_align(aligned=False)``) ends an RoI at ``(x2 + 1) * scale``, and its FPN level mapper
   uses ``sqrt((w + 1)(h + 1))``: both follow from pooling the box ``(x1, y1, x2 + 1, y2 + 1)``.
 
+* :class:`LegacyTransform` — mmcv ``imrescale`` keep-ratio resize: scale ``s = min(long /
+  max(h, w), short / min(h, w))``, new size ``int(w s + 0.5) x int(h s + 0.5)`` (torchvision
+  floors), bilinear; training boxes are made inclusive (``x2 - 1``, mmdet 1.x's COCO/VOC loaders)
+  and multiplied by ``s``; detections are divided by ``s`` (torchvision: per-axis size ratios).
+  Output boxes are therefore mmdet 1.x inclusive pixel boxes (x2 = last pixel), as the published
+  evaluation expects (ZSDEvaluator ``inclusive_boxes``).
+
 What remains different from mmdetection 1.x (not reproduced; effects are sub-pixel or at ties):
 
-* Image resize: mmcv ``imrescale`` rounds the new size (``int(w * s + 0.5)``) and resizes the
-  uint8 image with OpenCV bilinear (quantised to uint8); torchvision floors the size and
-  interpolates float tensors (bilinear, align_corners=False, no antialias). Boxes are mapped
-  back by one scale factor there, by per-axis size ratios here.
+* Resize arithmetic: OpenCV resizes the uint8 image (result quantised to uint8, fixed-point
+  weights); here float tensors are interpolated (bilinear, align_corners=False, no antialias),
+  and normalisation comes before the resize instead of after (equal up to that rounding).
 * Clipping: mmdet 1.x clips decoded boxes to ``[0, W - 1]``, torchvision to ``[0, W]``.
 * NMS: mmdet 1.x's kernel computes IoU with ``+1`` widths; torchvision's ``nms`` without.
   Proposals: mmdet keeps ``nms_post`` per level then the top ``max_num`` overall, torchvision
@@ -42,13 +48,15 @@ What remains different from mmdetection 1.x (not reproduced; effects are sub-pix
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torch.nn import functional as F
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 # The strides of the FPN levels '0'..'3', 'pool' (architecture, not a setting): mmdet 1.x
@@ -152,9 +160,53 @@ class LegacyRoIAlign(MultiScaleRoIAlign):
         return super().forward(x, plus_one, image_shapes)
 
 
+def mmcv_rescale(height: int, width: int, short: int, long: int) -> tuple[float, int, int]:
+    """mmcv ``imrescale(img, (long, short))``: (scale, new height, new width)."""
+    scale = min(long / max(height, width), short / min(height, width))
+    return scale, int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+class LegacyTransform(GeneralizedRCNNTransform):
+    """GeneralizedRCNNTransform with mmcv's keep-ratio resize and scale-factor box mapping.
+
+    Same constructor as GeneralizedRCNNTransform (``min_size`` = short side, ``max_size`` =
+    long side); images (3, H, W) in 0..1, boxes xyxy.
+    """
+
+    def _scale(self, height: int, width: int, short: int) -> tuple[float, int, int]:
+        return mmcv_rescale(height, width, short, int(self.max_size))
+
+    def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None
+               ) -> tuple[Tensor, Optional[dict[str, Tensor]]]:
+        h, w = image.shape[-2:]
+        short = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        scale, nh, nw = self._scale(h, w, short)
+        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        if target is not None:
+            boxes = target["boxes"] - target["boxes"].new_tensor([0.0, 0.0, 1.0, 1.0])  # inclusive x2, y2
+            boxes = boxes * scale
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, nw - 1)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, nh - 1)
+            target = {**target, "boxes": boxes}
+        return image, target
+
+    def postprocess(self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
+                    original_image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        if self.training:
+            return result
+        for pred, (h, w) in zip(result, original_image_sizes):
+            scale, _, _ = self._scale(h, w, self.min_size[-1])
+            pred["boxes"] = pred["boxes"] / scale
+        return result
+
+
 def apply_legacy_mmdet(model, anchor_sizes: Sequence[int], aspect_ratios: Sequence[float],
                        bbox_reg_weights: Sequence[float]) -> None:
-    """Swap the mmdet 1.x anchor generator and box coders into a built torchvision FasterRCNN."""
+    """Swap the mmdet 1.x transform, anchor generator, box coders and RoIAlign into a built
+    torchvision FasterRCNN (its own settings are kept)."""
+    t = model.transform
+    model.transform = LegacyTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
+                                      size_divisible=t.size_divisible, fixed_size=t.fixed_size)
     model.rpn.anchor_generator = LegacyAnchorGenerator(
         tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
     model.rpn.box_coder = LegacyBoxCoder((1.0, 1.0, 1.0, 1.0))  # mmdet RPN target_stds = 1
