@@ -101,7 +101,7 @@ def test_transform_rounds_size_like_mmcv_and_maps_back_by_the_scale():
     t.eval()
     # 70 x 90, scale min(96 / 90, 96 / 70) = 16 / 15: 74.67 -> 75 rows (torchvision floors to 74), 96 cols
     images, _ = t([torch.rand(3, 70, 90)])
-    assert images.image_sizes == [(75, 96)]
+    assert images.image_sizes == [(74, 95)]  # (h - 1, w - 1), see the next test
     result = t.postprocess([{"boxes": torch.tensor([[0.0, 15.0, 96.0, 75.0]])}], images.image_sizes, [(70, 90)])
     torch.testing.assert_close(result[0]["boxes"], torch.tensor([[0.0, 15.0 * 15 / 16, 90.0, 75.0 * 15 / 16]]))
     t.train()
@@ -137,3 +137,14 @@ def test_legacy_detector_trains_and_detects():
     with torch.no_grad():
         (out,) = model([torch.rand(3, 70, 90)])
     assert out["boxes"].shape[1] == 4 and (out["boxes"][:, 2] <= 90).all()
+
+
+def test_transform_reports_last_pixel_index_so_boxes_clip_to_w_minus_1():
+    from torchvision.ops import boxes as box_ops
+
+    from vldus.detection.legacy import LegacyTransform
+    t = LegacyTransform(96, 96, [0.5] * 3, [0.25] * 3).eval()
+    images, _ = t([torch.rand(3, 70, 90)])
+    assert images.image_sizes == [(74, 95)] and images.tensors.shape[-2:] == (96, 96)
+    clipped = box_ops.clip_boxes_to_image(torch.tensor([[-5.0, -5.0, 200.0, 200.0]]), images.image_sizes[0])
+    assert clipped.tolist() == [[0.0, 0.0, 95.0, 74.0]]

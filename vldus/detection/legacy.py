@@ -27,14 +27,17 @@ swaps these parts into a built model (composition: subclasses handed to ``model.
   floors), bilinear; training boxes are made inclusive (``x2 - 1``, mmdet 1.x's COCO/VOC loaders)
   and multiplied by ``s``; detections are divided by ``s`` (torchvision: per-axis size ratios).
   Output boxes are therefore mmdet 1.x inclusive pixel boxes (x2 = last pixel), as the published
-  evaluation expects (ZSDEvaluator ``inclusive_boxes``).
+  evaluation expects (ZSDEvaluator ``inclusive_boxes``). Image sizes are reported as
+  ``(h - 1, w - 1)`` so that torchvision clips proposals and detections to ``[0, W - 1]`` like
+  mmdet 1.x (``image_list.image_sizes`` is used for nothing else in torchvision's Faster R-CNN).
 
 What remains different from mmdetection 1.x (not reproduced; effects are sub-pixel or at ties):
 
 * Resize arithmetic: OpenCV resizes the uint8 image (result quantised to uint8, fixed-point
   weights); here float tensors are interpolated (bilinear, align_corners=False, no antialias),
   and normalisation comes before the resize instead of after (equal up to that rounding).
-* Clipping: mmdet 1.x clips decoded boxes to ``[0, W - 1]``, torchvision to ``[0, W]``.
+* Training: mmdet 1.x ignores anchors crossing the image border (allowed_border 0) when it
+  assigns RPN targets; torchvision uses all anchors.
 * NMS: mmdet 1.x's kernel computes IoU with ``+1`` widths; torchvision's ``nms`` without.
   Proposals: mmdet keeps ``nms_post`` per level then the top ``max_num`` overall, torchvision
   NMSes each level (batched) and keeps the top ``post_nms_top_n`` overall — the same set.
@@ -189,6 +192,14 @@ class LegacyTransform(GeneralizedRCNNTransform):
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, nh - 1)
             target = {**target, "boxes": boxes}
         return image, target
+
+    def forward(self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None
+                ) -> tuple[ImageList, Optional[list[dict[str, Tensor]]]]:
+        image_list, targets = super().forward(images, targets)
+        # Report the largest pixel index (h - 1, w - 1) as the size: torchvision then clips
+        # proposals and detections to [0, W - 1] x [0, H - 1], as mmdet 1.x does.
+        sizes = [(h - 1, w - 1) for h, w in image_list.image_sizes]
+        return ImageList(image_list.tensors, sizes), targets
 
     def postprocess(self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
                     original_image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
