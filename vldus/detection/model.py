@@ -9,8 +9,8 @@ The predictor covers ALL classes of the split plus background: unseen rows exist
 receive positives (SPEC §1). ``model.roi_heads.box_predictor`` is the seam where the
 synthesized unseen classifier is injected later (vldus.detection.zsd).
 
-``detector.legacy_mmdet: true`` swaps in mmdetection-1.x resize, anchor placement, box coding
-and RoIAlign extent (vldus.detection.legacy) for checkpoints converted by
+``detector.legacy_mmdet: true`` swaps in mmdetection-1.x resize, anchor placement and box coding
+(+1 pixel widths everywhere, vldus.detection.legacy) for checkpoints converted by
 ``vldus convert-checkpoint``.
 
 Every number comes from ``cfg.detector``. Backbone ImageNet weights are read from a local
