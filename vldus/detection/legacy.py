@@ -16,9 +16,9 @@ and size filter then compute exactly mmdet 1.x's numbers, and only four parts ne
   max(h, w), short / min(h, w))``, new size ``int(w s + 0.5) x int(h s + 0.5)`` (torchvision
   floors), bilinear. Training boxes (our records are exclusive = mmdet inclusive + 1) are
   scaled as mmdet scales its inclusive boxes: ``x2 = (x2 - 1) s``, clipped to ``[0, W - 1]``,
-  then +1. Detections are returned as mmdet 1.x returns them: INCLUSIVE boxes divided by ``s``
-  (one scale factor; torchvision maps back by per-axis size ratios) — evaluate them with the
-  mmdet-v1 protocol's ``inclusive_boxes``.
+  then +1. Detections are mmdet 1.x's (inclusive boxes divided by the one scale factor ``s``;
+  torchvision maps back by per-axis size ratios), returned +1 on ``x2, y2`` like our records,
+  so the mmdet-v1 evaluation (which subtracts 1) sees exactly mmdet 1.x's boxes.
 * :class:`LegacyAnchorGenerator` — mmdet 1.x ``AnchorGenerator(base_size=stride, scales=[size /
   stride], ratios)``, ``ctr=None``: a cell's base anchor is centred at ``0.5 (stride - 1)``
   (torchvision: 0) and spans ``ctr -/+ 0.5 (w - 1)``, rounded; cells are shifted by the FIXED
@@ -181,7 +181,7 @@ class LegacyTransform(GeneralizedRCNNTransform):
 
     Same constructor as GeneralizedRCNNTransform (``min_size`` = short side, ``max_size`` =
     long side); images (3, H, W) in 0..1; target boxes exclusive xyxy (our records);
-    detections come back as mmdet 1.x inclusive boxes in original-image pixels.
+    detections come back exclusive too: mmdet 1.x's inclusive boxes / s, + 1 on x2, y2.
     """
 
     def _scale(self, height: int, width: int, short: int) -> tuple[float, int, int]:
@@ -206,7 +206,7 @@ class LegacyTransform(GeneralizedRCNNTransform):
             return result
         for pred, (h, w) in zip(result, original_image_sizes):
             scale, _, _ = self._scale(h, w, self.min_size[-1])
-            pred["boxes"] = to_inclusive(pred["boxes"]) / scale
+            pred["boxes"] = to_exclusive(to_inclusive(pred["boxes"]) / scale)
         return result
 
 
