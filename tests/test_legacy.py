@@ -143,4 +143,5 @@ def test_legacy_detector_trains_and_detects():
     model.eval()
     with torch.no_grad():
         (out,) = model([torch.rand(3, 70, 90)])
-    assert out["boxes"].shape[1] == 4 and (out["boxes"][:, 2] <= 95 * 15 / 16 + 1 + 1e-4)  # clip [0, W - 1] in the resized image.all()
+    # clipped to [0, W - 1] = [0, 95] in the resized image, / scale, + 1
+    assert out["boxes"].shape[1] == 4 and (out["boxes"][:, 2] <= 95 * 15 / 16 + 1 + 1e-4).all()
