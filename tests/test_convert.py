@@ -126,6 +126,14 @@ def test_unmapped_keys_are_listed_not_loaded(tmp_path, capsys):
     assert "2 unmapped, 0 missing" in out
 
 
+def test_class_names_in_meta_are_compared(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path)
+    src = write_mmdet(tmp_path, random_detector(cfg), meta_extra={"CLASSES": ("circle", "square", "star", "triangle")})
+    code, _ = convert(tmp_path, cfg, src)
+    assert code == 0
+    assert "differ from split 'tiny' at index 3: 'star' vs 'triangle'" in capsys.readouterr().err
+
+
 def _drop_rpn_reg_bias(state):
     del state["rpn_head.rpn_reg.bias"]
 

@@ -157,6 +157,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(args.checkpoint, f"bbox_head.fc_cls has {rows.shape[0]} rows, split "
                                           f"{split.name!r} needs {split.num_classes} classes + background "
                                           f"= {split.num_classes + 1}")
+    names = meta.get("CLASSES")
+    if isinstance(names, (list, tuple)) and list(names) != list(split.classes):
+        pairs = enumerate(zip(names, split.classes))
+        first = next((i for i, (a, b) in pairs if a != b), min(len(names), split.num_classes))
+        theirs = names[first] if first < len(names) else "(none)"
+        ours = split.classes[first] if first < split.num_classes else "(none)"
+        print(f"warning: the checkpoint's meta CLASSES differ from split {split.name!r} at index {first + 1}: "
+              f"{theirs!r} vs {ours!r} (rows are taken in order)", file=sys.stderr)
     target = build_detector(cfg, split, load_backbone=False).state_dict()
     converted, unmapped, missing = convert_mmdet_v1(state, target, args.checkpoint, args.allow_missing)
     for k in unmapped:
