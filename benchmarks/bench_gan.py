@@ -300,6 +300,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs (the best is reported)")
     ap.add_argument("--precision", default=None, help="auto | fp32 | bf16 | both (default: config, and fp32)")
     ap.add_argument("--reference", action="store_true", help="also time the plain published loop")
+    ap.add_argument("--legacy", action="store_true",
+                    help="also time gan.legacy_unseen_loss=true (the released C_u term: no gradient, "
+                         "so no backward through the unseen batch)")
     ap.add_argument("--rss-rows", type=int, default=4_000_000, help="rows of the memory-check file (0: skip)")
     ap.add_argument("--accuracy", type=int, default=0, metavar="EPOCHS",
                     help="also compare unseen accuracy fp32 vs bf16 on a synthetic task (GAN epochs)")
@@ -332,6 +335,13 @@ def main() -> None:
         for precision in dict.fromkeys(precisions):
             trainer = build_trainer(cfg, split, emb, seen_cls, compat, device, precision)
             results[f"{device}/vldus/{precision}"] = report(f"vldus ({precision})", time_ours(
+                trainer, feats, labels, args.iterations, args.repeat, cfg.gan.batch_size), cfg)
+            del trainer
+        if args.legacy:
+            legacy_cfg = load_config(CONFIG, ["gan.legacy_unseen_loss=true"])
+            precision = resolve_precision(cfg.gan.precision, device)
+            trainer = build_trainer(legacy_cfg, split, emb, seen_cls, compat, device, precision)
+            results[f"{device}/vldus_legacy/{precision}"] = report(f"vldus ({precision}, legacy C_u)", time_ours(
                 trainer, feats, labels, args.iterations, args.repeat, cfg.gan.batch_size), cfg)
             del trainer
         if args.reference:
