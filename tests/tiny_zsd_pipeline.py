@@ -1,12 +1,14 @@
 """A tiny trained vldus pipeline on the embedded benchmark, built once per test session.
 
-Used by tests/test_bundle.py and tests/test_api.py: make-shapes -> train-detector (1 short
-epoch, ImageNet MobileNetV2 from the fdet package) -> extract-features -> compat classifier ->
+Used by tests/test_bundle.py and tests/test_api.py: make-shapes -> train-detector (2 short
+epochs, ImageNet MobileNetV2 from the fdet package) -> extract-features -> compat classifier ->
 train-generator (few GAN epochs), each through ``vldus.cli.main`` like ``vldus demo``.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import time
 from typing import NamedTuple
@@ -47,6 +49,7 @@ def tiny_run() -> TinyRun:
 
     start = time.perf_counter()
     out = tempfile.mkdtemp(prefix="vldus_tiny_zsd_")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     shapes = os.path.join(out, "shapes")
     _stage(["make-shapes", "--out", shapes, "--seed", "0", "--train-images", str(TRAIN_IMAGES), "--test-images", "40",
             "--unseen", ",".join(HELD_OUT)])
@@ -62,7 +65,7 @@ def tiny_run() -> TinyRun:
     # a fast detector: native 160 px images, fewer RoIs; 2 epochs so seen classes score well
     cfg.detector.min_size = cfg.detector.max_size = 160
     cfg.detector.roi_batch_size, cfg.detector.rpn_post_nms_train = 64, 150
-    cfg.train.epochs, cfg.train.lr_steps, cfg.train.warmup_iters = 2, [], 10
+    cfg.train.epochs, cfg.train.lr_steps = 2, []  # 80 iterations, all inside the lr warm-up
     cfg.gan.epochs, cfg.gan.epoch_budget = 3, 2000
     cfg.compat.epochs, cfg.compat.lr_step = 5, 4
     cfg.unseen_classifier.syn_num, cfg.unseen_classifier.epochs = 200, 8

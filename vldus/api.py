@@ -282,6 +282,20 @@ def _extend_predictor(predictor, extra: int):
     return new.to(cls.weight.device)
 
 
+def check_image_files(paths: Sequence[str]) -> None:
+    """InputError for the first file that is not an image PIL can open (header only: cheap)."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except FileNotFoundError:
+            raise InputError(path, "image file not found") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise InputError(path, f"cannot read image ({type(e).__name__})") from None
+
+
 def image_paths(inputs: Sequence[str]) -> list[str]:
     """Files named directly, plus the image files (by extension, sorted) of named folders."""
     out: list[str] = []

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 from tqdm import tqdm
@@ -52,16 +51,17 @@ def output_stems(paths: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vldus.api import ZeroShotDetector, image_paths, read_image
+    from vldus.api import ZeroShotDetector, check_image_files, image_paths, read_image
 
     if not 0.0 <= args.score <= 1.0:
         raise InputError("--score", f"must be in [0, 1], got {args.score}")
     paths = image_paths(args.images)
+    check_image_files(paths)  # fail on a bad file before any work
     start = time.time()
     det = ZeroShotDetector.load(args.model, device=args.device, cache_dir=args.cache_dir)
     det.set_classes(args.classes, gzsd=args.gzsd)
     print(f"detect: classifier for {len(det.classes)} names {det.classifier_source} "
-          f"({det.classifier_path}), {time.time() - start:.1f} s", file=sys.stderr)
+          f"({det.classifier_path}), {time.time() - start:.1f} s")
     os.makedirs(args.out, exist_ok=True)
     count = 0
     for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="detect", unit="img", disable=args.quiet):

@@ -1,0 +1,97 @@
+"""vldus export / load_bundle (vldus.bundle) on a tiny trained pipeline (tests/tiny_zsd_pipeline.py)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tiny_zsd_pipeline import HELD_OUT, tiny_bundle, tiny_run
+from vldus import cli
+from vldus.bundle import BUNDLE_FILES, FORMAT_VERSION, MANIFEST, load_bundle, sha256_file
+from vldus.errors import InputError
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def bundle() -> str:
+    return tiny_bundle()
+
+
+def _copy(bundle: str, tmp_path) -> str:
+    dst = str(tmp_path / "bundle")
+    shutil.copytree(bundle, dst, ignore=shutil.ignore_patterns("cache"))
+    return dst
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err, err
+    return err
+
+
+def test_bundle_files_and_manifest(bundle):
+    with open(os.path.join(bundle, MANIFEST)) as f:
+        manifest = json.load(f)
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert sorted(manifest["files"]) == sorted(BUNDLE_FILES)
+    for name, entry in manifest["files"].items():
+        assert sha256_file(os.path.join(bundle, name)) == entry["sha256"]
+        assert name.endswith((".safetensors", ".json", ".yaml"))  # nothing pickled
+    b = load_bundle(bundle)
+    assert list(b.split.unseen) == list(HELD_OUT)
+    bg = b.tensors("background.safetensors")
+    assert bg["features"].ndim == 2 and bg["features"].shape[1] == b.cfg.features.dim
+    assert 0 < len(bg["features"]) <= 4096
+    assert b.cfg.detector.backbone_weights is None and b.cfg.detector.norm == "frozen_bn"
+
+
+def test_encoder_scale_reproduces_training_embeddings(bundle):
+    """A detector class embedded at detect time equals its (spectrally normalised) training row."""
+    from vldus.api import embed_names
+    from vldus.data.embeddings import load_class_embeddings
+
+    run, b = tiny_run(), load_bundle(bundle)
+    assert b.encoder["encoder"] == "attributes" and b.encoder["spectral_norm"] is True
+    train = load_class_embeddings(os.path.join(run.shapes, "attributes.npy"), b.split, spectral_norm=True)
+    names = list(b.split.classes)
+    np.testing.assert_allclose(embed_names(b.encoder, names), train[1:], rtol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "version"])
+def test_bad_bundle_is_one_line_exit_2(bundle, tmp_path, capsys, damage):
+    bad = _copy(bundle, tmp_path)
+    if damage == "corrupt":
+        with open(os.path.join(bad, "generator.safetensors"), "r+b") as f:
+            f.seek(200)
+            f.write(b"\x00\x01\x02")
+        expected = "sha256"
+    elif damage == "missing":
+        os.remove(os.path.join(bad, "background.safetensors"))
+        expected = "missing"
+    else:
+        path = os.path.join(bad, MANIFEST)
+        with open(path) as f:
+            manifest = json.load(f)
+        manifest["format_version"] = FORMAT_VERSION + 1
+        with open(path, "w") as f:
+            json.dump(manifest, f)
+        expected = "format version"
+    with pytest.raises(InputError, match=expected):
+        load_bundle(bad)
+    image = os.path.join(tiny_run().shapes, "images", sorted(os.listdir(os.path.join(tiny_run().shapes, "images")))[0])
+    err = _one_line_error(capsys, ["detect", image, "--model", bad, "--classes", "blue circle",
+                                   "--out", str(tmp_path / "out")])
+    assert expected in err
+
+
+def test_export_without_generator_is_input_error(tmp_path, capsys):
+    run = tiny_run()
+    empty = tmp_path / "synth"
+    empty.mkdir()
+    err = _one_line_error(capsys, ["export", "--config", run.config, "--out", str(tmp_path / "b"),
+                                   "--checkpoint", run.checkpoint, "--synth-dir", str(empty)])
+    assert "generator.pth" in err
