@@ -143,3 +143,33 @@ def test_unreadable_image(bundle, tmp_path, capsys):
     err = _one_line_error(capsys, ["detect", str(bad), "--model", bundle, "--classes", "blue circle",
                                    "--out", str(tmp_path / "out")])
     assert "broken.png" in err and "cannot read image" in err
+
+
+def test_gzsd_named_seen_class_uses_the_new_row(bundle, tmp_path):
+    """A requested name that is a seen class replaces that seen row in GZSD (no duplicate label)."""
+    det = ZeroShotDetector.load(bundle, cache_dir=str(tmp_path / "cache"))
+    det.set_classes(["blue circle", "red circle"], gzsd=True)
+    split = det.split
+    assert "red circle" in split.seen
+    assert "red circle" in det.ext_split.excluded and "blue circle" in det.ext_split.excluded
+    assert det.label_names[det.ext_split.unseen_ids[1] - 1] == "red circle"
+    assert det.ext_split.seen_ids == [i for i in split.seen_ids if split.classes[i - 1] != "red circle"]
+
+
+def test_folder_input_and_unique_output_names(bundle, test_records, tmp_path):
+    import shutil
+
+    from vldus.detect import output_stems
+
+    _, records = test_records
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for r in records[:2]:
+        shutil.copy(r.path, folder)
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    out = tmp_path / "out"
+    assert cli.main(["detect", str(folder), "--model", bundle, "--classes", "blue circle", "--out", str(out),
+                     "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{os.path.splitext(os.path.basename(r.path))[0]}.{ext}" for r in records[:2] for ext in ("json", "png"))
+    assert output_stems(["a/x.png", "b/x.png", "x.jpg"]) == ["x", "x_2", "x_3"]

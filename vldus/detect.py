@@ -60,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     det = ZeroShotDetector.load(args.model, device=args.device, cache_dir=args.cache_dir)
     det.set_classes(args.classes, gzsd=args.gzsd)
-    print(f"detect: classifier for {len(det.classes)} names {det.classifier_source} "
-          f"({det.classifier_path}), {time.time() - start:.1f} s")
+    how = "loaded from the cache" if det.classifier_source == "cache" else "trained"
+    print(f"detect: classifier for {len(det.classes)} names {how} ({det.classifier_path}), "
+          f"{time.time() - start:.1f} s")
     os.makedirs(args.out, exist_ok=True)
     count = 0
     for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="detect", unit="img", disable=args.quiet):
