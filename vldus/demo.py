@@ -47,16 +47,17 @@ class DemoSize:
     train_images: int
     test_images: int
     detector_epochs: Optional[int]  # None: the config's
+    detector_warmup: Optional[int]  # warm-up iterations; None: the config's
     gan_epochs: int
     gan_epoch_budget: int
     compat_epochs: int
     pictures: int = 6
 
 
-FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, gan_epochs=20,
-                gan_epoch_budget=8000, compat_epochs=30)
-QUICK = DemoSize(train_images=260, test_images=100, detector_epochs=1, gan_epochs=6,
-                 gan_epoch_budget=4000, compat_epochs=15, pictures=3)
+FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, detector_warmup=None,
+                gan_epochs=10, gan_epoch_budget=8000, compat_epochs=30)
+QUICK = DemoSize(train_images=260, test_images=70, detector_epochs=2, detector_warmup=40,
+                 gan_epochs=8, gan_epoch_budget=4000, compat_epochs=15, pictures=3)
 
 
 class StageFailed(RuntimeError):
@@ -76,8 +77,9 @@ class Stages:
         print(f"\n== {name}: vldus {' '.join(argv)}", flush=True)
         start = time.perf_counter()
         rc = cli.main(argv + (["--quiet"] if self.quiet else []))
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-        print(f"== {name}: {self.timings[name]:.1f} s", flush=True)
+        elapsed = time.perf_counter() - start
+        self.timings[name] = self.timings.get(name, 0.0) + elapsed  # a stage may run several times
+        print(f"== {name}: {elapsed:.1f} s", flush=True)
         if rc:
             raise StageFailed(f"stage {name} failed (exit code {rc})")
 
@@ -103,6 +105,8 @@ def demo_config(out: str, size: DemoSize, seed: int, clip_weights: Optional[str]
     if size.detector_epochs is not None:
         cfg.train.epochs = size.detector_epochs
         cfg.train.lr_steps = [s for s in cfg.train.lr_steps if s < size.detector_epochs]
+    if size.detector_warmup is not None:
+        cfg.train.warmup_iters = size.detector_warmup
     cfg.gan.epochs = size.gan_epochs
     cfg.gan.epoch_budget = size.gan_epoch_budget
     cfg.compat.epochs = size.compat_epochs
