@@ -57,7 +57,7 @@ class DemoSize:
 FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, detector_warmup=None,
                 gan_epochs=10, gan_epoch_budget=8000, compat_epochs=30)
 QUICK = DemoSize(train_images=260, test_images=70, detector_epochs=2, detector_warmup=40,
-                 gan_epochs=8, gan_epoch_budget=4000, compat_epochs=15, pictures=3)
+                 gan_epochs=16, gan_epoch_budget=4000, compat_epochs=15, pictures=3)
 
 
 class StageFailed(RuntimeError):
