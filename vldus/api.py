@@ -34,6 +34,7 @@ import torch
 
 from vldus.bundle import CACHE_DIR, DETECTOR_FILE, GENERATOR_FILE, BACKGROUND_FILE, Bundle, load_bundle
 from vldus.errors import InputError
+from vldus.detection.extract import read_image as read_image_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ImageLike = Union[str, os.PathLike, "PIL.Image.Image", torch.Tensor]  # noqa: F821
@@ -105,14 +106,7 @@ def read_image(image: ImageLike, where: str = "image") -> torch.Tensor:
     if isinstance(image, Image.Image):
         array = np.asarray(image.convert("RGB"))
     elif isinstance(image, (str, os.PathLike)):
-        path = str(image)
-        try:
-            with Image.open(path) as im:
-                array = np.asarray(im.convert("RGB"))
-        except FileNotFoundError:
-            raise InputError(path, "image file not found") from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise InputError(path, f"cannot read image ({type(e).__name__})") from None
+        return read_image_file(str(image)).float().div_(255.0)
     else:
         raise InputError(where, f"expected a path, a PIL image or a tensor, got {type(image).__name__}")
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
