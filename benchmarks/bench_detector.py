@@ -18,13 +18,12 @@ Feature-extraction timing lives in benchmarks/bench_extract.py. Other scripts ca
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
+
+import _cases  # benchmarks/_cases.py (run as a script, so its folder is on sys.path)
 
 CASES = {
     # name: (config, image width, image height, images per iteration (None: train.batch_size), timed iters)
@@ -59,6 +58,7 @@ def time_training(cfg, split, batch: int, width: int, height: int, iters: int, w
     import torch
 
     from vldus.detection.model import build_detector
+    from vldus.detection.train import optimizer_step
 
     torch.manual_seed(0)
     model = build_detector(cfg, split, load_backbone=False).to(device).train()
@@ -74,13 +74,7 @@ def time_training(cfg, split, batch: int, width: int, height: int, iters: int, w
     def step():
         with torch.autocast(torch.device(device).type, enabled=amp):
             loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if t.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler, params, t.grad_clip)
 
     for _ in range(warmup):
         step()
@@ -128,41 +122,14 @@ def run_case(name: str, iters: int, device: str, amp: bool) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations per case")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--amp", choices=["on", "off", "auto"], default="auto", help="auto: on for CUDA")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one case, in a subprocess
-    args = parser.parse_args()
-
+    args = _cases.parse_args(__doc__, CASES, "iters", "timed iterations per case")
     if args.worker:
-        amp = args.amp == "on" or (args.amp == "auto" and args.device.startswith("cuda"))
-        print(json.dumps(run_case(args.worker, args.iters, args.device, amp)))
+        print(json.dumps(run_case(args.worker, args.iters, args.device, _cases.use_amp(args))))
         return 0
-
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"# load: {open('/proc/loadavg').read().split()[:3]}  cpus: {os.cpu_count()}")
-    for name in args.cases:
-        iters = args.iters or CASES[name][4]
-        cmd = [sys.executable, __file__, "--worker", name, "--iters", str(iters),
-               "--device", args.device, "--amp", args.amp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            print(f"{name}: failed\n{r.stderr[-3000:]}", file=sys.stderr)
-            return 1
-        res = json.loads(r.stdout.strip().splitlines()[-1])
-        extra = f", peak CUDA {res['peak_cuda_mb']} MB ({res['gpu']})" if "peak_cuda_mb" in res else ""
-        print(f"{name:10s} {res['device']:5s} amp={res['amp']!s:5s} {res['backbone']} {res['scale']} "
-              f"batch {res['batch']}: {res['iters_per_s']:.3f} it/s ({res['s_per_iter']:.3f} s/it, "
-              f"{res['images_per_s']:.2f} img/s, {res['cpu_s_per_iter']:.3f} CPU s/it, {res['iters']} iters, "
-              f"{res['threads']} threads), "
-              f"peak RSS {res['peak_rss_mb']} MB{extra}")
-    print(f"# load after: {open('/proc/loadavg').read().split()[:3]}")
-    return 0
+    return _cases.run_in_subprocesses(__file__, args, "iters", lambda name: CASES[name][4], lambda res: (
+        f"{res['backbone']} {res['scale']} batch {res['batch']}: {res['iters_per_s']:.3f} it/s "
+        f"({res['s_per_iter']:.3f} s/it, {res['images_per_s']:.2f} img/s, {res['cpu_s_per_iter']:.3f} CPU s/it, "
+        f"{res['iters']} iters, {res['threads']} threads), peak RSS {res['peak_rss_mb']} MB"))
 
 
 if __name__ == "__main__":

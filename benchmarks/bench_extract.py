@@ -12,14 +12,14 @@ under autocast (``--amp``, default on there); peak CUDA memory is reported too.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
+
+import _cases  # benchmarks/_cases.py (run as a script, so its folder is on sys.path)
 
 CASES = {
     # name: (config, image width, image height, default number of timed images)
@@ -116,39 +116,13 @@ def run_case(name: str, images: int, device: str, amp: bool) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--images", type=int, default=None, help="timed images per case")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--amp", choices=["on", "off", "auto"], default="auto", help="auto: on for CUDA")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one case, in a subprocess
-    args = parser.parse_args()
-
+    args = _cases.parse_args(__doc__, CASES, "images", "timed images per case")
     if args.worker:
-        amp = args.amp == "on" or (args.amp == "auto" and args.device.startswith("cuda"))
-        print(json.dumps(run_case(args.worker, args.images, args.device, amp)))
+        print(json.dumps(run_case(args.worker, args.images, args.device, _cases.use_amp(args))))
         return 0
-
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"# load: {open('/proc/loadavg').read().split()[:3]}  cpus: {os.cpu_count()}")
-    for name in args.cases:
-        images = args.images or CASES[name][3]
-        cmd = [sys.executable, __file__, "--worker", name, "--images", str(images),
-               "--device", args.device, "--amp", args.amp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            print(f"{name}: failed\n{r.stderr[-3000:]}", file=sys.stderr)
-            return 1
-        res = json.loads(r.stdout.strip().splitlines()[-1])
-        extra = f", peak CUDA {res['peak_cuda_mb']} MB ({res['gpu']})" if "peak_cuda_mb" in res else ""
-        print(f"{name:10s} {res['device']:5s} amp={res['amp']!s:5s} {res['images_per_s']:7.2f} img/s "
-              f"({res['s_per_image']:.3f} s/img, {res['images']} images, {res['threads']} threads), "
-              f"{res['rows_per_image']} rows/img, peak RSS {res['peak_rss_mb']} MB{extra}")
-    print(f"# load after: {open('/proc/loadavg').read().split()[:3]}")
-    return 0
+    return _cases.run_in_subprocesses(__file__, args, "images", lambda name: CASES[name][3], lambda res: (
+        f"{res['images_per_s']:7.2f} img/s ({res['s_per_image']:.3f} s/img, {res['images']} images, "
+        f"{res['threads']} threads), {res['rows_per_image']} rows/img, peak RSS {res['peak_rss_mb']} MB"))
 
 
 if __name__ == "__main__":

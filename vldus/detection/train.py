@@ -274,6 +274,18 @@ def _check_finite(loss: torch.Tensor, losses: dict, epoch: int, iteration: int, 
                                  f"{keep}. Lower train.lr or raise train.warmup_iters, then --resume")
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   params: list, grad_clip: Optional[float]) -> None:
+    """Backward (loss scaled on CUDA), gradient clipping at max-norm ``grad_clip``, one step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_detector(cfg: Config, resume: bool = False, validate: bool = False, skip_bad_images: bool = False,
                    progress: bool = True) -> Optional[str]:
     """Train per ``cfg`` and return the path of the last checkpoint (see the module docstring)."""
@@ -362,13 +374,7 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
                 loss = sum(losses.values())
                 _check_finite(loss, losses, epoch + 1, i + 1, info, last_good)
 
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if t.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(loss, optimizer, scaler, params, t.grad_clip)
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
 
