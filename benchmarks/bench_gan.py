@@ -1,7 +1,8 @@
 """Speed and memory of the synthesizer at COCO 65/15 settings (SPEC Part B §6.5).
 
     python benchmarks/bench_gan.py [--device cpu|cuda|all] [--iterations 60] [--repeat 3]
-                                   [--precision auto|fp32|bf16] [--reference] [--rss-rows 4000000]
+                                   [--precision auto|fp32|bf16|both] [--reference] [--floor]
+                                   [--rss-rows 4000000]
 
 Prints, for each device: real samples per second of GAN training, the seconds one GAN epoch
 (gan.epoch_budget samples) takes at that rate, and the process's peak RSS. The settings come
@@ -10,6 +11,11 @@ embeddings, 15 unseen classes); the features, embeddings and classifiers are gen
 
 ``--accuracy EPOCHS`` compares the unseen accuracy of fp32 and bf16 training on the separable
 synthetic task of the tests, at COCO widths.
+
+``--floor`` times only what no implementation of the method can skip: the matrix products of
+one iteration (listed from the config's shapes, run back to back in the compute precision) and
+the ``critic_iter + 1`` fused Adam steps over D's and G's parameters. Their sum bounds the
+samples/s any trainer built on torch's kernels can reach on this machine.
 
 ``--reference`` also times a plain implementation of the published training loop (fp32, a G
 forward per critic step, the gradient penalty by double backward, the for-loop Adam, a numpy
@@ -200,6 +206,78 @@ def report(name: str, rates: list[float], cfg) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Floor: the products and optimizer steps one iteration cannot avoid
+# --------------------------------------------------------------------------------------------
+def iteration_products(cfg, att: int, num_unseen: int) -> list[tuple[int, int, int, int]]:
+    """(M, K, N, count): the matrix products (M, K) @ (K, N) of one training iteration of the
+    method (§6.3 with C_u back-propagated), each weight's forward, input-gradient and
+    weight-gradient product, with the fewest rows the arithmetic allows (interpolates through
+    the first layer for free, one G forward for all critic steps, embedding rows once)."""
+    g = cfg.gan
+    B, S, X, H, F_, Hg, nz = g.batch_size, g.critic_iter, cfg.features.dim, g.ndh, g.d_feat, g.ngh, g.nz
+    U = (B // 4) * num_unseen                  # unseen rows of the G step
+    R, Ad = 2 * B + U, B + num_unseen          # G-step rows, distinct embedding rows
+    critic_step = [
+        (2 * B, X, H, 1), (B, att, H, 1), (3 * B, H, F_, 1),     # forward: real+fake, a, + interpolates
+        (3 * B, F_, H, 1), (B, H, X, 1),                          # backward to layer 1, penalty g
+        (B, X, H, 1), (B, H, F_, 1),                              # back through g (double backward)
+        (H, 3 * B, X, 1), (H, B, att, 1), (F_, 3 * B, H, 1),      # weight gradients
+    ]
+    fakes = [(S * B, nz, Hg, 1), (B, att, Hg, 1), (S * B, Hg, X, 1)]
+    g_step = [
+        (R, nz, Hg, 1), (Ad, att, Hg, 1), (R, Hg, X, 1),          # G forward
+        (B, X, H, 1), (B, att, H, 1), (B, H, F_, 1),              # D on G(z1, a)
+        (B, F_, H, 1), (B, H, X, 1), (U, att, X, 1),              # back through D and C_u
+        (R, X, Hg, 1), (X, R, Hg, 1), (Hg, R, nz, 1), (Hg, Ad, att, 1),  # back through G
+    ]
+    return [(m, k, n, c * S) for m, k, n, c in critic_step] + fakes + g_step
+
+
+def floor_check(cfg, att: int, num_unseen: int, precision: str, repeat: int = 5) -> dict:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    prods = iteration_products(cfg, att, num_unseen)
+    gflop = sum(2 * m * k * n * c for m, k, n, c in prods) / 1e9
+    g = torch.Generator().manual_seed(0)
+    operands = [(torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype), c)
+                for m, k, n, c in prods]
+
+    def products():
+        for a, b, count in operands:
+            for _ in range(count):
+                a @ b
+
+    gan = cfg.gan
+    D = Critic(cfg.features.dim, att, gan.ndh, gan.d_feat)
+    G = Generator(gan.nz, att, gan.ngh, cfg.features.dim)
+    opts = []
+    for net in (D, G):
+        for p in net.parameters():
+            p.grad = torch.randn_like(p)
+        opts.append(torch.optim.Adam(net.parameters(), lr=gan.lr, betas=(gan.beta1, 0.999), fused=True))
+
+    def adam():
+        for _ in range(gan.critic_iter):
+            opts[0].step()
+        opts[1].step()
+
+    def best_of(fn):
+        fn()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t_mm, t_adam = best_of(products), best_of(adam)
+    rate = gan.batch_size / (t_mm + t_adam)
+    print(f"  floor ({precision}): products {gflop:.1f} GFLOP in {t_mm * 1e3:.1f} ms "
+          f"({gflop / t_mm:.0f} GFLOP/s) + {gan.critic_iter + 1} Adam steps {t_adam * 1e3:.1f} ms "
+          f"-> at most {rate:.0f} samples/s with nothing else done")
+    return {"gflop": gflop, "products_ms": t_mm * 1e3, "adam_ms": t_adam * 1e3, "samples_per_s": rate}
+
+
+# --------------------------------------------------------------------------------------------
 # Memory check on a 4M-row file (child process)
 # --------------------------------------------------------------------------------------------
 def rss_child(folder: str, iterations: int) -> None:
@@ -300,6 +378,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs (the best is reported)")
     ap.add_argument("--precision", default=None, help="auto | fp32 | bf16 | both (default: config, and fp32)")
     ap.add_argument("--reference", action="store_true", help="also time the plain published loop")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time only the unavoidable matrix products and Adam steps (CPU)")
     ap.add_argument("--legacy", action="store_true",
                     help="also time gan.legacy_unseen_loss=true (the released C_u term: no gradient, "
                          "so no backward through the unseen batch)")
@@ -349,6 +429,9 @@ def main() -> None:
             results[f"{device}/reference"] = report("published loop (fp32)", time_reference(
                 loop, max(args.iterations // 3, 5), args.repeat, cfg.gan.batch_size), cfg)
             del loop
+        if args.floor and device == "cpu":
+            for precision in dict.fromkeys(precisions):
+                results[f"cpu/floor/{precision}"] = floor_check(cfg, emb.shape[1], len(split.unseen_ids), precision)
         print(f"  peak RSS so far: {peak_rss_mb():.0f} MB")
     if args.rss_rows:
         r = rss_check(args.rss_rows, iterations=5)

@@ -32,10 +32,13 @@ import torch
 from vldus.synthesis.models import LEAKY_SLOPE, ComputeWeights, Critic
 
 
-def _lrelu_and_slope(pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LeakyReLU(pre), its derivative: 1 where pre > 0, else the slope), in pre's dtype."""
-    slope = torch.where(pre > 0, pre.new_ones(()), pre.new_full((), LEAKY_SLOPE))
-    return pre * slope, slope
+def _lrelu(pre: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.leaky_relu(pre, LEAKY_SLOPE)
+
+
+def _times_slope(grad: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """grad * LeakyReLU'(pre), read off the activation act = LeakyReLU(pre) (same sign as pre)."""
+    return torch.ops.aten.leaky_relu_backward(grad, act, LEAKY_SLOPE, True)
 
 
 @dataclass
@@ -45,9 +48,8 @@ class CriticForward:
     xin: torch.Tensor    # (2B, X) [x; x~]
     att: torch.Tensor    # (B, A)
     h1: torch.Tensor     # (3B, H) first hidden layer: real, fake, interpolates
-    m1: torch.Tensor     # (3B, H) its LeakyReLU slopes
-    m2: torch.Tensor     # (3B, F) slopes of the feature layer
-    feat: torch.Tensor   # (2B, F) D's feature of the real and fake rows
+    h2: torch.Tensor     # (3B, F) feature layer (its LeakyReLU slopes are read off h1, h2)
+    feat: torch.Tensor   # (2B, F) D's feature of the real and fake rows = h2[:2B]
     score: torch.Tensor  # (2B,) float32
     wasserstein: torch.Tensor  # mean score real - mean score fake
 
@@ -97,11 +99,11 @@ class CriticUpdate:
         pre_a = torch.addmm(w["fc1_x.bias"], att, w["fc1_att.weight"].T)  # (B, H) embedding + bias
         # layer 1 is affine: the interpolates' pre-activation interpolates those of x and x~
         pre_i = torch.lerp(pre_x[B:], pre_x[:B], alpha.to(c)) + pre_a
-        h1, m1 = _lrelu_and_slope(torch.cat([(pre_x.view(2, B, -1) + pre_a).view(2 * B, -1), pre_i]))
-        feat_all, m2 = _lrelu_and_slope(torch.addmm(w["fc2.bias"], h1, w["fc2.weight"].T))
-        feat = feat_all[:2 * B]
+        h1 = _lrelu(torch.cat([(pre_x.view(2, B, -1) + pre_a).view(2 * B, -1), pre_i]))
+        h2 = _lrelu(torch.addmm(w["fc2.bias"], h1, w["fc2.weight"].T))
+        feat = h2[:2 * B]
         score = (feat.float() @ self.D.fc3.weight.T).squeeze(1) + self.D.fc3.bias
-        return CriticForward(xin, att, h1, m1, m2, feat, score, score[:B].mean() - score[B:].mean())
+        return CriticForward(xin, att, h1, h2, feat, score, score[:B].mean() - score[B:].mean())
 
     @torch.no_grad()
     def backward(self, f: CriticForward, feat_grad: Optional[torch.Tensor] = None) -> CriticLoss:
@@ -110,26 +112,26 @@ class CriticUpdate:
         D, w, c = self.D, self.weights, self.dtype
         B = f.att.shape[0]
         W1x, W2 = w["fc1_x.weight"], w["fc2.weight"]
-        m1_i, m2_i = f.m1[2 * B:], f.m2[2 * B:]
+        h1_i, h2_i = f.h1[2 * B:], f.h2[2 * B:]
 
         # Wasserstein term: d(-mean real + mean fake)/d score = -1/B, +1/B; then the feature
         d_score = torch.cat([torch.full((B,), -1.0 / B), torch.full((B,), 1.0 / B)]).to(f.feat.device)
         d_feat = d_score[:, None] * D.fc3.weight.float()               # (2B, F)
         if feat_grad is not None:
             d_feat = d_feat + feat_grad.float()
-        d_pre2 = (d_feat * f.m2[:2 * B]).to(c)                         # (2B, F)
-        # penalty: the input gradient g = W1x^T (m1 . (W2^T (m2 . w3))) at the interpolates
-        u2 = m2_i * w["fc3.weight"]                                     # (B, F) d score / d pre2
+        d_pre2 = _times_slope(d_feat.to(c), f.feat)                     # (2B, F)
+        # penalty: the input gradient g = W1x^T (m1 . (W2^T (m2 . w3))) at the interpolates,
+        # m1, m2 = the LeakyReLU slopes there
+        u2 = _times_slope(w["fc3.weight"].expand(B, -1), h2_i)         # (B, F) d score / d pre2
         d_pre2_u2 = torch.cat([d_pre2, u2])                             # (3B, F)
-        d_h1 = d_pre2_u2 @ W2                                           # (3B, H) both in one product
-        d_pre1 = d_h1[:2 * B] * f.m1[:2 * B]                            # (2B, H)
-        u1 = d_h1[2 * B:] * m1_i                                        # (B, H) d score / d pre1
+        d_h1_all = _times_slope(d_pre2_u2 @ W2, f.h1)                   # (3B, H) both in one product
+        d_pre1, u1 = d_h1_all[:2 * B], d_h1_all[2 * B:]                 # u1 = d score / d pre1
         grad_x = (u1 @ W1x).float()                                     # (B, X)
         norm = grad_x.norm(dim=1, keepdim=True)
         gp = self.lambda_gp * ((norm - 1.0) ** 2).mean()
         # back through g: r = dL/dg, q = dL/d(u2 W2), du2 = dL/du2
         r = ((2.0 * self.lambda_gp / B) * (norm - 1.0) / norm.clamp_min(1e-12) * grad_x).to(c)
-        q = m1_i * (r @ W1x.T)                                          # (B, H)
+        q = _times_slope(r @ W1x.T, h1_i)                               # (B, H)
         du2 = q @ W2.T                                                  # (B, F)
 
         # each weight: one product over [Wasserstein rows; penalty rows]
@@ -138,7 +140,7 @@ class CriticUpdate:
         self._weight_grad(D.fc1_att.weight, "fc1_att.weight", d_pre1[:B] + d_pre1[B:], f.att)
         self._weight_grad(D.fc2.weight, "fc2.weight", d_pre2_u2, torch.cat([f.h1[:2 * B], q]))
         D.fc2.bias.grad.copy_(d_pre2.float().sum(0))
-        D.fc3.weight.grad.copy_((d_score @ f.feat.float() + (m2_i * du2).float().sum(0)).view(1, -1))
+        D.fc3.weight.grad.copy_((d_score @ f.feat.float() + _times_slope(du2, h2_i).float().sum(0)).view(1, -1))
         D.fc3.bias.grad.copy_(d_score.sum().reshape(1))
         return CriticLoss(f.wasserstein, gp, grad_x)
 

@@ -79,7 +79,8 @@ class CLIPDistiller(nn.Module):
 
     ``forward(x_real (B,1024), x_fake (B,1024), feat_real (B,dt), feat_fake (B,dt))`` returns
     ``{"l_fa", "l_ra_dis", "l_ra_div", "total"}`` (scalar tensors, weights applied).
-    I(x_real) is computed without autograd unless ``x_real.requires_grad``.
+    I(x_real) is computed without autograd unless ``x_real.requires_grad``; pass it as
+    ``img_real`` (from :meth:`encode`) to reuse it across calls on the same real batch.
     """
 
     def __init__(self, image_encoder: nn.Module, text_matrix: torch.Tensor, w_fa: float,
@@ -126,12 +127,14 @@ class CLIPDistiller(nn.Module):
         return out.float()
 
     def forward(self, x_real: torch.Tensor, x_fake: torch.Tensor, feat_real: torch.Tensor,
-                feat_fake: torch.Tensor) -> dict[str, torch.Tensor]:
+                feat_fake: torch.Tensor, img_real: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(self.active and torch.is_grad_enabled()):
-            return self._losses(x_real, x_fake, feat_real, feat_fake)
+            return self._losses(x_real, x_fake, feat_real, feat_fake, img_real)
 
-    def _losses(self, x_real, x_fake, feat_real, feat_fake) -> dict[str, torch.Tensor]:
-        if x_real.requires_grad:
+    def _losses(self, x_real, x_fake, feat_real, feat_fake, img_real=None) -> dict[str, torch.Tensor]:
+        if img_real is not None:
+            img_real = img_real.float()
+        elif x_real.requires_grad:
             img_real = self.encode(x_real)
         else:
             with torch.no_grad():  # real features are data: no activations kept

@@ -162,8 +162,9 @@ class GANTrainer:
         for i in range(len(batches)):
             rows = batches[i]
             x, y = feats.index_select(0, rows), labels.index_select(0, rows)
-            d_stats = self.critic_steps(x, y)
-            g_stats = self.generator_step(x, y)
+            img_real = self.encode_real(x)
+            d_stats = self.critic_steps(x, y, img_real)
+            g_stats = self.generator_step(x, y, img_real)
             history[i] = torch.stack(d_stats + g_stats)
             if (i + 1) % CHECK_EVERY == 0 or i + 1 == len(batches):
                 self._check_finite(history[checked:i + 1], epoch, checked)
@@ -178,10 +179,21 @@ class GANTrainer:
             it, col = (int(v) for v in torch.nonzero(bad)[0])
             raise NonFiniteLoss(epoch, first_iteration + it + 1, LOSS_NAMES[col])
 
+    @torch.no_grad()
+    def encode_real(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """I(x) of the rows of the real batch that go through CLIP (None without a distiller):
+        the encoder is frozen and x is the same for the critic steps and the G step, so the
+        iteration encodes it once."""
+        if self.distiller is None:
+            return None
+        return self.distiller.encode(x[:min(self.cfg.distill_rows, x.shape[0])])
+
     # --- critic -------------------------------------------------------------------------
-    def critic_steps(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    def critic_steps(self, x: torch.Tensor, y: torch.Tensor,
+                     img_real: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         """``critic_iter`` WGAN-GP steps of D on the real batch (x, y); returns the last
-        step's [loss_d, wasserstein, gp, distill_d] (detached scalars)."""
+        step's [loss_d, wasserstein, gp, distill_d] (detached scalars). ``img_real``:
+        :meth:`encode_real` of x (computed here when None)."""
         cfg, B = self.cfg, x.shape[0]
         steps = cfg.critic_iter
         a = self.E.index_select(0, y)
@@ -190,35 +202,39 @@ class GANTrainer:
             same_att = torch.arange(B, device=self.device).repeat(steps)
             fakes = self.g_weights(z, a, same_att).float().view(steps, B, -1)
         alphas = torch.rand(steps, B, 1, device=self.device, generator=self.noise)
+        if self.distill_active and img_real is None:
+            img_real = self.encode_real(x)
         for step in range(steps):
             fwd = self.critic_update.forward(x, fakes[step], a, alphas[step])
             distill, feat_grad = torch.zeros((), device=self.device), None
             if self.distill_active:
-                distill, feat_grad = self._distill_feature_grad(x, fakes[step], fwd.feat)
+                distill, feat_grad = self._distill_feature_grad(x, fakes[step], fwd.feat, img_real)
             loss = self.critic_update.backward(fwd, feat_grad)
             self.opt_d.step()
             self.critic_update.refresh()
         loss_d = loss.gp - loss.wasserstein + distill
         return [loss_d, loss.wasserstein, loss.gp, distill.detach()]
 
-    def _distill_feature_grad(self, x: torch.Tensor, fake: torch.Tensor,
-                              feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _distill_feature_grad(self, x: torch.Tensor, fake: torch.Tensor, feat: torch.Tensor,
+                              img_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distillation total on the first ``distill_rows`` real and fake rows, and its
         gradient w.r.t. the critic's features (2B, F) (fakes are data for the critic)."""
         B, r = x.shape[0], min(self.cfg.distill_rows, x.shape[0])
         feat_real = feat[:r].float().requires_grad_(True)
         feat_fake = feat[B:B + r].float().requires_grad_(True)
         with torch.enable_grad():
-            total = self.distiller(x[:r], fake[:r], feat_real, feat_fake)["total"]
+            total = self.distiller(x[:r], fake[:r], feat_real, feat_fake, img_real)["total"]
             g_real, g_fake = torch.autograd.grad(total, [feat_real, feat_fake])
         feat_grad = torch.zeros(feat.shape, device=self.device)
         feat_grad[:r], feat_grad[B:B + r] = g_real, g_fake
         return total.detach(), feat_grad
 
     # --- generator ----------------------------------------------------------------------
-    def generator_step(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    def generator_step(self, x: torch.Tensor, y: torch.Tensor,
+                       img_real: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         """One G step; returns [loss_g, adversarial, cls_seen, mode_seeking, cls_unseen,
-        distill_g, l_fa, l_ra_dis, l_ra_div] (detached scalars)."""
+        distill_g, l_fa, l_ra_dis, l_ra_div] (detached scalars). ``img_real``: as in
+        :meth:`critic_steps`."""
         cfg, B = self.cfg, x.shape[0]
         a = self.E.index_select(0, y)
         legacy = cfg.legacy_unseen_loss
@@ -251,7 +267,9 @@ class GANTrainer:
             r = min(cfg.distill_rows, B)
             with torch.no_grad():
                 feat_real = self.d_weights(x[:r], a[:r])[0].float()
-            parts = self.distiller(x[:r], fake1[:r], feat_real, feat_fake[:r])
+            if img_real is None:
+                img_real = self.encode_real(x)
+            parts = self.distiller(x[:r], fake1[:r], feat_real, feat_fake[:r], img_real)
             if self.distill_active:
                 loss_g = loss_g + parts["total"]
         loss_g.backward()
