@@ -54,14 +54,14 @@ def calibrate_batchnorm(model, records) -> None:
     """Set BatchNorm running statistics of the random backbone from a few images."""
     import torch
 
-    from vldus.detection.extract import read_image
+    from vldus.data.images import read_rgb
 
     bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
     device = next(model.parameters()).device
-    images, _ = model.transform([read_image(r.path).to(device).float() / 255 for r in records])
+    images, _ = model.transform([read_rgb(r.path).to(device).float() / 255 for r in records])
     model.backbone.train()
     with torch.no_grad():
         model.backbone(images.tensors)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from vldus.bundle import CACHE_DIR, DETECTOR_FILE, GENERATOR_FILE, BACKGROUND_FILE, Bundle, load_bundle
+from vldus.data.images import check_readable, read_rgb, to_float
 from vldus.errors import InputError
-from vldus.detection.extract import read_image as read_image_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ImageLike = Union[str, os.PathLike, "PIL.Image.Image", torch.Tensor]  # noqa: F821
@@ -106,10 +106,10 @@ def read_image(image: ImageLike, where: str = "image") -> torch.Tensor:
     if isinstance(image, Image.Image):
         array = np.asarray(image.convert("RGB"))
     elif isinstance(image, (str, os.PathLike)):
-        return read_image_file(str(image)).float().div_(255.0)
+        return to_float(read_rgb(str(image)))
     else:
         raise InputError(where, f"expected a path, a PIL image or a tensor, got {type(image).__name__}")
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return to_float(torch.from_numpy(array.copy()).permute(2, 0, 1))
 
 
 class ZeroShotDetector:
@@ -278,16 +278,8 @@ def _extend_predictor(predictor, extra: int):
 
 def check_image_files(paths: Sequence[str]) -> None:
     """InputError for the first file that is not an image PIL can open (header only: cheap)."""
-    from PIL import Image
-
     for path in paths:
-        try:
-            with Image.open(path):
-                pass
-        except FileNotFoundError:
-            raise InputError(path, "image file not found") from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise InputError(path, f"cannot read image ({type(e).__name__})") from None
+        check_readable(path)
 
 
 def image_paths(inputs: Sequence[str]) -> list[str]:

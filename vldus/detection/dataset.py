@@ -23,9 +23,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from vldus.data.images import read_rgb, to_float
 from vldus.data.records import ImageRecord
 from vldus.errors import InputError
 
@@ -52,17 +52,13 @@ def read_image(path: str, width: int, height: int) -> torch.Tensor:
     """Decode ``path`` to float32 (3, H, W) RGB in 0..1; BadImageError when it cannot be read or
     its size differs from the annotation's ``width`` x ``height`` (boxes would be wrong)."""
     try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise BadImageError(path, "image file not found") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BadImageError(path, f"cannot decode image ({reason})") from None
-    if rgb.shape[:2] != (height, width):
-        raise BadImageError(path, f"image is {rgb.shape[1]}x{rgb.shape[0]} px but the annotation says "
+        image = read_rgb(path)
+    except InputError as e:
+        raise BadImageError(path, e.message) from None
+    if image.shape[1:] != (height, width):
+        raise BadImageError(path, f"image is {image.shape[2]}x{image.shape[1]} px but the annotation says "
                                   f"{width}x{height}")
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
+    return to_float(image)
 
 
 def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:

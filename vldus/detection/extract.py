@@ -44,6 +44,7 @@ from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from vldus.config import Config, FeatureConfig, load_config
+from vldus.data.images import read_rgb
 from vldus.data.records import ImageRecord
 from vldus.data.splits import Split
 from vldus.detection.shards import ShardStore, atomic_write_json, merge_shards, read_json, shard_ranges
@@ -101,20 +102,6 @@ def pass_generator(seed: int, item: int) -> torch.Generator:
     """The random generator of work item ``item`` (one image pass): independent of sharding."""
     state = np.random.SeedSequence([seed, item]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
-
-
-def read_image(path: str) -> Tensor:
-    """An image file as uint8 (3, H, W) RGB; InputError naming the file if it cannot be read."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise InputError(path, "image file not found") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise InputError(path, f"cannot read image ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def hflip(image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -317,7 +304,7 @@ def run_extraction(extractor, records: Sequence[ImageRecord], paths: OutputPaths
         counts = np.zeros(0, np.int64)
         skipped: list[str] = []
         with store.writer(shard) as writer:
-            loaded = _prefetch(lambda item: read_image(records[item % n].path), items[shard], workers)
+            loaded = _prefetch(lambda item: read_rgb(records[item % n].path), items[shard], workers)
             for item, image_of in zip(items[shard], loaded):
                 record = records[item % n]
                 try:

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vldus.config import Config, load_config
+from vldus.data.images import read_rgb, to_float
 from vldus.data.records import ImageRecord
 from vldus.data.splits import Split
 from vldus.errors import InputError, require_file
@@ -55,17 +56,10 @@ class TestImages(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
-        path = self.records[i].path
         try:
-            with Image.open(path) as im:
-                array = np.asarray(im.convert("RGB"))
-        except FileNotFoundError:
-            return i, None, "image file not found"
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            return i, None, f"cannot read image ({type(e).__name__}: {e})"
-        return i, torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0), None
+            return i, to_float(read_rgb(self.records[i].path)), None
+        except InputError as e:
+            return i, None, e.message
 
 
 # --------------------------------------------------------------------------------------------
