@@ -7,7 +7,7 @@
 #       --syn-weights work_dirs/coco_65_15/synth/classifier_best.pth --zsd --out dets.json
 #
 # NPROC processes per node (GPUs: one per process, LOCAL_RANK picks the device; CPU: gloo).
-# Several nodes: set NNODES, NODE_RANK, MASTER_ADDR (and PORT) on each node.
+# Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT (or PORT) on each node.
 # PYTHON selects the interpreter (default: python).
 set -euo pipefail
 if [ "$#" -lt 3 ]; then
@@ -18,8 +18,4 @@ CFG=$1
 CKPT=$2
 NPROC=$3
 shift 3
-exec "${PYTHON:-python}" -m torch.distributed.run \
-    --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
-    --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${PORT:-29500}" \
-    --nproc_per_node="$NPROC" \
-    -m vldus.cli test --config "$CFG" --checkpoint "$CKPT" "$@"
+exec "$(dirname "$0")/torchrun.sh" "$NPROC" test --config "$CFG" --checkpoint "$CKPT" "$@"

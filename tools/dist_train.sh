@@ -17,8 +17,4 @@ fi
 CFG=$1
 NPROC=$2
 shift 2
-exec "${PYTHON:-python}" -m torch.distributed.run \
-    --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
-    --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-${PORT:-29500}}" \
-    --nproc_per_node="$NPROC" \
-    -m vldus.cli train-detector --config "$CFG" "$@"
+exec "$(dirname "$0")/torchrun.sh" "$NPROC" train-detector --config "$CFG" "$@"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The torchrun launch shared by dist_train.sh and dist_test.sh: NPROC processes of
+# `vldus ARGS...` per node.
+#
+#   tools/torchrun.sh NPROC VLDUS_COMMAND [options]
+#
+# Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT (or PORT) on each node.
+# PYTHON selects the interpreter (default: python).
+set -euo pipefail
+NPROC=$1
+shift
+exec "${PYTHON:-python}" -m torch.distributed.run \
+    --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
+    --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-${PORT:-29500}}" \
+    --nproc_per_node="$NPROC" \
+    -m vldus.cli "$@"
