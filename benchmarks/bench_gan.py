@@ -55,6 +55,18 @@ from vldus.synthesis.trainer import GANTrainer, resolve_precision  # noqa: E402
 CONFIG = os.path.join(ROOT, "configs", "coco_65_15.yaml")
 
 
+def cpu_description() -> str:
+    """CPU model and its bf16 matrix support (AMX changes the bf16 numbers several-fold)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "cpu: unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in info]
+    return f"cpu: {model} ({os.cpu_count()} logical), {' '.join(flags) or 'no AVX2'}{'' if 'amx_bf16' in flags else ', no AMX'}"
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -404,6 +416,8 @@ def main() -> None:
           f"ngh/ndh {cfg.gan.ngh}/{cfg.gan.ndh}, nz {cfg.gan.nz}, att {emb.shape[1]}, "
           f"unseen {len(split.unseen_ids)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(cpu_description())
+    results["cpu"] = cpu_description()
     for device in devices:
         print(f"device {device}:")
         if args.precision == "both":
