@@ -35,6 +35,7 @@ import torch
 from vldus.bundle import CACHE_DIR, DETECTOR_FILE, GENERATOR_FILE, BACKGROUND_FILE, Bundle, load_bundle
 from vldus.data.images import check_readable, read_rgb, to_float
 from vldus.errors import InputError
+from vldus.files import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ImageLike = Union[str, os.PathLike, "PIL.Image.Image", torch.Tensor]  # noqa: F821
@@ -72,12 +73,12 @@ def embed_names(encoder: dict, names: Sequence[str]) -> np.ndarray:
             raise InputError("encoder.json", "attribute vocabulary differs from this vldus version's")
         matrix, _ = build_embeddings(names, "attributes")
     elif kind == "clip":
-        from vldus.clip import file_sha256
+        from vldus.files import sha256_file
 
         weights = encoder["weights"]
         if not os.path.isfile(weights):
             raise InputError(weights, "CLIP weights of the bundle's encoder not found")
-        if encoder.get("weights_sha256") and file_sha256(weights) != encoder["weights_sha256"]:
+        if encoder.get("weights_sha256") and sha256_file(weights) != encoder["weights_sha256"]:
             raise InputError(weights, "CLIP weights differ from the ones the bundle was trained with (sha256)")
         matrix, _ = build_embeddings(names, "clip", weights=weights, arch=encoder.get("arch"),
                                      prompts=encoder.get("prompts"))
@@ -193,9 +194,8 @@ class ZeroShotDetector:
         else:
             state = self._train_classifier(order)
             os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}"
-            save_file(state, tmp, metadata={"names": json.dumps(order), "bundle": self.bundle.digest})
-            os.replace(tmp, path)
+            metadata = {"names": json.dumps(order), "bundle": self.bundle.digest}
+            atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
             self.classifier_source = "trained"
         self.classifier_path = path
         rows = torch.tensor([0] + [1 + order.index(n) for n in names])

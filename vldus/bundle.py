@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from vldus.errors import InputError
+from vldus.files import sha256_file, write_json
 
 FORMAT = "vldus-bundle"
 FORMAT_VERSION = 1
@@ -50,14 +51,6 @@ SPLIT_FILE = "split.json"
 CONFIG_FILE = "config.yaml"
 BUNDLE_FILES = (DETECTOR_FILE, GENERATOR_FILE, BACKGROUND_FILE, ENCODER_FILE, SPLIT_FILE, CONFIG_FILE)
 CACHE_DIR = "cache"
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,8 +170,8 @@ def export_bundle(cfg, out: str, checkpoint: Optional[str] = None, synth_dir: Op
     save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, os.path.join(out, GENERATOR_FILE))
     save_file({"features": torch.from_numpy(background), "detector_bg_weight": cls[0][0].clone(),
                "detector_bg_bias": cls[1][:1].clone()}, os.path.join(out, BACKGROUND_FILE))
-    _write_json(os.path.join(out, ENCODER_FILE), enc)
-    _write_json(os.path.join(out, SPLIT_FILE), {"name": split.name, "classes": list(split.classes),
+    write_json(os.path.join(out, ENCODER_FILE), enc)
+    write_json(os.path.join(out, SPLIT_FILE), {"name": split.name, "classes": list(split.classes),
                                                 "seen": list(split.seen), "unseen": list(split.unseen),
                                                 "excluded": list(split.excluded)})
     bundle_cfg = copy.deepcopy(cfg)
@@ -193,15 +186,9 @@ def export_bundle(cfg, out: str, checkpoint: Optional[str] = None, synth_dir: Op
                 "source": {"config": cfg.source_file, "checkpoint": os.path.abspath(checkpoint),
                            "generator": os.path.abspath(gen_path)},
                 "files": files}
-    _write_json(os.path.join(out, MANIFEST), manifest)
+    write_json(os.path.join(out, MANIFEST), manifest)
     return manifest
 
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------

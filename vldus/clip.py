@@ -233,11 +233,3 @@ def clip_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...
     mean = cfg.get("mean", getattr(visual, "image_mean", None)) or OPENAI_MEAN
     std = cfg.get("std", getattr(visual, "image_std", None)) or OPENAI_STD
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()

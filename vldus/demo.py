@@ -29,11 +29,11 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 from vldus.config import Config, load_config, save_config
 from vldus.errors import InputError
+from vldus.files import write_json
 
 VARIANTS = ("no_synthesis", "synthesis_su", "synthesis_vldus")
 SETTINGS = ("zsd", "gzsd")
@@ -263,7 +263,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             shutil.copyfile(src, os.path.join(out, name))
     result = {"zsd": results[method]["zsd"], "gzsd": results[method]["gzsd"], "method": method,
               "unseen": list(split.unseen), "ablation": ablation, "timings_s": stages.timings}
-    _atomic_json(result, os.path.join(out, "metrics.json"))
+    write_json(os.path.join(out, "metrics.json"), result)
     report = write_report(out, result, pictures, size, args)
     _print_summary(result, report)
     return result
@@ -278,13 +278,6 @@ def _pictures(stages: Stages, cfg: Config, base: list[str], ckpt: str, method: s
                                               "--gzsd", "--out", cfg.path("results", "pictures.json"),
                                               "--show-dir", show, "--max-images", str(count)])
     return sorted(os.path.join("pictures", p) for p in os.listdir(show) if p.endswith(".png"))
-
-
-def _atomic_json(obj: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _print_summary(result: dict, report: str) -> None:

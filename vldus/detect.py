@@ -11,13 +11,13 @@ gives the same boxes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 from tqdm import tqdm
 
 from vldus.errors import InputError
+from vldus.files import write_json
 
 
 def add_parser(sub, common) -> None:
@@ -73,10 +73,7 @@ def run(args: argparse.Namespace) -> int:
                   "classes": det.classes, "setting": "gzsd" if args.gzsd else "zsd",
                   "boxes": result["boxes"].tolist(), "labels": result["labels"],
                   "scores": result["scores"].tolist()}
-        tmp = os.path.join(args.out, f"{stem}.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, os.path.join(args.out, f"{stem}.json"))
+        write_json(os.path.join(args.out, f"{stem}.json"), record)
         count += len(result["labels"])
     print(f"detect: {len(paths)} images, {count} detections, {time.time() - start:.1f} s -> {args.out}")
     return 0

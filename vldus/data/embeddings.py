@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from vldus.data.splits import Split, normalize_name
 from vldus.errors import InputError
+from vldus.files import save_npy, write_json
 
 BACKGROUND_RULES = ("mean", "zero")
 
@@ -324,7 +325,8 @@ def build_embeddings(classes: Sequence[str], encoder: str, weights: Optional[str
         prompts = check_prompts(prompts or DEFAULT_PROMPTS[encoder])
         words = [BACKGROUND_WORD] + [readable_name(c, literal_names) for c in classes]
         if encoder == "clip":
-            from vldus.clip import DEFAULT_ARCH, file_sha256, get_clip_tokenizer, load_open_clip
+            from vldus.clip import DEFAULT_ARCH, get_clip_tokenizer, load_open_clip
+            from vldus.files import sha256_file
 
             if not weights:
                 raise InputError("--weights", "--encoder clip needs a local CLIP weights file "
@@ -332,7 +334,7 @@ def build_embeddings(classes: Sequence[str], encoder: str, weights: Optional[str
             arch = arch or DEFAULT_ARCH
             model = load_open_clip(arch, weights, device)
             matrix = encode_texts_clip(words, model, get_clip_tokenizer(arch), prompts, device, quiet)
-            meta.update(arch=arch, weights=os.path.abspath(weights), weights_sha256=file_sha256(weights))
+            meta.update(arch=arch, weights=os.path.abspath(weights), weights_sha256=sha256_file(weights))
         else:
             if arch:
                 raise InputError("--arch", "only --encoder clip takes --arch")
@@ -355,12 +357,8 @@ def save_embeddings(out: str, matrix: np.ndarray, meta: dict) -> None:
     if not out.endswith(".npy"):
         raise InputError(out, "--out must end with .npy")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp.npy"
-    np.save(tmp, matrix)
-    with open(f"{sidecar_path(out)}.tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, out)
-    os.replace(f"{sidecar_path(out)}.tmp", sidecar_path(out))
+    save_npy(out, matrix)
+    write_json(sidecar_path(out), meta)
 
 
 def add_parser(sub, common) -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from vldus.errors import InputError
+from vldus.files import save_npy, write_json
 
 # --- class vocabulary ---------------------------------------------------------------------
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
@@ -460,14 +460,6 @@ def plan_split(rng: np.random.Generator, n_images: int, mix: dict[str, float],
 
 
 # --- writing -----------------------------------------------------------------------------
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _coco_box(xyxy: np.ndarray) -> list[float]:
     x0, y0, x1, y1 = (float(v) for v in xyxy)
     return [x0, y0, x1 - x0, y1 - y0]
@@ -535,7 +527,7 @@ def make_shapes(out_dir: str | os.PathLike, seed: int = 0, train_images: int = D
             with_unseen += bool(is_unseen.any())
             unseen_only += bool(is_unseen.all())
             next_image_id += 1
-        _write_json(os.path.join(ann_dir, f"instances_{split_name}.json"),
+        write_json(os.path.join(ann_dir, f"instances_{split_name}.json"),
                     {"info": {"description": "vldus shapes benchmark", "seed": seed,
                               "image_size": image_size},
                      "images": images, "annotations": annotations, "categories": categories})
@@ -546,13 +538,10 @@ def make_shapes(out_dir: str | os.PathLike, seed: int = 0, train_images: int = D
     for f in os.listdir(img_dir):
         if re.fullmatch(r"(train|test)_\d{6}\.png", f) and f not in written:
             os.remove(os.path.join(img_dir, f))
-    _write_json(os.path.join(out_dir, "split.json"), {"name": "shapes", "classes": list(CLASSES),
+    write_json(os.path.join(out_dir, "split.json"), {"name": "shapes", "classes": list(CLASSES),
                                                       "seen": list(seen_names),
                                                       "unseen": list(unseen_names)})
-    tmp = os.path.join(out_dir, "attributes.npy.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, attribute_matrix(CLASSES))
-    os.replace(tmp, os.path.join(out_dir, "attributes.npy"))
+    save_npy(os.path.join(out_dir, "attributes.npy"), attribute_matrix(CLASSES))
     return summary
 
 

@@ -38,6 +38,7 @@ from torch import Tensor
 from vldus.config import load_config
 from vldus.detection.model import RESNETS, build_detector
 from vldus.errors import InputError
+from vldus.files import save_torch
 
 FORMATS = ("mmdet-v1",)
 
@@ -174,9 +175,7 @@ def run(args: argparse.Namespace) -> int:
     epoch = meta.get("epoch", 0) if isinstance(meta.get("epoch", 0), int) else 0
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
-    tmp = args.out + ".tmp"
-    torch.save({"model": converted, "epoch": epoch, "classes": list(split.classes)}, tmp)
-    os.replace(tmp, args.out)
+    save_torch({"model": converted, "epoch": epoch, "classes": list(split.classes)}, args.out)
     print(f"converted {len(converted) - len(missing)} tensors ({len(unmapped)} unmapped, "
           f"{len(missing)} missing) -> {args.out}")
     if not cfg.detector.legacy_mmdet:

@@ -47,8 +47,9 @@ from vldus.config import Config, FeatureConfig, load_config
 from vldus.data.images import read_rgb
 from vldus.data.records import ImageRecord
 from vldus.data.splits import Split
-from vldus.detection.shards import ShardStore, atomic_write_json, merge_shards, read_json, shard_ranges
+from vldus.detection.shards import ShardStore, merge_shards, read_json, shard_ranges
 from vldus.errors import InputError, require_file
+from vldus.files import write_json
 
 
 BARRIER_TIMEOUT = datetime.timedelta(hours=12)
@@ -385,7 +386,7 @@ def _finish(store: ShardStore, paths: OutputPaths, num_shards: int, run_info: di
         "seconds": round(seconds, 1),
         "run": run_info,
     }
-    atomic_write_json(paths.manifest, manifest)
+    write_json(paths.manifest, manifest)
     store.remove()
     return manifest
 

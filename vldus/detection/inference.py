@@ -19,7 +19,6 @@ result is the same as one process.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ from vldus.data.images import read_rgb, to_float
 from vldus.data.records import ImageRecord
 from vldus.data.splits import Split
 from vldus.errors import InputError, require_file
+from vldus.files import write_json
 
 SETTINGS = ("zsd", "gzsd", "seen")
 
@@ -123,15 +123,6 @@ def gt_path(out: str) -> str:
     """``dets.json`` -> ``dets.gt.json`` (the ground truth written next to the detections)."""
     stem = out[:-5] if out.endswith(".json") else out
     return f"{stem}.gt.json"
-
-
-def write_json(path: str, obj) -> None:
-    """Write atomically (temporary file + os.replace); parent folders are created."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def evaluate(cfg: Config, split: Split, setting: str, records: Sequence[ImageRecord],
@@ -321,11 +312,11 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         for i, det in part:
             detections[i] = det
     results = coco_results(records, detections, category_ids, cfg.detector.detections_per_img)
-    write_json(out, results)
-    write_json(gt_path(out), records_to_coco(records, split, category_ids))
+    write_json(out, results, indent=None)
+    write_json(gt_path(out), records_to_coco(records, split, category_ids), indent=None)
     metrics = evaluate(cfg, split, setting, records, detections)
     if metrics_path:
-        write_json(metrics_path, metrics)
+        write_json(metrics_path, metrics, indent=None)
     print(format_metrics(metrics))
     print(f"test: {setting}: {len(records)} images, {len(results)} detections, "
           f"{time.time() - start:.1f} s -> {out}", file=sys.stdout)

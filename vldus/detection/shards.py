@@ -17,22 +17,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
+from vldus.files import write_json
+
 FEATS_DTYPE = np.float32
 LABELS_DTYPE = np.int64
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: str) -> dict | None:
@@ -70,7 +62,7 @@ class ShardWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        atomic_write_json(self.store.marker_file(self.index), {**info, "rows": self.rows})
+        write_json(self.store.marker_file(self.index), {**info, "rows": self.rows})
 
     def close(self) -> None:
         self._feats.close()
@@ -115,7 +107,7 @@ class ShardStore:
         """Start an empty parts folder owned by a run with settings ``run_info``."""
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
-        atomic_write_json(self.run_file, run_info)
+        write_json(self.run_file, run_info)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

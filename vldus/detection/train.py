@@ -54,6 +54,7 @@ from vldus.data.splits import Split
 from vldus.detection.dataset import DetectionDataset, collate_fn, training_dataset
 from vldus.detection.model import build_detector, checkpoint_state, resolve_norm
 from vldus.errors import InputError
+from vldus.files import save_torch
 
 LOG_FILE = "log.jsonl"
 CHECKPOINT_RE = re.compile(r"epoch_(\d+)\.pth")
@@ -160,13 +161,6 @@ def latest_checkpoint(directory: str) -> Optional[str]:
         return None
     found = [(int(m.group(1)), f) for f in os.listdir(directory) if (m := CHECKPOINT_RE.fullmatch(f))]
     return os.path.join(directory, max(found)[1]) if found else None
-
-
-def save_checkpoint(obj: dict, path: str) -> None:
-    """Write to ``path.tmp`` then rename: the file at ``path`` is always complete."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_training_checkpoint(path: str, split: Split) -> dict:
@@ -400,7 +394,7 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
             path = checkpoint_path(cfg, epoch + 1)
             rngs = _gather(rng_state(), info)
             if info.is_main:
-                save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                  "rng": rngs, "epoch": epoch + 1, "classes": list(split.classes),
                                  "world_size": info.world_size, "iters_per_epoch": iters_per_epoch}, path)

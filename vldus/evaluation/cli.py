@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from typing import Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ from vldus.data.splits import normalize_name
 from vldus.errors import InputError, require_file
 from vldus.evaluation.common import check_thresholds
 from vldus.evaluation.evaluator import MAX_DETS_PER_IMAGE, PROTOCOLS, ZSDEvaluator, format_table
+from vldus.files import write_json
 
 log = logging.getLogger(__name__)
 MIN_BOX_SIZE = 1.0  # px; mmdet 1.x's COCO loader skipped narrower or lower ground truth
@@ -84,13 +84,8 @@ def run(args) -> int:
 
 def write_metrics(metrics: dict, path: str) -> None:
     """Write the metrics JSON atomically (tmp file, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
-        os.replace(tmp, path)
+        write_json(path, metrics, indent=2)
     except OSError as e:
         raise InputError(path, f"cannot write metrics ({e})") from None
 

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from vldus.errors import InputError
 from vldus.synthesis.data import CHUNK_ROWS, FeatureFile, check_training_labels, feature_file_paths
 from vldus.synthesis.models import CompatClassifier
-from vldus.synthesis.trainer import atomic_save, resolve_precision
+from vldus.files import save_torch
+from vldus.synthesis.trainer import resolve_precision
 
 COMPAT_FILE = "compat_classifier.pth"
 
@@ -142,7 +143,7 @@ def train_compat_classifier(features: FeatureFile, embeddings: np.ndarray, seen_
             best_loss = record["val_loss"]
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if checkpoint_path:
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "rng": gen.get_state(),
                          "epoch": epoch + 1, "history": history, "best_state": best_state,
                          "best_loss": best_loss}, checkpoint_path)
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     state, history = train_compat_classifier(features, embeddings, split.seen_ids, cfg.compat, device,
                                              precision, args.quiet, checkpoint, args.resume)
-    atomic_save(state, out)
+    save_torch(state, out)
     best = min(history, key=lambda r: r["val_loss"]) if history else {}
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump({"classes": ["background"] + list(split.seen), "features": feats_path,

@@ -18,7 +18,6 @@ losses.png, features_2d.png, and checkpoint_latest.pth (written atomically after
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -30,11 +29,12 @@ import torch
 from tqdm import tqdm
 
 from vldus.errors import InputError
+from vldus.files import save_torch, sha256_file, write_json
 from vldus.synthesis.compat import compat_classifier_path, load_compat_classifier
 from vldus.synthesis.data import (FeatureFile, check_training_labels, feature_file_paths,
                                   require_unseen, sample_batches, sample_epoch_pool)
 from vldus.synthesis.models import Critic, Generator, init_weights, seen_classifier_from_detector
-from vldus.synthesis.trainer import LOSS_NAMES, GANTrainer, atomic_save, resolve_precision
+from vldus.synthesis.trainer import LOSS_NAMES, GANTrainer, resolve_precision
 from vldus.synthesis.unseen_classifier import LabelledFeatures, train_unseen_classifier
 
 CHECKPOINT = "checkpoint_latest.pth"
@@ -62,14 +62,6 @@ class SynthesisOptions:
     check_features: bool = True  # scan the feature files for NaN/inf
     plots: bool = True
     on_epoch_end: Optional[Callable[[int], None]] = None  # called with the finished epoch (1-based)
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -258,7 +250,7 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
         history.append(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        atomic_save({"epoch": epoch, "trainer": trainer.state_dict(), "sampler_rng": sampler.get_state(),
+        save_torch({"epoch": epoch, "trainer": trainer.state_dict(), "sampler_rng": sampler.get_state(),
                      "history": history, "best": best, "settings": _settings_key(cfg)}, ckpt_path)
         bar.set_postfix(loss_d=f"{record['loss_d']:.3f}", loss_g=f"{record['loss_g']:.3f}",
                         samples_s=record["samples_per_s"])
@@ -282,9 +274,9 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
                     "test_accuracy": best["accuracy"]}
         trainer.G.load_state_dict(gen_state)  # the plots show the selected generator
         x, y, g = classifier_data(best["epoch"])
-    atomic_save({k: v.cpu() for k, v in cls_state.items()}, os.path.join(out_dir, "classifier_best.pth"))
-    atomic_save({k: v.cpu() for k, v in gen_state.items()}, os.path.join(out_dir, "generator.pth"))
-    atomic_save({k: v.cpu() for k, v in critic_state.items()}, os.path.join(out_dir, "critic.pth"))
+    save_torch({k: v.cpu() for k, v in cls_state.items()}, os.path.join(out_dir, "classifier_best.pth"))
+    save_torch({k: v.cpu() for k, v in gen_state.items()}, os.path.join(out_dir, "generator.pth"))
+    save_torch({k: v.cpu() for k, v in critic_state.items()}, os.path.join(out_dir, "critic.pth"))
     from vldus.synthesis.models import UnseenClassifier
 
     final = UnseenClassifier(dim, num_unseen)
@@ -335,8 +327,5 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
         if epochs_run else None,
         "config": cfg.to_dict(),
     }
-    tmp = os.path.join(out_dir, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "meta.json"))
+    write_json(os.path.join(out_dir, "meta.json"), meta)
     return meta

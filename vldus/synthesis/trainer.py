@@ -29,7 +29,6 @@ Speed (the same arithmetic as the published trainer, less of it):
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable, Optional
 
 import torch
@@ -319,9 +318,3 @@ def _frozen(module: nn.Module) -> nn.Module:
         p.requires_grad_(False)
     return module
 
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file, then rename: a kill never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
