@@ -55,3 +55,29 @@ def tiny_clip(_tiny_clip_files) -> TinyClip:
     weights = _tiny_clip_files
     return TinyClip(load_open_clip(os.path.join(os.path.dirname(weights), "tiny_clip_config.json"),
                                    weights), weights)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny tensors run fastest on one, and on 2 shared cores two OpenMP threads spinning against
+    other jobs run ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """``cli_error(argv)`` runs ``vldus ARGV``, asserts exit code 2 with one ``error:`` line on
+    stderr, and returns that line."""
+    from vldus import cli
+
+    def run(argv: list[str]) -> str:
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "error:" in err, err
+        return err
+    return run

@@ -32,14 +32,6 @@ def test_records():
     return split, select_test(load_records(cfg.data.test, split), split, "zsd", cfg.data.test_rule)
 
 
-def _one_line_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error:" in err, err
-    return err
-
-
 def test_held_out_classes_are_found(bundle, test_records, tmp_path):
     from vldus.evaluation import ZSDEvaluator
 
@@ -130,18 +122,18 @@ def test_api_accepts_pil_and_tensors(bundle, test_records):
     ("purple circle", "purple circle"),
     ("blue circle, Blue_Circle", "duplicate"),
 ])
-def test_bad_class_names(bundle, tmp_path, capsys, classes, expected):
+def test_bad_class_names(bundle, tmp_path, cli_error, classes, expected):
     image = tiny_run().shapes + "/images/" + sorted(os.listdir(tiny_run().shapes + "/images"))[0]
-    err = _one_line_error(capsys, ["detect", image, "--model", bundle, "--classes", classes,
-                                   "--out", str(tmp_path / "out")])
+    err = cli_error(["detect", image, "--model", bundle, "--classes", classes,
+                     "--out", str(tmp_path / "out")])
     assert expected in err
 
 
-def test_unreadable_image(bundle, tmp_path, capsys):
+def test_unreadable_image(bundle, tmp_path, cli_error):
     bad = tmp_path / "broken.png"
     bad.write_text("not an image")
-    err = _one_line_error(capsys, ["detect", str(bad), "--model", bundle, "--classes", "blue circle",
-                                   "--out", str(tmp_path / "out")])
+    err = cli_error(["detect", str(bad), "--model", bundle, "--classes", "blue circle",
+                     "--out", str(tmp_path / "out")])
     assert "broken.png" in err and "cannot read image" in err
 
 

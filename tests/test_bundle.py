@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from tiny_zsd_pipeline import HELD_OUT, tiny_bundle, tiny_run
-from vldus import cli
 from vldus.bundle import BUNDLE_FILES, FORMAT_VERSION, MANIFEST, load_bundle, sha256_file
 from vldus.errors import InputError
 
@@ -23,14 +22,6 @@ def _copy(bundle: str, tmp_path) -> str:
     dst = str(tmp_path / "bundle")
     shutil.copytree(bundle, dst, ignore=shutil.ignore_patterns("cache"))
     return dst
-
-
-def _one_line_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error:" in err, err
-    return err
 
 
 def test_bundle_files_and_manifest(bundle):
@@ -62,7 +53,7 @@ def test_encoder_scale_reproduces_training_embeddings(bundle):
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing", "version"])
-def test_bad_bundle_is_one_line_exit_2(bundle, tmp_path, capsys, damage):
+def test_bad_bundle_is_one_line_exit_2(bundle, tmp_path, cli_error, damage):
     bad = _copy(bundle, tmp_path)
     if damage == "corrupt":
         with open(os.path.join(bad, "generator.safetensors"), "r+b") as f:
@@ -83,17 +74,17 @@ def test_bad_bundle_is_one_line_exit_2(bundle, tmp_path, capsys, damage):
     with pytest.raises(InputError, match=expected):
         load_bundle(bad)
     image = os.path.join(tiny_run().shapes, "images", sorted(os.listdir(os.path.join(tiny_run().shapes, "images")))[0])
-    err = _one_line_error(capsys, ["detect", image, "--model", bad, "--classes", "blue circle",
-                                   "--out", str(tmp_path / "out")])
+    err = cli_error(["detect", image, "--model", bad, "--classes", "blue circle",
+                     "--out", str(tmp_path / "out")])
     assert expected in err
 
 
-def test_export_without_generator_is_input_error(tmp_path, capsys):
+def test_export_without_generator_is_input_error(tmp_path, cli_error):
     run = tiny_run()
     empty = tmp_path / "synth"
     empty.mkdir()
-    err = _one_line_error(capsys, ["export", "--config", run.config, "--out", str(tmp_path / "b"),
-                                   "--checkpoint", run.checkpoint, "--synth-dir", str(empty)])
+    err = cli_error(["export", "--config", run.config, "--out", str(tmp_path / "b"),
+                     "--checkpoint", run.checkpoint, "--synth-dir", str(empty)])
     assert "generator.pth" in err
 
 

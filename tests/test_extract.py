@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import MultiScaleRoIAlign, box_iou
+from torchvision.ops import MultiScaleRoIAlign
 
 from vldus.config import FeatureConfig
 from vldus.data.records import ImageRecord

@@ -14,13 +14,7 @@ from vldus.synthesis.trainer import GANTrainer, NonFiniteLoss, mode_seeking_loss
 DIM, ATT, CLASSES, UNSEEN = 16, 6, 7, [2, 5]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_critic(seed=0, x_dim=12, att=5, hidden=24, feat=8):

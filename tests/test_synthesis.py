@@ -13,18 +13,12 @@ from vldus.config import load_config
 from vldus.synthesis.pipeline import SynthesisOptions, run_synthesis
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     """The synthetic task with its compatibility classifier (stage 3a) trained."""
-    torch.set_num_threads(1)
     t = make_task(tmp_path_factory.mktemp("task"))
     train_compat(t)
     return t

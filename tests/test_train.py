@@ -21,13 +21,7 @@ CLASSES = ["red square", "green square", "blue square"]
 COLOURS = {1: (230, 30, 30), 2: (30, 200, 30), 3: (30, 30, 230)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: two OpenMP threads spin against the other jobs (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tiny_coco(root, n_images=8, size=64, seed=0, unseen_every=0):
