@@ -81,3 +81,28 @@ def cli_error(capsys):
         assert len(err.splitlines()) == 1 and "error:" in err, err
         return err
     return run
+
+
+def kill_when(cmd: list[str], ready, timeout: float = 120.0, env: dict | None = None) -> None:
+    """Start ``cmd``, wait until ``ready()`` is true, then SIGKILL it (``kill -9``).
+
+    Fails when the process ends on its own first: the point is to stop it in the middle."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"{cmd[:4]} ended (exit {proc.returncode}) before it was killed: "
+                                     f"{proc.stderr.read()[-2000:]}")
+            assert time.monotonic() < deadline, f"{cmd[:4]} not ready after {timeout} s"
+            time.sleep(0.02)
+        proc.kill()
+        assert proc.wait(30) == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

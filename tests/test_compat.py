@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import kill_when
 from synthesis_task import make_task
 from vldus.cli import main
 from vldus.config import load_config
@@ -68,6 +69,44 @@ def test_resume_equals_uninterrupted(task, tmp_path):
     for key in full:
         assert torch.equal(full[key], resumed[key])
     assert [r["val_loss"] for r in hist] == [r["val_loss"] for r in hist_full]
+
+
+def test_kill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    """kill -9 while the command runs an epoch, then --resume: the same classifier as a run that
+    was never interrupted."""
+    overrides = {"compat.epochs": 12, "compat.batch_size": 8, "compat.lr": 0.1}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    whole = make_task(tmp_path / "a", overrides=overrides)
+    assert main(["train-unseen-classifier", "--config", whole.config, "--quiet"]) == 0
+
+    parted = make_task(tmp_path / "b", overrides=overrides)
+    ckpt = os.path.join(parted.root, "synth", "compat_checkpoint.pth")
+    kill_when([sys.executable, "-m", "vldus.cli", "train-unseen-classifier", "--config", parted.config, "--quiet"],
+              ready=lambda: os.path.isfile(ckpt) and torch.load(ckpt, weights_only=True)["epoch"] >= 2)
+    out = os.path.join(parted.root, "synth", "compat_classifier.pth")
+    assert not os.path.exists(out) and torch.load(ckpt, weights_only=True)["epoch"] < 12
+    assert main(["train-unseen-classifier", "--config", parted.config, "--quiet", "--resume"]) == 0
+
+    a = torch.load(os.path.join(whole.root, "synth", "compat_classifier.pth"), weights_only=True)
+    b = torch.load(out, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    hist_a = json.load(open(os.path.join(whole.root, "synth", "compat_classifier.json")))["history"]
+    hist_b = json.load(open(os.path.join(parted.root, "synth", "compat_classifier.json")))["history"]
+    assert [r["val_loss"] for r in hist_a] == [r["val_loss"] for r in hist_b]
+
+
+def test_divergence_is_one_line_naming_epoch_and_checkpoint(tmp_path, capsys):
+    """lr x 1e37 from epoch 2 on (a real divergence): exit 1, one line naming epoch 2 and the
+    epoch-1 checkpoint, which --resume can continue from."""
+    task = make_task(tmp_path, overrides={"compat.lr_step": 1, "compat.lr_gamma": 1e37})
+    capsys.readouterr()
+    assert main(["train-unseen-classifier", "--config", task.config, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    ckpt = os.path.join(task.root, "synth", "compat_checkpoint.pth")
+    assert len(err) == 1 and "error: non-finite loss at epoch 2; last good checkpoint: " in err[0], err
+    assert f"{ckpt} (epoch 1)" in err[0]
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    assert not os.path.exists(os.path.join(task.root, "synth", "compat_classifier.pth"))
 
 
 def test_load_rejects_wrong_shapes(tmp_path):

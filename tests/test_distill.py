@@ -149,7 +149,7 @@ def test_build_distiller(tiny_clip):
         with pytest.raises(InputError, match=f"gan.clip_weights: gan.distill='{mode}' needs a local CLIP"):
             build_distiller(dataclasses.replace(GanConfig(), distill=mode), text, "cpu")
     cfg = dataclasses.replace(GanConfig(), distill="active", clip_arch=tiny_clip.arch,
-                              clip_weights=weights, precision="auto")
+                              clip_weights=weights, precision="fp32")
     dist = build_distiller(cfg, text, "cpu")
     assert isinstance(dist, CLIPDistiller) and dist.active and dist.precision == "fp32"
     assert dist.image_size == (32, 32) and (dist.w_fa, dist.w_ra_dis, dist.w_ra_div) == (W_FA, W_DIS, W_DIV)

@@ -174,7 +174,7 @@ class GanConfig:
     w_ra_div: float = 0.001
     distill_rows: int = 8  # rows of each batch seen by CLIP per step (released: 1, so L_ra^div = 0)
     seed: int = 806
-    precision: str = "auto"  # auto | fp32 | bf16 (matmuls under autocast, fp32 weights)
+    precision: str = "fp32"  # fp32 (published) | bf16 (products in bfloat16, fp32 weights) | auto (vldus/precision.py)
     detector_checkpoint: Optional[str] = None  # C_s source; null = latest WORK_DIR/detector/epoch_N.pth
 
 

@@ -11,7 +11,8 @@ clipping at max-norm ``grad_clip``, autocast + GradScaler on CUDA when ``amp``.
 Outputs in ``cfg.path('detector')``:
   ``epoch_N.pth``  {"model", "optimizer", "scheduler", "scaler", "rng" (one entry per rank:
                    torch, cuda, numpy, python), "epoch": N, "classes": [names], "world_size",
-                   "iters_per_epoch"}; written to a temporary file and renamed, so a crash never
+                   "iters_per_epoch", "rank_fingerprints" (sha256 of each rank's parameters:
+                   equal under DDP, checked every epoch)}; written to a temporary file and renamed, so a crash never
                    leaves a half-written checkpoint. ``--resume`` continues from the latest.
   ``log.jsonl``    one JSON object per ``log_interval`` iterations ({"epoch", "iter", "lr",
                    "loss", each loss, "s_per_iter", "images_per_s"}) and one per epoch
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -62,6 +64,15 @@ CHECKPOINT_RE = re.compile(r"epoch_(\d+)\.pth")
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged; the message names the epoch, the iteration and the last checkpoint."""
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes (buffers such as BatchNorm statistics are per rank)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,11 +404,16 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
             summary["time_s"] = time.time() - epoch_start
             path = checkpoint_path(cfg, epoch + 1)
             rngs = _gather(rng_state(), info)
+            fingerprints = _gather(weights_fingerprint(model), info)
+            if len(set(fingerprints)) > 1:  # DDP averages gradients: the ranks must agree
+                raise RuntimeError(f"epoch {epoch + 1}: the {info.world_size} processes ended with "
+                                   "different weights (gradients were not synchronised)")
             if info.is_main:
                 save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                  "rng": rngs, "epoch": epoch + 1, "classes": list(split.classes),
-                                 "world_size": info.world_size, "iters_per_epoch": iters_per_epoch}, path)
+                                 "world_size": info.world_size, "iters_per_epoch": iters_per_epoch,
+                            "rank_fingerprints": fingerprints}, path)
                 summary["checkpoint"] = path
                 if val_set is not None:
                     metrics = evaluate_seen(model, val_set, cfg, split, info.device, progress)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -26,9 +27,13 @@ from vldus.errors import InputError
 from vldus.synthesis.data import CHUNK_ROWS, FeatureFile, check_training_labels, feature_file_paths
 from vldus.synthesis.models import CompatClassifier
 from vldus.files import save_torch
-from vldus.synthesis.trainer import resolve_precision
+from vldus.precision import resolve_precision
 
 COMPAT_FILE = "compat_classifier.pth"
+
+
+class CompatDivergence(RuntimeError):
+    """The loss became non-finite; the message names the epoch and the last good checkpoint."""
 
 
 def compat_classifier_path(cfg) -> str:
@@ -136,8 +141,11 @@ def train_compat_classifier(features: FeatureFile, embeddings: np.ndarray, seen_
         record = {"epoch": epoch + 1, "train_loss": float(train_loss) / max(len(train_rows), 1),
                   "val_loss": val_loss / n_val_rows, "val_accuracy": val_correct / n_val_rows,
                   "seconds": time.time() - t0}
-        if not np.isfinite(record["train_loss"]):
-            raise RuntimeError(f"compatibility classifier: non-finite loss at epoch {epoch + 1}")
+        if not (np.isfinite(record["train_loss"]) and np.isfinite(record["val_loss"])):
+            keep = (f"last good checkpoint: {checkpoint_path} (epoch {epoch})" if checkpoint_path and epoch
+                    and os.path.isfile(checkpoint_path) else "no checkpoint was written")
+            raise CompatDivergence(f"non-finite loss at epoch {epoch + 1}; {keep}. Lower compat.lr, "
+                                   "then --resume")
         history.append(record)
         if record["val_loss"] < best_loss or best_state is None:
             best_loss = record["val_loss"]
@@ -202,8 +210,12 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     precision = resolve_precision(cfg.gan.precision, device)
     t0 = time.time()
-    state, history = train_compat_classifier(features, embeddings, split.seen_ids, cfg.compat, device,
-                                             precision, args.quiet, checkpoint, args.resume)
+    try:
+        state, history = train_compat_classifier(features, embeddings, split.seen_ids, cfg.compat, device,
+                                                 precision, args.quiet, checkpoint, args.resume)
+    except CompatDivergence as e:
+        print(f"vldus {args.command}: error: {e}", file=sys.stderr)
+        return 1
     save_torch(state, out)
     best = min(history, key=lambda r: r["val_loss"]) if history else {}
     with open(os.path.splitext(out)[0] + ".json", "w") as f:

@@ -31,6 +31,7 @@ from torch import nn
 
 from vldus.clip import OPENAI_MEAN, OPENAI_STD
 from vldus.errors import InputError
+from vldus.precision import resolve_precision
 
 MODES = ("active", "logged", "off")
 
@@ -153,16 +154,6 @@ class CLIPDistiller(nn.Module):
         l_ra_div = self.w_ra_div * torch.triu(cosines, diagonal=1).sum()
         return {"l_fa": l_fa, "l_ra_dis": l_ra_dis, "l_ra_div": l_ra_div,
                 "total": l_fa + l_ra_dis + l_ra_div}
-
-
-def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """gan.precision 'auto' -> 'bf16' on a CUDA device that supports it, else 'fp32'."""
-    if precision == "auto":
-        dev = torch.device(device)
-        return "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise InputError("gan.precision", f"{precision!r}: expected auto, fp32 or bf16")
-    return precision
 
 
 def build_distiller(gan_cfg, text_matrix, device: str | torch.device = "cpu") -> Optional[CLIPDistiller]:

@@ -34,7 +34,8 @@ from vldus.synthesis.compat import compat_classifier_path, load_compat_classifie
 from vldus.synthesis.data import (FeatureFile, check_training_labels, feature_file_paths,
                                   require_unseen, sample_batches, sample_epoch_pool)
 from vldus.synthesis.models import Critic, Generator, init_weights, seen_classifier_from_detector
-from vldus.synthesis.trainer import LOSS_NAMES, GANTrainer, resolve_precision
+from vldus.precision import resolve_precision
+from vldus.synthesis.trainer import LOSS_NAMES, GANTrainer
 from vldus.synthesis.unseen_classifier import LabelledFeatures, train_unseen_classifier
 
 CHECKPOINT = "checkpoint_latest.pth"

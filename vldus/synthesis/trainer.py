@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vldus.errors import InputError
+from vldus.precision import resolve_precision  # noqa: F401  (re-exported for the benchmarks)
 from vldus.synthesis.critic_step import CriticUpdate
 from vldus.synthesis.models import CompatClassifier, ComputeWeights, Critic, Generator
 
@@ -62,31 +62,6 @@ def mode_seeking_loss(fake1: torch.Tensor, fake2: torch.Tensor, z1: torch.Tensor
     """MSGAN term 1 / (mean|G(z2,a) - G(z1,a)| / mean|z2 - z1| + 1e-5)."""
     ratio = (fake2 - fake1).abs().mean() / (z2 - z1).abs().mean()
     return 1.0 / (ratio + MS_EPS)
-
-
-# --------------------------------------------------------------------------------------------
-# Precision
-# --------------------------------------------------------------------------------------------
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bfloat16 dot products (avx512_bf16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """gan.precision 'auto' -> 'bf16' where the device multiplies bfloat16 natively, else 'fp32'."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise InputError("gan.precision", f"{precision!r}: expected auto, fp32 or bf16")
-    if precision != "auto":
-        return precision
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
 # --------------------------------------------------------------------------------------------
