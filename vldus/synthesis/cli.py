@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from vldus.config import add_set_argument
 from vldus.synthesis.compat import default_device
 
 
@@ -15,8 +16,7 @@ def add_parser(sub, common) -> None:
                                    "unseen features and train the unseen classifier; writes "
                                    "WORK_DIR/synth/classifier_best.pth and friends.")
     p.add_argument("--config", required=True, help="split config (configs/*.yaml or a bundled name)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set gan.epochs=3")
+    add_set_argument(p)
     p.add_argument("--resume", action="store_true", help="continue from synth/checkpoint_latest.pth")
     p.add_argument("--legacy", action="store_true",
                    help="released behaviour of the unseen-classifier loss: no gradient reaches G "

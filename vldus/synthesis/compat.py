@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vldus.config import add_set_argument
 from vldus.errors import InputError
 from vldus.synthesis.data import CHUNK_ROWS, FeatureFile, check_training_labels, feature_file_paths
 from vldus.synthesis.models import CompatClassifier
@@ -164,8 +165,7 @@ def add_parser(sub, common) -> None:
                        description="Train the projection fc (features -> class-embedding space) on "
                                    "seen training features; writes WORK_DIR/synth/compat_classifier.pth.")
     p.add_argument("--config", required=True, help="split config (configs/*.yaml or a bundled name)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    add_set_argument(p)
     p.add_argument("--features-dir", help="folder of train_{fg}_{bg}_feats.npy (default WORK_DIR/features)")
     p.add_argument("--out", help=f"output file (default WORK_DIR/synth/{COMPAT_FILE})")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda if available)")
