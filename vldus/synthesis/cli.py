@@ -6,6 +6,7 @@ import os
 import sys
 
 from vldus.config import add_set_argument
+from vldus.classifier_files import LAYOUTS
 from vldus.synthesis.compat import default_device
 
 
@@ -34,6 +35,13 @@ def add_parser(sub, common) -> None:
     p.add_argument("--features-dir", help="folder of the {train,test}_{fg}_{bg} feature files "
                                           "(default WORK_DIR/features)")
     p.add_argument("--out-dir", help="output folder (default WORK_DIR/synth)")
+    p.add_argument("--compat-classifier", metavar="FILE",
+                   help="compatibility classifier C_u: ours or the released unseen_Classifier*.pth "
+                        "(default WORK_DIR/synth/compat_classifier.pth)")
+    p.add_argument("--layout", choices=LAYOUTS, default="ours",
+                   help="classifier_best.pth layout: ours {fc.weight, fc.bias} or published (the "
+                        "released {'state_dict': {fc1.weight, fc1.bias}, 'epoch': k}, for the "
+                        "released code)")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda if available)")
     p.add_argument("--skip-check", action="store_true",
                    help="do not scan the feature files for NaN/inf (they were checked before)")
@@ -66,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     options = SynthesisOptions(device=default_device(args.device), resume=args.resume,
                                quiet=args.quiet, features_dir=args.features_dir,
                                detector_checkpoint=args.checkpoint, out_dir=args.out_dir,
-                               check_features=not args.skip_check)
+                               check_features=not args.skip_check,
+                               compat_classifier=args.compat_classifier, layout=args.layout)
     out_dir = args.out_dir or cfg.path("synth")
     try:
         meta = run_synthesis(cfg, options)
