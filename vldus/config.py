@@ -177,6 +177,9 @@ class GanConfig:
     w_ra_dis: float = 0.01
     w_ra_div: float = 0.001
     distill_rows: int = 8  # rows of each batch seen by CLIP per step (released: 1, so L_ra^div = 0)
+    # where active distillation sends gradient: d_and_g (ours) | d_only (the released design:
+    # the terms sit in the critic loop only)
+    distill_into: str = "d_and_g"
     seed: int = 806
     precision: str = "auto"  # auto | fp32 | bf16 (matmuls under autocast, fp32 weights)
     detector_checkpoint: Optional[str] = None  # C_s source; null = latest WORK_DIR/detector/epoch_N.pth

@@ -23,8 +23,11 @@ def add_parser(sub, common) -> None:
                    help="released behaviour of the unseen-classifier loss: no gradient reaches G "
                         "(gan.legacy_unseen_loss=true)")
     p.add_argument("--distill", choices=("active", "logged", "off"),
-                   help="CLIP distillation: active (trains D and G), logged (released: computed, "
-                        "not optimised) or off (default: gan.distill)")
+                   help="CLIP distillation: active (optimised), logged (released: computed in the "
+                        "critic loop on one random row, never optimised) or off (default: gan.distill)")
+    p.add_argument("--distill-into", choices=("d_and_g", "d_only"),
+                   help="where active distillation sends gradient: d_and_g (ours) or d_only (the "
+                        "released design, critic loop only) (default: gan.distill_into)")
     p.add_argument("--clip-weights", metavar="FILE", help="local open_clip weights (gan.clip_weights)")
     p.add_argument("--select-on-test", action="store_true",
                    help="published model selection on the real unseen TEST features (leaks test "
@@ -55,6 +58,8 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
         extra.append("gan.legacy_unseen_loss=true")
     if args.distill:
         extra.append(f"gan.distill={args.distill}")
+    if args.distill_into:
+        extra.append(f"gan.distill_into={args.distill_into}")
     if args.clip_weights:
         extra.append(f"gan.clip_weights={args.clip_weights!s}")
     if args.select_on_test:

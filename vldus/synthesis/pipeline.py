@@ -320,6 +320,7 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
         "detector_checkpoint": inputs.detector_checkpoint,
         "compat_classifier": inputs.compat_path,
         "settings": {"device": str(device), "precision": precision, "distill": gan.distill,
+                     "distill_into": gan.distill_into,
                      "layout": options.layout,
                      "legacy_unseen_loss": gan.legacy_unseen_loss, "selection": uc.selection,
                      "uses_test_data_for_selection": uc.selection == "test",
