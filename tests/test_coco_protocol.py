@@ -111,3 +111,43 @@ def test_second_best_box_after_the_best_is_taken():
     ev.process(records, dets)
     m = ev.evaluate()
     assert m["classes"]["c1"]["recall"]["0.5"] == 100.0 == 100 * E.eval["recall"][0, 0, 0, 0]
+
+
+def crowded_case(seed, n_images=6, per_image=300):
+    """``per_image`` detections on every image, spread over all classes (COCOeval keeps the best
+    100 per image and class, not per image)."""
+    rng = np.random.default_rng(seed)
+    records, dets = [], []
+    for i in range(n_images):
+        n = 8
+        xy = rng.uniform(0, 80, (n, 2))
+        boxes = np.c_[xy, xy + rng.uniform(8, 40, (n, 2))]
+        labels = rng.integers(1, 5, n)
+        records.append(ImageRecord(i + 1, "", 128, 128, boxes, labels, np.zeros(n, bool)))
+        src = rng.integers(0, n, per_image)
+        db = boxes[src] + rng.normal(0, 6, (per_image, 4))
+        db[:, 2:] = np.maximum(db[:, 2:], db[:, :2] + 1)
+        dl = np.where(rng.random(per_image) < 0.5, labels[src], rng.integers(1, 5, per_image))
+        dets.append({"boxes": db.astype(np.float32), "scores": rng.random(per_image), "labels": dl})
+    return records, dets
+
+
+def test_coco_caps_per_image_and_class_like_cocoeval():
+    records, dets = crowded_case(0)
+    thresholds = (0.5,)
+    E = cocoeval(records, dets, thresholds)
+    ev = ZSDEvaluator(NAMES, ["c2", "c4"], "gzsd", iou_thresholds=thresholds, protocol="coco")
+    ev.process(records, dets)
+    m = ev.evaluate()
+    for k, name in enumerate(NAMES):
+        ref_ap = 100 * E.eval["precision"][0, :, k, 0, 0].mean()
+        ref_recall = 100 * E.eval["recall"][0, k, 0, 0]
+        assert m["classes"][name]["ap"]["0.5"] == pytest.approx(ref_ap, abs=1e-4), name
+        assert m["classes"][name]["recall"]["0.5"] == pytest.approx(ref_recall, abs=1e-4), name
+    # up to 100 detections per image AND class count, far more than 100 per image
+    capped = sum(min(int((d["labels"] == c).sum()), 100) for d in dets for c in range(1, 5))
+    assert sum(m["classes"][n]["num_dets"] for n in NAMES) == capped > 2 * 6 * 100
+    # mmdet-v1 keeps its budget of 100 per image over all classes
+    ev1 = ZSDEvaluator(NAMES, ["c2", "c4"], "gzsd", iou_thresholds=thresholds, protocol="mmdet-v1")
+    ev1.process(records, dets)
+    assert sum(ev1.evaluate()["classes"][n]["num_dets"] for n in NAMES) == 6 * 100

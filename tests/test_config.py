@@ -79,3 +79,40 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     again = load_config(str(tmp_path / "c.yaml"))
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_set_takes_several_values_and_repeats():
+    """mmdetection's --cfg-options style: several KEY=VALUE after one --set, and --set again."""
+    from vldus.cli import build_parser
+
+    args = build_parser().parse_args(["train-generator", "--config", "shapes", "--set", "gan.epochs=3",
+                                      "gan.lr=1e-4", "--resume", "--set", "train.lr=0.5"])
+    assert args.set == ["gan.epochs=3", "gan.lr=1e-4", "train.lr=0.5"] and args.resume
+    cfg = load_config("configs/coco_65_15.yaml", args.set)
+    assert (cfg.gan.epochs, cfg.gan.lr, cfg.train.lr) == (3, 1e-4, 0.5)
+
+
+@pytest.mark.parametrize("item,close", [
+    ("gan.distil=logged", ["gan.distill", "gan.distill_rows"]),
+    ("gan.epochz=3", ["gan.epochs"]),
+    ("epochs=3", ["gan.epochs", "train.epochs", "unseen_classifier.epochs"]),
+    ("gna.epochs=3", ["gan.epochs"]),
+])
+def test_unknown_set_key_lists_close_names(item, close):
+    with pytest.raises(InputError) as e:
+        load_config("configs/coco_65_15.yaml", [item])
+    msg = str(e.value)
+    assert msg.startswith("--set") and f"unknown config key '{item.split('=')[0]}'" in msg
+    assert all(name in msg for name in close), msg
+
+
+def test_set_into_a_value_is_refused():
+    with pytest.raises(InputError, match="'gan.epochs' is a value, not a section"):
+        load_config("configs/coco_65_15.yaml", ["gan.epochs.x=1"])
+
+
+def test_unknown_yaml_key_lists_close_names(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("gan: {distil: logged}\n")
+    with pytest.raises(InputError, match=r"unknown config key 'gan.distil' \(close: gan.distill"):
+        load_config(str(p))

@@ -8,7 +8,8 @@ from torch import nn
 
 from vldus.config import GanConfig
 from vldus.errors import InputError
-from vldus.synthesis.distill import CLIPDistiller, build_distiller, features_to_clip_images
+from vldus.synthesis.distill import (CLIPDistiller, build_distiller, features_to_clip_images,
+                                    features_to_clip_images_released)
 
 W_FA, W_DIS, W_DIV = 0.005, 0.01, 0.001
 
@@ -159,3 +160,27 @@ def test_build_distiller(tiny_clip):
         build_distiller(dataclasses.replace(cfg, d_feat=256), text, "cpu")
     with pytest.raises(InputError, match="gan.distill: 'on'"):
         build_distiller(dataclasses.replace(cfg, distill="on"), text, "cpu")
+
+
+def test_released_image_path_is_uint8_pil_bicubic():
+    """The released map: min-max to [0, 255], truncated to uint8, PIL bicubic resize, RGB."""
+    from PIL import Image
+
+    x = torch.arange(1024, dtype=torch.float32).reshape(1, 1024) * 0.37
+    img = features_to_clip_images_released(x, 32, (0, 0, 0), (1, 1, 1))  # no resize
+    assert img.shape == (1, 3, 32, 32) and torch.equal(img[0, 0], img[0, 2])
+    expected = torch.floor(x.reshape(32, 32) / x.max() * 255) / 255  # truncation, not rounding
+    torch.testing.assert_close(img[0, 0], expected)
+    big = features_to_clip_images_released(x, 64, (0, 0, 0), (1, 1, 1))
+    ref = Image.fromarray((expected * 255).round().numpy().astype(np.uint8), mode="L").resize((64, 64), Image.BICUBIC)
+    torch.testing.assert_close(big[0, 0], torch.from_numpy(np.asarray(ref) / 255.0).float())
+    flat = features_to_clip_images_released(torch.full((1, 1024), 3.0), 32, (0, 0, 0), (1, 1, 1))
+    assert flat.abs().max() == 0
+
+
+def test_released_terms_one_row():
+    dist = toy_distiller("logged")
+    torch.manual_seed(2)
+    out = dist.released_terms(torch.rand(1, 1024), torch.rand(1, 1024), torch.randn(1, 4), torch.randn(1, 4))
+    assert out["l_ra_div"] == 0 and out["l_fa"] > 0 and out["l_ra_dis"] > 0
+    assert not out["total"].requires_grad

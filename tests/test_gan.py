@@ -196,14 +196,69 @@ def test_real_batch_encoded_once_per_iteration(distill_setup):
         assert torch.equal(a, b)
 
 
-def test_distill_values_logged(distill_setup):
+def test_logged_distill_is_the_released_critic_loop_block(distill_setup, monkeypatch):
+    """logged: in every critic step, one random row, a fresh fake, the released image path;
+    the last step's terms are recorded (L_ra^div = 0 with one row), nothing in L_G, and the
+    weights are exactly those of training without distillation."""
     x, y = batch(dim=64)
     trainer = make_trainer(distill_setup("logged", w_fa=0.005, w_ra_dis=0.01, w_ra_div=0.001),
                            d_feat=512, dim=64)
-    stats = trainer.generator_step(x, y)
-    distill_g, l_fa, l_ra_dis, l_ra_div = stats[5:]
-    assert l_fa > 0 and l_ra_dis > 0 and l_ra_div != 0
-    assert torch.allclose(distill_g, l_fa + l_ra_dis + l_ra_div)
+    calls = []
+    released = trainer.distiller.released_terms
+    monkeypatch.setattr(trainer.distiller, "released_terms",
+                        lambda *a: calls.append([t.shape[0] for t in a]) or released(*a))
+    image_calls = []
+    from vldus.synthesis import distill
+
+    to_images = distill.features_to_clip_images_released
+    monkeypatch.setattr(distill, "features_to_clip_images_released",
+                        lambda *a: image_calls.append(1) or to_images(*a))
+    d_stats = trainer.critic_steps(x, y)
+    g_stats = trainer.generator_step(x, y)
+    assert calls == [[1, 1, 1, 1]] * trainer.cfg.critic_iter  # one row per critic step
+    assert len(image_calls) == 2 * trainer.cfg.critic_iter  # real and fake row, released path
+    distill_d, (distill_g, l_fa, l_ra_dis, l_ra_div) = d_stats[3], g_stats[5:]
+    assert l_fa > 0 and l_ra_dis > 0 and l_ra_div == 0 and distill_g == 0
+    assert torch.allclose(distill_d, l_fa + l_ra_dis)
+    assert torch.equal(d_stats[0], d_stats[2] - d_stats[1])  # not in the critic loss
+
+    off = make_trainer(None, d_feat=512, dim=64)
+    rows = torch.arange(8).repeat(2, 1)
+    off.train_epoch(x, y, rows)
+    logged = make_trainer(distill_setup("logged", w_fa=1.0), d_feat=512, dim=64)
+    logged.train_epoch(x, y, rows)
+    for a, b in zip(list(off.G.parameters()) + list(off.D.parameters()),
+                    list(logged.G.parameters()) + list(logged.D.parameters())):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("term", ["w_fa", "w_ra_dis"])
+def test_distill_into_d_only_leaves_the_generator_step(distill_setup, term):
+    """d_only (the released design): the critic steps are those of d_and_g, the generator
+    step is exactly that without distillation."""
+    import copy
+
+    x, y = batch(dim=64)
+    off_d, _ = _d_and_g_grads(make_trainer(None, d_feat=512, dim=64), x, y)
+    both = make_trainer(distill_setup("active", **{term: 1.0}), d_feat=512, dim=64)
+    only = make_trainer(distill_setup("active", **{term: 1.0}), d_feat=512, dim=64, distill_into="d_only")
+    for t in (both, only):
+        t.critic_steps(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(both.D.parameters(), only.D.parameters()))
+    assert (torch.cat([p.grad.flatten() for p in only.D.parameters()]) - off_d).abs().max() > 1e-7
+    plain = copy.deepcopy(only)  # same D and G, no distiller in the G step
+    plain.distiller = None
+    only_g, plain_g, both_g = (g_grads_after_step(t, x, y) for t in (only, plain, both))
+    assert torch.equal(only_g, plain_g) and (both_g - plain_g).abs().max() > 1e-7
+    stats = only.generator_step(x, y)
+    assert stats[5] == 0 and stats[6 if term == "w_fa" else 7] > 0  # terms logged from the critic
+
+
+def test_bad_distill_into_is_refused():
+    from vldus.errors import InputError
+
+    with pytest.raises(InputError, match="gan.distill_into: 'g_only'"):
+        make_trainer(distill_into="g_only")
 
 
 def test_active_distill_without_clip_weights_is_refused():

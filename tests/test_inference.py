@@ -198,7 +198,7 @@ def test_gzsd_end_to_end_and_seen_score_cut(project, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--zsd"], "--syn-weights: required with --zsd"),
     (["--syn-weights", "CLS", "--zsd", "--seen-score-cut", "0.3"], "applies to --gzsd only"),
-    (["--syn-weights", "BAD", "--zsd"], r"bad.pth: 'fc.weight' (4, 1024) / 'fc.bias' (4,) do not fit"),
+    (["--syn-weights", "BAD", "--zsd"], r"bad.pth: weight (4, 1024) / bias (4,) do not fit"),
     (["--syn-weights", "MISSING", "--gzsd"], "missing.pth: synthesized classifier not found"),
     (["--syn-weights", "CLS", "--zsd", "--set", "inference.excluded=raw"], "inference.excluded: 'raw'"),
     (["--syn-weights", "CLS", "--gzsd", "--set", "inference.seen_score_cut=3"], "seen_score_cut: 3.0 is not"),

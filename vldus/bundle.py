@@ -37,6 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from vldus.config import add_set_argument
 from vldus.errors import InputError
 from vldus.files import sha256_file, write_json
 
@@ -274,8 +275,7 @@ def add_parser(sub, common) -> None:
                    help="encoder of embeddings.file (default: from its `vldus embed` sidecar)")
     p.add_argument("--background-rows", type=int, default=4096,
                    help="real background features stored for the unseen classifier")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    add_set_argument(p)
     p.set_defaults(func=run)
 
 

@@ -6,11 +6,15 @@ errors (a typo must not silently fall back to a default).
 
 Relative paths in a config are resolved against the current working directory, as with
 mmdetection. ``--set section.key=value`` on the command line overrides any field (the value is
-parsed as YAML, so ``--set gan.epochs=3`` gives an int).
+parsed as YAML, so ``--set gan.epochs=3`` gives an int); like mmdetection's ``--cfg-options``
+one ``--set`` takes several (``--set gan.epochs=3 gan.lr=1e-4``) and may be repeated. An unknown
+key is refused with the close names.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -173,6 +177,9 @@ class GanConfig:
     w_ra_dis: float = 0.01
     w_ra_div: float = 0.001
     distill_rows: int = 8  # rows of each batch seen by CLIP per step (released: 1, so L_ra^div = 0)
+    # where active distillation sends gradient: d_and_g (ours) | d_only (the released design:
+    # the terms sit in the critic loop only)
+    distill_into: str = "d_and_g"
     seed: int = 806
     precision: str = "fp32"  # fp32 (published) | bf16 (products in bfloat16, fp32 weights) | auto (vldus/precision.py)
     detector_checkpoint: Optional[str] = None  # C_s source; null = latest WORK_DIR/detector/epoch_N.pth
@@ -259,7 +266,8 @@ def _build(cls: type, data: Any, where: str, file: str):
     kwargs = {}
     for key, value in data.items():
         if key not in names or key == "source_file":
-            raise InputError(file, f"unknown config key '{where + '.' if where else ''}{key}'")
+            raise InputError(file, f"unknown config key '{where + '.' if where else ''}{key}'"
+                                   + _close_names(key, names - {"source_file"}, where))
         kwargs[key] = _coerce(hints[key], value, f"{where + '.' if where else ''}{key}", file)
     return cls(**kwargs)
 
@@ -298,6 +306,60 @@ def _coerce(tp: Any, value: Any, where: str, file: str):
     if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise InputError(file, f"{where}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def _close_names(key: str, names: set[str], where: str = "") -> str:
+    """' (close: a.b, a.c)' for an unknown ``key`` among ``names`` of section ``where``."""
+    close = difflib.get_close_matches(key, sorted(names), n=5, cutoff=0.6)
+    prefix = f"{where}." if where else ""
+    return f" (close: {', '.join(prefix + c for c in close)})" if close else ""
+
+
+def config_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config (``gan.epochs``, ``data.train.ann_file`` ...)."""
+    cls = cls or Config
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name == "source_file":
+            continue
+        tp = _section_type(typing.get_type_hints(cls)[f.name])
+        out += config_keys(tp, f"{prefix}{f.name}.") if tp else [prefix + f.name]
+    return out
+
+
+def _section_type(tp: Any) -> Optional[type]:
+    """The dataclass a field holds (``Optional[X]`` -> X), or None for a plain value."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else None
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def check_override_key(dotted: str) -> None:
+    """InputError('--set', ...) unless ``dotted`` names a config value; lists the close keys."""
+    cls, parts = Config, dotted.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints or part == "source_file":
+            keys = config_keys()
+            close = [k for k in keys if k.rsplit(".", 1)[-1] == parts[-1] and k != dotted]
+            close += [k for k in difflib.get_close_matches(dotted, keys, n=5, cutoff=0.6) if k not in close]
+            hint = f"; close names: {', '.join(close[:6])}" if close else \
+                f"; '{'.'.join(parts[:i]) or 'top level'}' has {', '.join(sorted(hints.keys() - {'source_file'}))}"
+            raise InputError("--set", f"unknown config key '{dotted}'{hint}")
+        section = _section_type(hints[part])
+        if section is None:
+            if i != len(parts) - 1:
+                raise InputError("--set", f"'{dotted}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
+            return
+        cls = section
+    # a whole section: allowed (a YAML mapping value), checked when the config is built
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help: str = "override config values, e.g. "
+                     "--set gan.epochs=3 gan.lr=1e-4 (several after one flag, repeatable)") -> None:
+    """The ``--set KEY=VALUE [KEY=VALUE ...]`` option every config-reading command takes."""
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=help)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -341,6 +403,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
         if "=" not in item:
             raise InputError("--set", f"'{item}' is not key=value")
         key, raw = item.split("=", 1)
+        check_override_key(key.strip())
         _set_dotted(tree, key.strip(), _Override(raw))
     cfg = _build(Config, tree, "", path)
     cfg.source_file = path

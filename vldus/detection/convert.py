@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vldus.config import add_set_argument
 from vldus.config import load_config
 from vldus.detection.model import RESNETS, build_detector
 from vldus.errors import InputError
@@ -133,7 +134,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--from", dest="source_format", choices=FORMATS, required=True,
                    help="format of IN.pth")
     p.add_argument("--config", required=True, help="config (detector + split) the output must fit")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    add_set_argument(p)
     p.add_argument("--out", required=True, metavar="OUT.pth", help="converted checkpoint")
     p.add_argument("--allow-missing", action="store_true",
                    help="keep initial values for detector keys the checkpoint lacks")

@@ -43,6 +43,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
+from vldus.config import add_set_argument
 from vldus.config import Config, FeatureConfig, load_config
 from vldus.data.images import read_rgb
 from vldus.data.records import ImageRecord
@@ -428,8 +429,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--data-split", required=True, choices=["train", "test"],
                    help="data source: cfg.data.train or cfg.data.test")
     p.add_argument("--save-dir", default=None, help="output folder (default: WORK_DIR/features)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    add_set_argument(p)
     p.add_argument("--seed", type=int, default=None, help="default: features.seed of the config")
     p.add_argument("--resume", action="store_true", help="keep finished shards of a killed run")
     p.add_argument("--skip-bad-images", action="store_true",

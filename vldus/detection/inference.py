@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from vldus.config import add_set_argument
 from vldus.config import Config, load_config
 from vldus.data.images import read_rgb, to_float
 from vldus.data.records import ImageRecord
@@ -208,8 +209,7 @@ def add_parser(sub, common) -> None:
                    help="GZSD: zero seen scores below this (SU used 0.3; default: inference.seen_score_cut)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N test images")
     p.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) if available, else cpu")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    add_set_argument(p)
     p.set_defaults(func=run)
 
 

@@ -51,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from vldus.config import add_set_argument
 from vldus.config import Config, load_config, save_config
 from vldus.data.splits import Split
 from vldus.detection.dataset import DetectionDataset, collate_fn, training_dataset
@@ -451,7 +452,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--work-dir", help="override cfg.work_dir; checkpoints go to WORK_DIR/detector/")
     p.add_argument("--resume", action="store_true", help="continue from the latest epoch_N.pth")
     p.add_argument("--validate", action="store_true", help="report seen-class mAP after each epoch")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    add_set_argument(p)
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (counted at the end) instead of stopping")
     p.set_defaults(func=run)

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vldus.classifier_files import read_linear
 from vldus.data.splits import Split
 from vldus.errors import InputError
 
@@ -67,39 +68,20 @@ EXCLUDED_MODES = ("softmax", "mask")
 def load_syn_classifier(path: str, split: Split, in_features: int) -> tuple[Tensor, Tensor]:
     """Read a synthesized classifier: ``weight`` (1+U, in_features), ``bias`` (1+U,) float32.
 
-    File layout (published ``classifier_best.pth``): a state dict with ``fc.weight`` / ``fc.bias``
-    (also accepted: ``weight`` / ``bias``, or the same inside ``{"state_dict": ...}``); rows are
-    [background, unseen classes in ascending detector index]. Loaded with ``weights_only=True``.
+    Rows are [background, unseen classes in ascending detector index]. Any layout of
+    :mod:`vldus.classifier_files`: ours (``fc.weight`` / ``fc.bias``), the released
+    ``classifier_best.pth`` / ``classifier_latest.pth`` / ``classifier_{g}_{c}.pth``
+    (``{"state_dict": {"fc1.weight", "fc1.bias"}, "epoch": k}``), or bare ``weight`` / ``bias``.
     Anything that does not fit the split and the detector raises InputError naming the file.
     """
-    if not os.path.isfile(path):
-        raise InputError(path, "synthesized classifier file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or pickled objects weights_only refuses
-        raise InputError(path, f"cannot read synthesized classifier ({str(e).splitlines()[0]})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise InputError(path, f"expected a state dict, got {type(obj).__name__}")
-    for wkey, bkey in (("fc.weight", "fc.bias"), ("weight", "bias")):
-        if wkey in obj and bkey in obj:
-            break
-    else:
-        raise InputError(path, f"no 'fc.weight'/'fc.bias' (or 'weight'/'bias') entries; "
-                               f"keys are {sorted(map(str, obj))[:8]}")
-    weight, bias = obj[wkey], obj[bkey]
-    if not isinstance(weight, Tensor) or not isinstance(bias, Tensor):
-        raise InputError(path, f"'{wkey}' and '{bkey}' must be tensors")
+    weight, bias = read_linear(path, "synthesized classifier")
     rows = 1 + len(split.unseen_ids)
     if tuple(weight.shape) != (rows, in_features) or tuple(bias.shape) != (rows,):
-        raise InputError(path, f"'{wkey}' {tuple(weight.shape)} / '{bkey}' {tuple(bias.shape)} do not "
+        raise InputError(path, f"weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not "
                                f"fit: expected ({rows}, {in_features}) / ({rows},) = 1 background + "
                                f"{rows - 1} unseen classes of split '{split.name}' x the detector's "
                                f"{in_features}-d box features")
-    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
-        raise InputError(path, f"'{wkey}' or '{bkey}' contains NaN or infinite values")
-    return weight.float(), bias.float()
+    return weight, bias
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ classes that have ground truth; a class with detections and no ground truth is r
 ``num_gt`` 0 and left out. Values in the dict are percentages rounded to 4 decimals.
 
 Boxes are continuous xyxy pixels (``x2 = x + w``, as in :class:`ImageRecord` and torchvision).
-Each image keeps at most ``max_dets_per_image`` detections (highest scores, ties by given
-order) before anything is evaluated: the Recall@100 budget.
+The Recall@100 budget: with ``mmdet-v1`` each image keeps at most ``max_dets_per_image``
+detections over all classes (highest scores, ties by given order), as the published evaluation
+does; with ``coco`` the cap is COCOeval's ``maxDets``, applied per image **and class**, so an
+image may contribute more than ``max_dets_per_image`` detections in all.
 """
 from __future__ import annotations
 
@@ -114,7 +116,9 @@ class ZSDEvaluator:
                 raise ValueError(f"image {image_id}: non-finite detection box or score")
             if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
                 raise ValueError(f"image {image_id}: detection box with x2 < x1 or y2 < y1")
-            if len(scores) > self.max_dets_per_image:  # the Recall@100 budget, best scores kept
+            # mmdet-v1: the Recall@100 budget over all classes, best scores kept; coco caps
+            # per image and class in evaluate_coco (COCOeval's maxDets)
+            if self.protocol == "mmdet-v1" and len(scores) > self.max_dets_per_image:
                 top = np.sort(np.argsort(-scores, kind="stable")[:self.max_dets_per_image])
                 boxes, scores, labels = boxes[top], scores[top], labels[top]
             self._seen_images.add(image_id)

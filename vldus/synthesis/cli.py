@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from vldus.config import add_set_argument
+from vldus.classifier_files import LAYOUTS
 from vldus.synthesis.compat import default_device
 
 
@@ -15,15 +17,17 @@ def add_parser(sub, common) -> None:
                                    "unseen features and train the unseen classifier; writes "
                                    "WORK_DIR/synth/classifier_best.pth and friends.")
     p.add_argument("--config", required=True, help="split config (configs/*.yaml or a bundled name)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set gan.epochs=3")
+    add_set_argument(p)
     p.add_argument("--resume", action="store_true", help="continue from synth/checkpoint_latest.pth")
     p.add_argument("--legacy", action="store_true",
                    help="released behaviour of the unseen-classifier loss: no gradient reaches G "
                         "(gan.legacy_unseen_loss=true)")
     p.add_argument("--distill", choices=("active", "logged", "off"),
-                   help="CLIP distillation: active (trains D and G), logged (released: computed, "
-                        "not optimised) or off (default: gan.distill)")
+                   help="CLIP distillation: active (optimised), logged (released: computed in the "
+                        "critic loop on one random row, never optimised) or off (default: gan.distill)")
+    p.add_argument("--distill-into", choices=("d_and_g", "d_only"),
+                   help="where active distillation sends gradient: d_and_g (ours) or d_only (the "
+                        "released design, critic loop only) (default: gan.distill_into)")
     p.add_argument("--clip-weights", metavar="FILE", help="local open_clip weights (gan.clip_weights)")
     p.add_argument("--select-on-test", action="store_true",
                    help="published model selection on the real unseen TEST features (leaks test "
@@ -34,6 +38,13 @@ def add_parser(sub, common) -> None:
     p.add_argument("--features-dir", help="folder of the {train,test}_{fg}_{bg} feature files "
                                           "(default WORK_DIR/features)")
     p.add_argument("--out-dir", help="output folder (default WORK_DIR/synth)")
+    p.add_argument("--compat-classifier", metavar="FILE",
+                   help="compatibility classifier C_u: ours or the released unseen_Classifier*.pth "
+                        "(default WORK_DIR/synth/compat_classifier.pth)")
+    p.add_argument("--layout", choices=LAYOUTS, default="ours",
+                   help="classifier_best.pth layout: ours {fc.weight, fc.bias} or published (the "
+                        "released {'state_dict': {fc1.weight, fc1.bias}, 'epoch': k}, for the "
+                        "released code)")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda if available)")
     p.add_argument("--skip-check", action="store_true",
                    help="do not scan the feature files for NaN/inf (they were checked before)")
@@ -47,6 +58,8 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
         extra.append("gan.legacy_unseen_loss=true")
     if args.distill:
         extra.append(f"gan.distill={args.distill}")
+    if args.distill_into:
+        extra.append(f"gan.distill_into={args.distill_into}")
     if args.clip_weights:
         extra.append(f"gan.clip_weights={args.clip_weights!s}")
     if args.select_on_test:
@@ -66,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     options = SynthesisOptions(device=default_device(args.device), resume=args.resume,
                                quiet=args.quiet, features_dir=args.features_dir,
                                detector_checkpoint=args.checkpoint, out_dir=args.out_dir,
-                               check_features=not args.skip_check)
+                               check_features=not args.skip_check,
+                               compat_classifier=args.compat_classifier, layout=args.layout)
     out_dir = args.out_dir or cfg.path("synth")
     try:
         meta = run_synthesis(cfg, options)

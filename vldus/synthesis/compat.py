@@ -7,7 +7,7 @@ StepLR, a random train/val split; the state dict with the lowest validation loss
 later used frozen with the UNSEEN rows as the loss C_u of the generator.
 
 Output: ``cfg.path('synth', 'compat_classifier.pth')`` = {"fc.weight": (d, 1024), "fc.bias": (d,)}
-(published layout), ``compat_classifier.json`` (losses per epoch), and
+(``--layout published``: the released {"fc1.weight", "fc1.bias"}), ``compat_classifier.json`` (losses per epoch), and
 ``compat_checkpoint.pth`` (per epoch, for ``--resume``; removed when done).
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vldus.config import add_set_argument
+from vldus.classifier_files import LAYOUTS, read_linear, write_linear
 from vldus.errors import InputError
 from vldus.synthesis.data import CHUNK_ROWS, FeatureFile, check_training_labels, feature_file_paths
 from vldus.synthesis.models import CompatClassifier
@@ -41,21 +43,21 @@ def compat_classifier_path(cfg) -> str:
 
 
 def load_compat_classifier(path: str, embeddings: torch.Tensor, dim: int) -> CompatClassifier:
-    """The trained projection scored against ``embeddings`` (K, d) (e.g. the unseen rows)."""
+    """The trained projection scored against ``embeddings`` (K, d) (e.g. the unseen rows).
+
+    ``path``: ours (``fc.weight`` (d, dim) / ``fc.bias`` (d,)) or the released
+    ``unseen_Classifier*.pth`` (``fc1.weight`` / ``fc1.bias``); see :mod:`vldus.classifier_files`.
+    """
     if not os.path.isfile(path):
-        raise InputError(path, "compatibility classifier not found (run vldus train-unseen-classifier first)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(path, f"cannot read compatibility classifier ({str(e).splitlines()[0]})") from None
+        raise InputError(path, "compatibility classifier not found (run vldus train-unseen-classifier "
+                               "first, or give --compat-classifier FILE)")
+    weight, bias = read_linear(path, "compatibility classifier")
     d = embeddings.shape[1]
-    if not isinstance(state, dict) or set(state) != {"fc.weight", "fc.bias"}:
-        raise InputError(path, "expected a state dict with exactly 'fc.weight' and 'fc.bias'")
-    if tuple(state["fc.weight"].shape) != (d, dim) or tuple(state["fc.bias"].shape) != (d,):
-        raise InputError(path, f"fc.weight has shape {tuple(state['fc.weight'].shape)}, expected "
+    if tuple(weight.shape) != (d, dim) or tuple(bias.shape) != (d,):
+        raise InputError(path, f"weight has shape {tuple(weight.shape)}, expected "
                                f"({d}, {dim}) = (embedding dim, features.dim)")
     model = CompatClassifier(dim, embeddings)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.load_state_dict({"fc.weight": weight, "fc.bias": bias})
     return model
 
 
@@ -172,10 +174,12 @@ def add_parser(sub, common) -> None:
                        description="Train the projection fc (features -> class-embedding space) on "
                                    "seen training features; writes WORK_DIR/synth/compat_classifier.pth.")
     p.add_argument("--config", required=True, help="split config (configs/*.yaml or a bundled name)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    add_set_argument(p)
     p.add_argument("--features-dir", help="folder of train_{fg}_{bg}_feats.npy (default WORK_DIR/features)")
     p.add_argument("--out", help=f"output file (default WORK_DIR/synth/{COMPAT_FILE})")
+    p.add_argument("--layout", choices=LAYOUTS, default="ours",
+                   help="file layout: ours {fc.weight, fc.bias} or published (the released "
+                        "train_unseen_classifier.py's {fc1.weight, fc1.bias}, for the released code)")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
     p.set_defaults(func=run)
@@ -216,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     except CompatDivergence as e:
         print(f"vldus {args.command}: error: {e}", file=sys.stderr)
         return 1
-    save_torch(state, out)
+    write_linear(state["fc.weight"], state["fc.bias"], out, args.layout, kind="compat")
     best = min(history, key=lambda r: r["val_loss"]) if history else {}
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump({"classes": ["background"] + list(split.seen), "features": feats_path,

@@ -15,7 +15,10 @@ critic (through D) and the generator (through x~ and the frozen encoder).
 Departures from the released code (SPEC Part A): the feature -> image map is done in torch
 (differentiable; no uint8/PIL round trip; bilinear resize instead of CLIP's bicubic PIL resize),
 and L_ra^div sums over the whole batch (the release used one row, making it identically 0).
-``mode='logged'`` reproduces the release's "computed and logged, never back-propagated".
+``mode='logged'`` reproduces the release's "computed and logged, never back-propagated", where
+and how the released trainer computes it (:meth:`CLIPDistiller.released_terms`, called by the
+trainer in every critic step on one randomly drawn row, through the released uint8/PIL image
+path of :func:`features_to_clip_images_released`).
 
 Note that L_ra^div depends on I(x~) only: it sends gradient to x~ (the generator), never to
 the critic features.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +67,38 @@ def features_to_clip_images(x: torch.Tensor, image_size: int | Sequence[int] = 2
     mean_t = torch.as_tensor(mean, dtype=maps.dtype, device=maps.device).view(1, 3, 1, 1)
     std_t = torch.as_tensor(std, dtype=maps.dtype, device=maps.device).view(1, 3, 1, 1)
     return (maps - mean_t) / std_t
+
+
+@torch.no_grad()
+def features_to_clip_images_released(x: torch.Tensor, image_size: int | Sequence[int] = 224,
+                                     mean: Sequence[float] = OPENAI_MEAN,
+                                     std: Sequence[float] = OPENAI_STD) -> torch.Tensor:
+    """The released trainer's map (SPEC §6.4), no gradient: RoI features (B, D) -> (B, 3, H, W).
+
+    Per row: the s x s map (D = s*s), min-max scaled to [0, 255] and truncated to uint8, as a
+    greyscale PIL image; then CLIP's preprocess: bicubic resize of the short side to H, centre
+    crop (H, W), RGB, [0, 1], normalised with ``mean``/``std``. A constant map becomes 0 (the
+    release would divide by zero).
+    """
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    b, d = x.shape
+    side = math.isqrt(d)
+    if side * side != d:
+        raise ValueError(f"feature dim {d} is not a square (needs s*s, e.g. 1024 = 32x32)")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    maps = x.detach().float().reshape(b, side, side).cpu()
+    lo = maps.amin(dim=(1, 2), keepdim=True)
+    span = maps.amax(dim=(1, 2), keepdim=True) - lo
+    scaled = torch.where(span > 0, (maps - lo) / torch.where(span > 0, span, 1.0) * 255, 0.0)
+    out = []
+    for row in scaled.numpy().astype(np.uint8):  # astype truncates, as numpy did in the release
+        img = TF.resize(Image.fromarray(row, mode="L"), min(size), InterpolationMode.BICUBIC)
+        img = TF.center_crop(img, list(size)).convert("RGB")
+        out.append(TF.normalize(TF.to_tensor(img), list(mean), list(std)))
+    return torch.stack(out).to(x.device)
 
 
 class CLIPDistiller(nn.Module):
@@ -119,9 +155,11 @@ class CLIPDistiller(nn.Module):
         self.encoder.eval()  # the CLIP encoder stays frozen whatever the caller does
         return self
 
-    def encode(self, features: torch.Tensor) -> torch.Tensor:
-        """I(features): (B, 1024) RoI features -> (B, dt) float32 CLIP image embeddings."""
-        images = features_to_clip_images(features.float(), self.image_size, self.mean, self.std)
+    def encode(self, features: torch.Tensor, released: bool = False) -> torch.Tensor:
+        """I(features): (B, 1024) RoI features -> (B, dt) float32 CLIP image embeddings.
+        ``released``: through the released uint8/PIL image path (no gradient)."""
+        to_images = features_to_clip_images_released if released else features_to_clip_images
+        images = to_images(features.float(), self.image_size, self.mean, self.std)
         with torch.autocast(images.device.type, dtype=torch.bfloat16,
                             enabled=self.precision == "bf16"):
             out = self.encoder(images)
@@ -141,6 +179,18 @@ class CLIPDistiller(nn.Module):
             with torch.no_grad():  # real features are data: no activations kept
                 img_real = self.encode(x_real)
         img_fake = self.encode(x_fake)
+        return self._terms(img_real, img_fake, feat_real, feat_fake)
+
+    @torch.no_grad()
+    def released_terms(self, x_real: torch.Tensor, x_fake: torch.Tensor, feat_real: torch.Tensor,
+                       feat_fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms as the released trainer computes them, for logging (no gradient): the rows
+        given (the release: one row per critic step) through the released uint8/PIL image path.
+        With one row L_ra^div is 0, as in the release."""
+        return self._terms(self.encode(x_real, released=True), self.encode(x_fake, released=True),
+                           feat_real, feat_fake)
+
+    def _terms(self, img_real, img_fake, feat_real, feat_fake) -> dict[str, torch.Tensor]:
         feat_real, feat_fake = feat_real.float(), feat_fake.float()
         if feat_fake.shape[-1] != img_fake.shape[-1] or self.text.shape[1] != img_fake.shape[-1]:
             raise ValueError(f"dimension mismatch: critic features {feat_fake.shape[-1]}, CLIP "

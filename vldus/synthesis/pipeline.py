@@ -8,9 +8,11 @@ Inputs (paths from the config unless overridden):
                                                           the leaky ``selection: test``)
   embeddings.file                                        class embeddings (C+1, d)
   the detector checkpoint                                C_s = its cls_score layer
-  WORK_DIR/synth/compat_classifier.pth                   C_u (stage 3a)
+  WORK_DIR/synth/compat_classifier.pth                   C_u (stage 3a; or options.compat_classifier,
+                                                          e.g. the released unseen_Classifier*.pth)
 
-Outputs in WORK_DIR/synth/: classifier_best.pth {"fc.weight" (1+U, 1024), "fc.bias" (1+U,)},
+Outputs in WORK_DIR/synth/: classifier_best.pth {"fc.weight" (1+U, 1024), "fc.bias" (1+U,)} (layout
+"published": the released {"state_dict": {"fc1.weight", "fc1.bias"}, "epoch": k}),
 generator.pth, critic.pth (state dicts), meta.json, log.jsonl (one line per GAN epoch),
 losses.png, features_2d.png, and checkpoint_latest.pth (written atomically after every GAN epoch;
 ``resume=True`` continues from it and gives the same weights as an uninterrupted run).
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vldus.classifier_files import write_linear
 from vldus.errors import InputError
 from vldus.files import save_torch, sha256_file, write_json
 from vldus.synthesis.compat import compat_classifier_path, load_compat_classifier
@@ -63,6 +66,8 @@ class SynthesisOptions:
     check_features: bool = True  # scan the feature files for NaN/inf
     plots: bool = True
     on_epoch_end: Optional[Callable[[int], None]] = None  # called with the finished epoch (1-based)
+    compat_classifier: Optional[str] = None  # C_u file (ours or the released unseen_Classifier*.pth)
+    layout: str = "ours"  # classifier_best.pth layout: ours | published (released train_cls.py)
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -108,7 +113,7 @@ class _Inputs:
         self.detector_checkpoint = options.detector_checkpoint or default_detector_checkpoint(cfg)
         self.seen_classifier = seen_classifier_from_detector(self.detector_checkpoint, split.num_classes, dim)
         unseen_rows = torch.from_numpy(self.embeddings[split.unseen_ids])
-        self.compat_path = compat_classifier_path(cfg)
+        self.compat_path = options.compat_classifier or compat_classifier_path(cfg)
         self.compat = load_compat_classifier(self.compat_path, unseen_rows, dim)
         features_dir = options.features_dir or cfg.path("features")
         self.train = FeatureFile.open(*feature_file_paths(features_dir, "train", cfg.features.fg_iou,
@@ -275,7 +280,8 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
                     "test_accuracy": best["accuracy"]}
         trainer.G.load_state_dict(gen_state)  # the plots show the selected generator
         x, y, g = classifier_data(best["epoch"])
-    save_torch({k: v.cpu() for k, v in cls_state.items()}, os.path.join(out_dir, "classifier_best.pth"))
+    write_linear(cls_state["fc.weight"], cls_state["fc.bias"], os.path.join(out_dir, "classifier_best.pth"),
+                 options.layout, kind="synthesized", epoch=selected["cls_epoch"] - 1)
     save_torch({k: v.cpu() for k, v in gen_state.items()}, os.path.join(out_dir, "generator.pth"))
     save_torch({k: v.cpu() for k, v in critic_state.items()}, os.path.join(out_dir, "critic.pth"))
     from vldus.synthesis.models import UnseenClassifier
@@ -315,6 +321,8 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
         "detector_checkpoint": inputs.detector_checkpoint,
         "compat_classifier": inputs.compat_path,
         "settings": {"device": str(device), "precision": precision, "distill": gan.distill,
+                     "distill_into": gan.distill_into,
+                     "layout": options.layout,
                      "legacy_unseen_loss": gan.legacy_unseen_loss, "selection": uc.selection,
                      "uses_test_data_for_selection": uc.selection == "test",
                      "resumed": bool(options.resume and start_epoch > 0)},

@@ -6,9 +6,14 @@ One iteration on a real batch (x, y), a = E[y]:
 - **critic**, ``critic_iter`` steps on the same real batch, a fresh z each:
   L_D = -(mean D(x,a) - mean D(G(z,a),a)) + lambda * mean (||grad_x D(x^,a)|| - 1)^2
   [+ distillation total, ``distill='active'``: gradients into D; the fakes are detached].
+  ``distill='logged'`` (the released trainer): in every critic step, one randomly drawn row of
+  the batch, a fresh fake for it, the terms through the released image path, logged only (the
+  last step's values are recorded, as the release prints them); training is exactly that of
+  ``distill='off'`` (the row and noise come from a separate generator).
 - **generator**, one step with D frozen:
   L_G = -mean D(G(z,a),a) + cls_weight * NLL(C_s(G(z,a)), y) + lz_ratio * L_ms
-  + cls_weight_unseen * NLL(C_u(G(z_u, a_u)), y_u) [+ distillation total, ``active``].
+  + cls_weight_unseen * NLL(C_u(G(z_u, a_u)), y_u) [+ distillation total, ``active`` with
+  ``distill_into='d_and_g'``; ``'d_only'`` is the released design: no distillation in L_G].
   ``legacy_unseen_loss`` computes the C_u term on detached features (the released code: no
   gradient reaches G).
 
@@ -44,6 +49,7 @@ LOSS_NAMES = ("loss_d", "wasserstein", "gp", "distill_d", "loss_g", "adversarial
               "mode_seeking", "cls_unseen", "distill_g", "l_fa", "l_ra_dis", "l_ra_div")
 CHECK_EVERY = 50  # iterations between NaN/inf checks (the only host syncs of an epoch)
 MS_EPS = 1e-5  # published mode-seeking denominator guard
+DISTILL_INTO = ("d_and_g", "d_only")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -95,6 +101,8 @@ class GANTrainer:
         self.unseen_cls = _frozen(unseen_classifier.to(self.device))
         self.unseen_att = self.E[torch.as_tensor(unseen_ids, device=self.device)]
         self.distiller = distiller
+        if gan_cfg.distill_into not in DISTILL_INTO:
+            raise InputError("gan.distill_into", f"{gan_cfg.distill_into!r}: expected one of {DISTILL_INTO}")
         self.precision = precision
         fused = self.device.type in ("cpu", "cuda")
         betas = (gan_cfg.beta1, 0.999)
@@ -104,6 +112,10 @@ class GANTrainer:
         self.g_weights = ComputeWeights(self.G, precision, trainable=True)
         self.d_weights = self.critic_update.weights  # D frozen in the G step: its copies serve
         self.noise = torch.Generator(self.device).manual_seed(seed)
+        # logged distillation draws its row and noise here, so that it changes no training stream
+        self.logged_noise = torch.Generator(self.device).manual_seed(seed + 1)
+        zero = torch.zeros((), device=self.device)
+        self.critic_parts = {"total": zero, "l_fa": zero, "l_ra_dis": zero, "l_ra_div": zero}
         num_unseen, per_class = len(unseen_ids), gan_cfg.batch_size // 4
         self.unseen_labels = torch.arange(num_unseen, device=self.device).repeat_interleave(per_class)
 
@@ -119,6 +131,15 @@ class GANTrainer:
     @property
     def distill_active(self) -> bool:
         return self.distiller is not None and self.distiller.mode == "active"
+
+    @property
+    def distill_logged(self) -> bool:
+        return self.distiller is not None and self.distiller.mode == "logged"
+
+    @property
+    def distill_into_g(self) -> bool:
+        """Active distillation also in the generator step (ours; the release: critic only)."""
+        return self.distill_active and self.cfg.distill_into == "d_and_g"
 
     # --- one epoch ----------------------------------------------------------------------
     def train_epoch(self, feats: torch.Tensor, labels: torch.Tensor, batches: torch.Tensor,
@@ -158,7 +179,7 @@ class GANTrainer:
         """I(x) of the rows of the real batch that go through CLIP (None without a distiller):
         the encoder is frozen and x is the same for the critic steps and the G step, so the
         iteration encodes it once."""
-        if self.distiller is None:
+        if not self.distill_active:
             return None
         return self.distiller.encode(x[:min(self.cfg.distill_rows, x.shape[0])])
 
@@ -184,24 +205,45 @@ class GANTrainer:
             if self.distill_active:
                 distill, feat_grad = self._distill_feature_grad(x, fakes[step], fwd.feat, img_real)
             loss = self.critic_update.backward(fwd, feat_grad)
+            if self.distill_logged:  # D's weights of this step, before its optimizer step
+                self.critic_parts = self._released_distill_terms(x, a, fwd.feat)
             self.opt_d.step()
             self.critic_update.refresh()
         loss_d = loss.gp - loss.wasserstein + distill
+        if self.distill_logged:
+            distill = self.critic_parts["total"]
         return [loss_d, loss.wasserstein, loss.gp, distill.detach()]
+
+    @torch.no_grad()
+    def _released_distill_terms(self, x: torch.Tensor, a: torch.Tensor,
+                                feat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The released critic-loop block (SPEC §6.4): one row r drawn at random from the batch,
+        a fresh fake G(z, a_r), D's features of x_r and of that fake at the current weights,
+        and the terms through the released image path. Logged only.
+        (The release draws r from 0..63 whatever the batch size, an IndexError for batch 32.)"""
+        r = torch.randint(0, x.shape[0], (1,), device=self.device, generator=self.logged_noise)
+        z = torch.randn(1, self.cfg.nz, device=self.device, generator=self.logged_noise)
+        a_r = a.index_select(0, r)
+        fake = self.g_weights(z, a_r).float()
+        feat_fake = self.d_weights(fake, a_r)[0].float()
+        return self.distiller.released_terms(x.index_select(0, r), fake, feat.index_select(0, r).float(),
+                                             feat_fake)
 
     def _distill_feature_grad(self, x: torch.Tensor, fake: torch.Tensor, feat: torch.Tensor,
                               img_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distillation total on the first ``distill_rows`` real and fake rows, and its
-        gradient w.r.t. the critic's features (2B, F) (fakes are data for the critic)."""
+        gradient w.r.t. the critic's features (2B, F) (fakes are data for the critic).
+        The terms are kept in ``critic_parts`` (logged when the G step has none)."""
         B, r = x.shape[0], min(self.cfg.distill_rows, x.shape[0])
         feat_real = feat[:r].float().requires_grad_(True)
         feat_fake = feat[B:B + r].float().requires_grad_(True)
         with torch.enable_grad():
-            total = self.distiller(x[:r], fake[:r], feat_real, feat_fake, img_real)["total"]
-            g_real, g_fake = torch.autograd.grad(total, [feat_real, feat_fake])
+            parts = self.distiller(x[:r], fake[:r], feat_real, feat_fake, img_real)
+            g_real, g_fake = torch.autograd.grad(parts["total"], [feat_real, feat_fake])
+        self.critic_parts = {k: v.detach() for k, v in parts.items()}
         feat_grad = torch.zeros(feat.shape, device=self.device)
         feat_grad[:r], feat_grad[B:B + r] = g_real, g_fake
-        return total.detach(), feat_grad
+        return parts["total"].detach(), feat_grad
 
     # --- generator ----------------------------------------------------------------------
     def generator_step(self, x: torch.Tensor, y: torch.Tensor,
@@ -235,24 +277,24 @@ class GANTrainer:
             cls_unseen = F.cross_entropy(self.unseen_cls(fake_u).float(), self.unseen_labels)
         loss_g = (adversarial + cfg.cls_weight * cls_seen + cfg.lz_ratio * mode_seeking
                   + cfg.cls_weight_unseen * cls_unseen)
-        zero = torch.zeros((), device=self.device)
-        parts = {"total": zero, "l_fa": zero, "l_ra_dis": zero, "l_ra_div": zero}
-        if self.distiller is not None:
+        # without a distillation term in L_G, the terms recorded are the critic's (last step)
+        parts, distill_g = self.critic_parts, torch.zeros((), device=self.device)
+        if self.distill_into_g:
             r = min(cfg.distill_rows, B)
             with torch.no_grad():
                 feat_real = self.d_weights(x[:r], a[:r])[0].float()
             if img_real is None:
                 img_real = self.encode_real(x)
             parts = self.distiller(x[:r], fake1[:r], feat_real, feat_fake[:r], img_real)
-            if self.distill_active:
-                loss_g = loss_g + parts["total"]
+            distill_g = parts["total"]
+            loss_g = loss_g + distill_g
         loss_g.backward()
         self.g_weights.grads_to_master()
         self.opt_g.step()
         self.g_weights.refresh()
         self.D.requires_grad_(True)
         return [t.detach().float() for t in (loss_g, adversarial, cls_seen, mode_seeking, cls_unseen,
-                                             parts["total"], parts["l_fa"], parts["l_ra_dis"],
+                                             distill_g, parts["l_fa"], parts["l_ra_dis"],
                                              parts["l_ra_div"])]
 
     # --- synthesis ----------------------------------------------------------------------
