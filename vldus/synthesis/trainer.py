@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vldus.errors import InputError
 from vldus.precision import resolve_precision  # noqa: F401  (re-exported for the benchmarks)
 from vldus.synthesis.critic_step import CriticUpdate
 from vldus.synthesis.models import CompatClassifier, ComputeWeights, Critic, Generator
