@@ -1,25 +1,22 @@
-"""vldus.api.ZeroShotDetector and `vldus detect` on a tiny trained pipeline (tests/tiny_zsd_pipeline.py).
-
-The tiny pipeline (160 training images, 2 detector epochs, 3 GAN epochs) is weak: the unseen
-mAP floor below is what it reaches reliably, far under a full run's.
-"""
+"""vldus.api.ZeroShotDetector and `vldus detect` on the quick demo's exported model
+(tests/quick_demo_run.py): class names given at run time, synthesis on the fly."""
 import json
 import os
 
 import numpy as np
 import pytest
 
-from tiny_zsd_pipeline import HELD_OUT, tiny_bundle, tiny_run
+from quick_demo_run import first_image, quick_bundle, quick_demo
 from vldus import cli
 from vldus.api import ZeroShotDetector
 
 pytestmark = pytest.mark.timeout(600)
-UNSEEN_MAP_FLOOR = 10.0  # percent, mAP@0.5 of the held-out classes; measured 20.9 (seed 0)
+UNSEEN_MAP_FLOOR = 30.0  # percent, mAP@0.5 of the demo's unseen classes named at run time
 
 
 @pytest.fixture(scope="module")
 def bundle() -> str:
-    return tiny_bundle()
+    return quick_bundle()
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +24,7 @@ def test_records():
     from vldus.config import load_config
     from vldus.data.readers import load_records, select_test
 
-    cfg = load_config(tiny_run().config)
+    cfg = load_config(quick_demo().config)
     split = cfg.load_split()
     return split, select_test(load_records(cfg.data.test, split), split, "zsd", cfg.data.test_rule)
 
@@ -37,17 +34,17 @@ def test_held_out_classes_are_found(bundle, test_records, tmp_path):
 
     split, records = test_records
     det = ZeroShotDetector.load(bundle, cache_dir=str(tmp_path / "cache"))
-    det.set_classes(list(HELD_OUT))
+    det.set_classes(list(quick_demo().unseen))
     assert det.classifier_source == "trained"
     results = det([r.path for r in records], score_thresh=0.0)
     dets = [{"boxes": r["boxes"], "scores": r["scores"],
              "labels": np.array([split.index(n) for n in r["labels"]], dtype=np.int64)} for r in results]
-    assert all(set(r["labels"]) <= set(HELD_OUT) for r in results)
+    assert all(set(r["labels"]) <= set(quick_demo().unseen) for r in results)
     evaluator = ZSDEvaluator(list(split.classes), list(split.unseen), "zsd")
     evaluator.process(records, dets)
     metrics = evaluator.evaluate()
     unseen_map = metrics["groups"]["unseen"]["map"]["0.5"]
-    print(f"tiny pipeline: unseen mAP@0.5 = {unseen_map:.2f}")
+    print(f"quick demo bundle: unseen mAP@0.5 = {unseen_map:.2f}")
     assert unseen_map > UNSEEN_MAP_FLOOR
 
 
@@ -123,7 +120,7 @@ def test_api_accepts_pil_and_tensors(bundle, test_records):
     ("blue circle, Blue_Circle", "duplicate"),
 ])
 def test_bad_class_names(bundle, tmp_path, cli_error, classes, expected):
-    image = tiny_run().shapes + "/images/" + sorted(os.listdir(tiny_run().shapes + "/images"))[0]
+    image = first_image(quick_demo())
     err = cli_error(["detect", image, "--model", bundle, "--classes", classes,
                      "--out", str(tmp_path / "out")])
     assert expected in err

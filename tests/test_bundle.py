@@ -1,4 +1,4 @@
-"""vldus export / load_bundle (vldus.bundle) on a tiny trained pipeline (tests/tiny_zsd_pipeline.py)."""
+"""vldus export / load_bundle (vldus.bundle) on the quick demo's model (tests/quick_demo_run.py)."""
 import json
 import os
 import shutil
@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tiny_zsd_pipeline import HELD_OUT, tiny_bundle, tiny_run
+from quick_demo_run import first_image, quick_bundle, quick_demo
 from vldus.bundle import BUNDLE_FILES, FORMAT_VERSION, MANIFEST, load_bundle, sha256_file
 from vldus.errors import InputError
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def bundle() -> str:
-    return tiny_bundle()
+    return quick_bundle()
 
 
 def _copy(bundle: str, tmp_path) -> str:
@@ -33,7 +33,7 @@ def test_bundle_files_and_manifest(bundle):
         assert sha256_file(os.path.join(bundle, name)) == entry["sha256"]
         assert name.endswith((".safetensors", ".json", ".yaml"))  # nothing pickled
     b = load_bundle(bundle)
-    assert list(b.split.unseen) == list(HELD_OUT)
+    assert list(b.split.unseen) == list(quick_demo().unseen)
     bg = b.tensors("background.safetensors")
     assert bg["features"].ndim == 2 and bg["features"].shape[1] == b.cfg.features.dim
     assert 0 < len(bg["features"]) <= 4096
@@ -45,7 +45,7 @@ def test_encoder_scale_reproduces_training_embeddings(bundle):
     from vldus.api import embed_names
     from vldus.data.embeddings import load_class_embeddings
 
-    run, b = tiny_run(), load_bundle(bundle)
+    run, b = quick_demo(), load_bundle(bundle)
     assert b.encoder["encoder"] == "attributes" and b.encoder["spectral_norm"] is True
     train = load_class_embeddings(os.path.join(run.shapes, "attributes.npy"), b.split, spectral_norm=True)
     names = list(b.split.classes)
@@ -73,14 +73,14 @@ def test_bad_bundle_is_one_line_exit_2(bundle, tmp_path, cli_error, damage):
         expected = "format version"
     with pytest.raises(InputError, match=expected):
         load_bundle(bad)
-    image = os.path.join(tiny_run().shapes, "images", sorted(os.listdir(os.path.join(tiny_run().shapes, "images")))[0])
+    image = first_image(quick_demo())
     err = cli_error(["detect", image, "--model", bad, "--classes", "blue circle",
                      "--out", str(tmp_path / "out")])
     assert expected in err
 
 
 def test_export_without_generator_is_input_error(tmp_path, cli_error):
-    run = tiny_run()
+    run = quick_demo()
     empty = tmp_path / "synth"
     empty.mkdir()
     err = cli_error(["export", "--config", run.config, "--out", str(tmp_path / "b"),

@@ -1,40 +1,76 @@
-"""`vldus demo --quick`: the whole pipeline end to end on the embedded benchmark (about 3 minutes).
+"""`vldus demo --quick`: VLDUS end to end on the embedded benchmark (tests/quick_demo_run.py).
 
-This is the one slow test of the suite: it is the proof that zero-shot detection works, so it
-asserts a real floor, not just that files appear.
+The proof that zero-shot detection works, on any CPU: fp32, fixed seed, real floors with a margin.
 """
 import json
 import os
 
 import pytest
 
-from vldus import cli
+from quick_demo_run import quick_demo
+
+pytestmark = pytest.mark.timeout(900)
+
+# Floors (IoU 0.5) with a margin below what the quick demo measured on CPUs with and without
+# AVX-512 (README, "Tests"): they fail when a stage breaks, not when the instruction set changes.
+ZSD_FLOOR = 40.0
+GZSD_HM_FLOOR = 40.0
+SYNTHESIS_MARGIN = 3.0  # synthesis_vldus must beat no_synthesis by this much (ZSD mAP)
 
 
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    assert cli.main(["demo", "--out", str(out), "--quick", "--quiet"]) == 0
-    with open(out / "metrics.json") as f:
-        return out, json.load(f)
+def run():
+    return quick_demo()
 
 
-def test_quick_demo_detects_unseen_classes(quick_demo):
-    _, m = quick_demo
-    ablation = m["ablation"]
-    assert m["zsd"]["setting"] == "zsd" and m["gzsd"]["setting"] == "gzsd"
-    assert m["zsd"]["groups"]["unseen"]["map"]["0.5"] > 10
-    assert ablation["no_synthesis"]["status"] == "ok" and ablation["synthesis_su"]["status"] == "ok"
-    assert ablation["synthesis_su"]["zsd_map"] >= ablation["no_synthesis"]["zsd_map"]
-    assert ablation["synthesis_vldus"]["status"].startswith("skipped: ")
-    assert m["method"] == "synthesis_su"
-    assert set(m["gzsd"]["groups"]) == {"seen", "unseen"} and "hm" in m["gzsd"]
+def test_vldus_is_the_method_and_beats_no_synthesis(run):
+    m, ablation = run.metrics, run.metrics["ablation"]
+    assert m["method"] == "synthesis_vldus" and m["precision"] == "fp32"
+    assert set(ablation) == {"no_synthesis", "synthesis_su", "synthesis_vldus"}
+    assert all(a["status"] == "ok" for a in ablation.values())
+    assert m["zsd"]["setting"] == "zsd" and m["zsd"]["groups"]["unseen"]["map"]["0.5"] > ZSD_FLOOR
+    assert m["zsd"]["groups"]["unseen"]["map"]["0.5"] == ablation["synthesis_vldus"]["zsd_map"]
+    assert ablation["synthesis_vldus"]["zsd_map"] >= ablation["no_synthesis"]["zsd_map"] + SYNTHESIS_MARGIN
+    assert ablation["synthesis_su"]["zsd_map"] > ablation["no_synthesis"]["zsd_map"]
+    assert set(m["gzsd"]["groups"]) == {"seen", "unseen"} and m["gzsd"]["hm"]["map"]["0.5"] > GZSD_HM_FLOOR
 
 
-def test_quick_demo_report_and_pictures(quick_demo):
-    out, m = quick_demo
-    report = (out / "report.md").read_text()
-    assert "## Ablation" in report and "## ZSD" in report and "## GZSD" in report
+def test_distillation_was_active(run):
+    """The VLDUS row trained with non-zero CLIP distillation losses; the SU row had none."""
+    ablation = run.metrics["ablation"]
+    assert all(ablation["synthesis_vldus"]["distill"][k] > 0 for k in ("l_fa", "l_ra_dis", "l_ra_div"))
+    assert all(v == 0 for v in ablation["synthesis_su"]["distill"].values())
+    meta = json.load(open(os.path.join(run.synth_dir, "meta.json")))
+    assert meta["settings"]["distill"] == "active" and meta["settings"]["precision"] == "fp32"
+    clip = run.metrics["clip"]
+    assert clip["source"].startswith("trained") and clip["zero_shot_accuracy"]["all"] > 50
+
+
+def test_default_gzsd_scoring_not_below_published(run):
+    m = run.metrics
+    assert m["gzsd_published"]["setting"] == "gzsd"
+    assert m["gzsd"]["hm"]["map"]["0.5"] >= m["gzsd_published"]["hm"]["map"]["0.5"]
+    assert m["gzsd"]["groups"]["unseen"]["map"]["0.5"] > 0
+
+
+def test_report_and_pictures(run):
+    report = open(os.path.join(run.out, "report.md")).read()
+    assert "## Variants" in report and "## ZSD" in report and "## GZSD" in report
+    assert "published scoring" in report and "CLIP: trained by vldus train-clip" in report
     pictures = [line.split("(")[1].rstrip(")") for line in report.splitlines() if line.startswith("![detections]")]
-    assert pictures and all(os.path.isfile(out / p) for p in pictures)
-    assert set(m["timings_s"]) >= {"make-shapes", "train-detector", "extract-features", "test (synthesis_su)"}
+    assert pictures and all(os.path.isfile(os.path.join(run.out, p)) for p in pictures)
+    assert os.path.isfile(os.path.join(run.out, "losses.png"))
+    assert set(run.metrics["timings_s"]) >= {"make-shapes", "train-clip", "train-detector", "extract-features",
+                                             "synthesizer (synthesis_vldus)", "test (synthesis_vldus)"}
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--unseen", "purple blob"], "--unseen: 'purple blob'"),
+    (["--unseen", "blue circle,blue square,blue triangle,blue star"], "--unseen"),
+    (["--clip-weights", "/nonexistent/clip.safetensors"], "/nonexistent/clip.safetensors: CLIP weights file"),
+    (["--clip-arch", "ViT-B-32"], "--clip-arch: needs --clip-weights"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, cli_error, argv, expected):
+    err = cli_error(["demo", "--out", str(tmp_path / "out"), "--quick", *argv])
+    assert expected in err
+    assert not os.path.exists(tmp_path / "out")  # refused before any work

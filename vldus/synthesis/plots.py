@@ -15,14 +15,19 @@ def _pyplot():
 
 
 def plot_losses(history: list[dict], path: str) -> None:
-    """Per-epoch means of the critic and generator losses (and the test accuracy, if recorded)."""
+    """Per-epoch means of the critic and generator losses, the CLIP distillation terms (when the
+    run had them) and the test accuracy (if recorded)."""
     plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     panels = [("critic", ("loss_d", "wasserstein", "gp", "distill_d")),
               ("generator", ("loss_g", "adversarial", "cls_seen", "cls_unseen", "distill_g")),
-              ("mode seeking", ("mode_seeking",))]
+              ("mode seeking", ("mode_seeking",)),
+              ("CLIP distillation", ("l_fa", "l_ra_dis", "l_ra_div"))]
+    panels = [(t, names) for t, names in panels if any(r.get(n) for r in history for n in names)]
     has_acc = any("best_test_accuracy" in r for r in history)
-    fig, axes = plt.subplots(1, len(panels) + has_acc, figsize=(4.2 * (len(panels) + has_acc), 3.4))
+    fig, axes = plt.subplots(1, len(panels) + has_acc, figsize=(4.2 * (len(panels) + has_acc), 3.4),
+                             squeeze=False)
+    axes = axes[0]
     for ax, (title, names) in zip(axes, panels):
         for name in names:
             values = [r.get(name, np.nan) for r in history]
