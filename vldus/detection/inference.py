@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from vldus.data.records import ImageRecord
 from vldus.data.splits import Split
 from vldus.errors import InputError, require_file
 from vldus.files import write_json
+
+if TYPE_CHECKING:
+    from vldus.detection.cache import DetectorCache
 
 SETTINGS = ("zsd", "gzsd", "seen")
 
@@ -67,26 +70,45 @@ class TestImages(Dataset):
 # --------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def detect(model: torch.nn.Module, head, records: Sequence[ImageRecord], device: str | torch.device,
-           workers: int = 0, show: Optional[dict] = None, progress: bool = True) -> list[dict]:
+           workers: int = 0, show: Optional[dict] = None, progress: bool = True,
+           cache: Optional[DetectorCache] = None) -> list[dict]:
     """Detections of each record, in order: ``{"boxes" (K,4) float32 xyxy, "scores" (K,), "labels"
     (K,) int64}`` numpy arrays, scores in the released scale (:func:`zsd.rescale_scores`).
 
     ``show``: ``{"dir", "class_names", "unseen_ids", "score_thresh"}`` draws each image to
-    ``dir/<file stem>.png``.
+    ``dir/<file stem>.png``. ``cache`` (:class:`vldus.detection.cache.DetectorCache`): images
+    with an entry skip the detector up to its classification layer; the others are computed
+    and stored.
     """
+    from vldus.detection.cache import box_inputs, score_boxes
     from vldus.detection.zsd import rescale_scores
 
-    loader = DataLoader(TestImages(records), batch_size=None, shuffle=False, num_workers=workers)
+    entries = [cache.entry_path(r.path) for r in records] if cache is not None else [None] * len(records)
+    todo = [i for i, e in enumerate(entries) if e is None or not os.path.isfile(e)]
+    loader = iter(DataLoader(TestImages([records[i] for i in todo]), batch_size=None, shuffle=False,
+                             num_workers=workers if todo else 0))
     results: list[Optional[dict]] = [None] * len(records)
-    for i, image, error in tqdm(loader, total=len(records), desc="test", unit="img", disable=not progress):
-        if error is not None:
-            raise InputError(records[i].path, error)
-        out = rescale_scores(model([image.to(device)]), head)[0]
+    pending = set(todo)
+    if cache is not None:
+        cache.hits, cache.misses = len(records) - len(todo), len(todo)
+    for i in tqdm(range(len(records)), desc="test", unit="img", disable=not progress):
+        image = None
+        if i in pending:
+            _, image, error = next(loader)
+            if error is not None:
+                raise InputError(records[i].path, error)
+            inputs = box_inputs(model, image.to(device))
+            if cache is not None:
+                cache.store(entries[i], inputs)
+                inputs = cache.rounded(inputs)
+        else:
+            inputs = cache.load(entries[i])
+        out = rescale_scores([score_boxes(model, inputs)], head)[0]
         det = {"boxes": out["boxes"].float().cpu().numpy(), "scores": out["scores"].float().cpu().numpy(),
                "labels": out["labels"].cpu().numpy().astype(np.int64)}
         results[i] = det
         if show is not None:
-            _draw(image, records[i], det, show)
+            _draw(image if image is not None else to_float(read_rgb(records[i].path)), records[i], det, show)
     return results
 
 
@@ -207,6 +229,14 @@ def add_parser(sub, common) -> None:
     p.add_argument("--seen-score-cut", type=float, default=None,
                    help="GZSD: zero seen scores below this (SU used 0.3; default: inference.seen_score_cut)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N test images")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="detector-output cache: store what the detector computes before its "
+                        "classification layer per test image on the first run, re-score from it "
+                        "on later runs of the same checkpoint and detector config (any classifier, "
+                        "setting or scoring)")
+    p.add_argument("--cache-dtype", default="float32", choices=("float32", "float16"),
+                   help="stored box features: float32 (same detections as without the cache) or "
+                        "float16 (half the size; scores within ~1e-3)")
     p.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) if available, else cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
@@ -242,18 +272,21 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args, cfg)
     run_test(cfg, args.setting, args.checkpoint, args.syn_weights, args.out, metrics_path=args.metrics,
              show_dir=args.show_dir, show_thresh=args.show_thresh, max_images=args.max_images,
-             device=args.device, quiet=args.quiet)
+             device=args.device, quiet=args.quiet, cache_dir=args.cache, cache_dtype=args.cache_dtype)
     return 0
 
 
 def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[str], out: str,
              metrics_path: Optional[str] = None, show_dir: Optional[str] = None,
              show_thresh: Optional[float] = None, max_images: Optional[int] = None,
-             device: Optional[str] = None, quiet: bool = False) -> Optional[dict]:
+             device: Optional[str] = None, quiet: bool = False, cache_dir: Optional[str] = None,
+             cache_dtype: str = "float32") -> Optional[dict]:
     """The whole ``vldus test`` (see the module docstring); returns the metrics on rank 0, else None.
 
     ``setting``: 'zsd' | 'gzsd' (need ``syn_weights``) | 'seen'. Under torchrun every rank calls it.
+    ``cache_dir``: :mod:`vldus.detection.cache` folder (each rank stores the entries of its images).
     """
+    from vldus.detection.cache import DetectorCache
     from vldus.data.readers import coco_category_ids, load_records, records_to_coco, select_test
     from vldus.detection.model import load_detector
     from vldus.detection.zsd import install_zsd_head, load_syn_classifier
@@ -267,6 +300,7 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         if not syn_weights:
             raise InputError("--syn-weights", f"required with --{setting} (the synthesized classifier file)")
         require_file(syn_weights, "synthesized classifier")
+    cache = DetectorCache(cache_dir, cfg.detector, checkpoint, cache_dtype) if cache_dir else None
 
     rank, world, started = _dist_start()
     try:
@@ -295,10 +329,12 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
             os.makedirs(show_dir, exist_ok=True)
             show = {"dir": show_dir, "class_names": split.classes, "unseen_ids": split.unseen_ids,
                     "score_thresh": cfg.inference.show_score_thresh if show_thresh is None else show_thresh}
+        if cache is not None:
+            cache.prepare()
         mine = list(range(rank, len(records), world))
         dets = detect(model, head, [records[i] for i in mine], device, workers=cfg.data.workers, show=show,
-                      progress=not quiet and rank == 0)
-        gathered = _gather(list(zip(mine, dets)), rank, world)
+                      progress=not quiet and rank == 0, cache=cache)
+        gathered = _gather((list(zip(mine, dets)), cache.hits if cache else 0), rank, world)
     finally:
         if started:
             import torch.distributed as dist
@@ -308,7 +344,7 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         return None
 
     detections: list[Optional[dict]] = [None] * len(records)
-    for part in gathered:
+    for part, _ in gathered:
         for i, det in part:
             detections[i] = det
     results = coco_results(records, detections, category_ids, cfg.detector.detections_per_img)
@@ -318,6 +354,10 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
     if metrics_path:
         write_json(metrics_path, metrics, indent=None)
     print(format_metrics(metrics))
+    if cache is not None:
+        hits = sum(h for _, h in gathered)
+        print(f"cache: {hits} of {len(records)} images re-scored from {cache.dir}, "
+              f"{len(records) - hits} computed and stored", file=sys.stdout)
     print(f"test: {setting}: {len(records)} images, {len(results)} detections, "
           f"{time.time() - start:.1f} s -> {out}", file=sys.stdout)
     return metrics
