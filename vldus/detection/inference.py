@@ -38,6 +38,7 @@ from vldus.files import write_json
 
 if TYPE_CHECKING:
     from vldus.detection.cache import DetectorCache
+    from vldus.detection.gzsd import resolve_threshold
 
 SETTINGS = ("zsd", "gzsd", "seen")
 
@@ -228,6 +229,13 @@ def add_parser(sub, common) -> None:
                    help="score shown in pictures (default: inference.show_score_thresh)")
     p.add_argument("--seen-score-cut", type=float, default=None,
                    help="GZSD: zero seen scores below this (SU used 0.3; default: inference.seen_score_cut)")
+    p.add_argument("--gzsd-scoring", default=None, choices=("joint", "published"),
+                   help="GZSD scoring: joint (drop a box's seen scores when an unseen class explains "
+                        "it better) or published (the released two-softmax scoring, SPEC 8.3); "
+                        "default: inference.gzsd_scoring")
+    p.add_argument("--gzsd-threshold", type=float, default=None,
+                   help="joint scoring threshold (default: inference.gzsd_threshold, else "
+                        "gzsd_calibration.json next to --syn-weights, else 0)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N test images")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="detector-output cache: store what the detector computes before its "
@@ -251,10 +259,17 @@ def _check_args(args: argparse.Namespace, cfg: Config) -> None:
         if args.setting != "gzsd":
             raise InputError("--seen-score-cut", "applies to --gzsd only")
         cfg.inference.seen_score_cut = args.seen_score_cut
+    for name in ("gzsd_scoring", "gzsd_threshold"):
+        value = getattr(args, name)
+        if value is not None:
+            if args.setting != "gzsd":
+                raise InputError(f"--{name.replace('_', '-')}", "applies to --gzsd only")
+            setattr(cfg.inference, name, value)
 
 
 def check_inference_config(cfg: Config) -> None:
     """InputError naming the config file for an impossible ``inference`` value."""
+    from vldus.detection.gzsd import SCORINGS
     from vldus.detection.zsd import EXCLUDED_MODES
 
     inf = cfg.inference
@@ -262,6 +277,9 @@ def check_inference_config(cfg: Config) -> None:
         raise InputError(cfg.source_file, f"inference.seen_score_cut: {inf.seen_score_cut} is not a probability")
     if not 0.0 <= inf.bg_blend <= 1.0:
         raise InputError(cfg.source_file, f"inference.bg_blend: {inf.bg_blend} is not in [0, 1]")
+    if inf.gzsd_scoring not in SCORINGS:
+        raise InputError(cfg.source_file, f"inference.gzsd_scoring: {inf.gzsd_scoring!r} is not one of "
+                                          f"{', '.join(SCORINGS)}")
     if inf.excluded not in EXCLUDED_MODES:
         raise InputError(cfg.source_file, f"inference.excluded: {inf.excluded!r} is not one of "
                                           f"{', '.join(EXCLUDED_MODES)}")
@@ -287,6 +305,7 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
     ``cache_dir``: :mod:`vldus.detection.cache` folder (each rank stores the entries of its images).
     """
     from vldus.detection.cache import DetectorCache
+    from vldus.detection.gzsd import resolve_threshold
     from vldus.data.readers import coco_category_ids, load_records, records_to_coco, select_test
     from vldus.detection.model import load_detector
     from vldus.detection.zsd import install_zsd_head, load_syn_classifier
@@ -321,8 +340,14 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         if setting != "seen":
             in_features = model.roi_heads.box_predictor.cls_score.in_features
             classifier = load_syn_classifier(syn_weights, split, in_features)
+        threshold = None
+        if setting == "gzsd" and cfg.inference.gzsd_scoring == "joint":
+            threshold, source = resolve_threshold(syn_weights, cfg.inference.gzsd_threshold)
+            if rank == 0:
+                print(f"gzsd scoring: joint, threshold {threshold:g} ({source})", file=sys.stdout)
         head = install_zsd_head(model, split, setting, classifier, bg_blend=cfg.inference.bg_blend,
-                                seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded)
+                                seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded,
+                                gzsd_threshold=threshold)
 
         show = None
         if show_dir:

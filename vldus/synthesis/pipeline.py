@@ -276,6 +276,17 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
         x, y, g = classifier_data(best["epoch"])
     save_torch({k: v.cpu() for k, v in cls_state.items()}, os.path.join(out_dir, "classifier_best.pth"))
     save_torch({k: v.cpu() for k, v in gen_state.items()}, os.path.join(out_dir, "generator.pth"))
+    # the joint GZSD scoring's threshold, chosen without test data (vldus.synthesis.calibrate)
+    from vldus.detection.gzsd import CALIBRATION_FILE
+    from vldus.synthesis.calibrate import calibrate_gzsd
+
+    def synthesize(att: torch.Tensor, num: int, g: torch.Generator) -> torch.Tensor:
+        noise = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+        return trainer.synthesize(att, num, noise).cpu()  # trainer.G is the selected generator
+
+    calibration = calibrate_gzsd(cfg, split, inputs.train, synthesize, unseen_att, inputs.seen_classifier,
+                                 cls_state, derive_seed(gan.seed, 5))
+    write_json(os.path.join(out_dir, CALIBRATION_FILE), calibration)
     save_torch({k: v.cpu() for k, v in critic_state.items()}, os.path.join(out_dir, "critic.pth"))
     from vldus.synthesis.models import UnseenClassifier
 
