@@ -12,6 +12,11 @@ write
 - ``--metrics M.json`` (INTERFACES metrics layout) and the printed table;
 - ``--show-dir DIR``: one PNG per image with the detections above a display threshold.
 
+``--gzsd-scoring joint`` (default) drops a box's seen scores when an unseen class explains it
+better (:mod:`vldus.detection.gzsd`); ``published`` is the released scoring. ``--cache DIR``
+stores the detector's per-image outputs before its classification layer and re-scores them in
+later runs (:mod:`vldus.detection.cache`).
+
 Under torchrun (``tools/dist_test.sh``) each rank detects every ``world``-th image and rank 0
 gathers the detections (``torch.distributed.gather_object`` over gloo) and writes the files; the
 result is the same as one process.

@@ -40,7 +40,9 @@ Linear(F, C+1), ``bbox_pred`` Linear(F, 4(C+1)); detector index 0 = background):
      logits in the score matrix (not probabilities; they are never evaluated but can take
      places in the 100-per-image budget), which no softmax output can express.
      ``seen_score_cut`` (SU's 0.3; VLDUS removed it): seen probabilities ``q_s < cut`` are set to 0
-     and their mass moves to the seen group's background.
+     and their mass moves to the seen group's background. ``joint_threshold`` (the default
+     ``--gzsd-scoring joint``, :mod:`vldus.detection.gzsd`): boxes an unseen class explains
+     better lose their seen probabilities the same way; None = the released scoring.
    * ``seen``: the plain detector restricted to [background, seen] (no injection needed; a
      baseline without synthesis).
 """
