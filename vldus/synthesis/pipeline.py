@@ -11,7 +11,8 @@ Inputs (paths from the config unless overridden):
   WORK_DIR/synth/compat_classifier.pth                   C_u (stage 3a)
 
 Outputs in WORK_DIR/synth/: classifier_best.pth {"fc.weight" (1+U, 1024), "fc.bias" (1+U,)},
-generator.pth, critic.pth (state dicts), meta.json, log.jsonl (one line per GAN epoch),
+generator.pth, critic.pth (state dicts), gzsd_calibration.json (the joint GZSD scoring's threshold,
+:mod:`vldus.synthesis.calibrate`), meta.json, log.jsonl (one line per GAN epoch),
 losses.png, features_2d.png, and checkpoint_latest.pth (written atomically after every GAN epoch;
 ``resume=True`` continues from it and gives the same weights as an uninterrupted run).
 """
@@ -330,6 +331,7 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
                      "resumed": bool(options.resume and start_epoch > 0)},
         "selected": selected,
         "results": results,
+        "gzsd_calibration": calibration,
         "timings_s": {"gan": round(gan_seconds, 2), "classifier": round(cls_seconds, 2),
                       "total": round(time.time() - t_start, 2),
                       "gan_epoch_mean": round(float(np.mean([r["seconds"] for r in epochs_run])), 3)
