@@ -160,7 +160,8 @@ def test_seen_mode_needs_no_synthesis(project, tmp_path):
 
 def test_gzsd_end_to_end_and_seen_score_cut(project, tmp_path):
     runs = {}
-    for name, extra in (("plain", []), ("cut", ["--seen-score-cut", "0.3"])):
+    for name, extra in (("plain", ["--gzsd-scoring", "published"]),
+                        ("cut", ["--gzsd-scoring", "published", "--seen-score-cut", "0.3"])):
         out = tmp_path / f"{name}.json"
         rc = main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--gzsd", "--out", str(out),
                             "--metrics", str(tmp_path / f"{name}.m.json"), *extra))
@@ -195,6 +196,25 @@ def test_gzsd_end_to_end_and_seen_score_cut(project, tmp_path):
     assert len(gt["annotations"]) == 6
 
 
+def test_joint_scoring_only_removes_seen_detections(project, tmp_path, capsys):
+    """joint vs published on the same detector: seen detections a subset, every unseen one kept
+    (more may enter the 100-per-image budget the removed seen ones free)."""
+    runs = {}
+    for name, extra in (("published", ["--gzsd-scoring", "published"]), ("joint", ["--gzsd-threshold", "-2"])):
+        out = tmp_path / f"{name}.json"
+        assert main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--gzsd", "--out", str(out),
+                             *extra)) == 0
+        runs[name] = {(d["image_id"], d["category_id"], tuple(round(v, 2) for v in d["bbox"])): d["score"]
+                      for d in _read(out)}
+    assert "gzsd scoring: joint, threshold -2 (inference.gzsd_threshold)" in capsys.readouterr().out
+    seen_cats = {CAT_IDS[i] for i in (0, 2, 3)}
+    pub, joint = runs["published"], runs["joint"]
+    pub_seen, joint_seen = ({k for k in r if k[1] in seen_cats} for r in (pub, joint))
+    assert joint_seen < pub_seen  # a low threshold removes some seen detections, adds none
+    for key in set(pub) - pub_seen:  # every unseen detection kept, same score (up to round-off)
+        assert joint[key] == pytest.approx(pub[key], abs=1e-5)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--zsd"], "--syn-weights: required with --zsd"),
     (["--syn-weights", "CLS", "--zsd", "--seen-score-cut", "0.3"], "applies to --gzsd only"),
@@ -202,6 +222,8 @@ def test_gzsd_end_to_end_and_seen_score_cut(project, tmp_path):
     (["--syn-weights", "MISSING", "--gzsd"], "missing.pth: synthesized classifier not found"),
     (["--syn-weights", "CLS", "--zsd", "--set", "inference.excluded=raw"], "inference.excluded: 'raw'"),
     (["--syn-weights", "CLS", "--gzsd", "--set", "inference.seen_score_cut=3"], "seen_score_cut: 3.0 is not"),
+    (["--syn-weights", "CLS", "--zsd", "--gzsd-scoring", "joint"], "--gzsd-scoring: applies to --gzsd only"),
+    (["--syn-weights", "CLS", "--gzsd", "--set", "inference.gzsd_scoring=max"], "inference.gzsd_scoring: 'max'"),
     (["--syn-weights", "CLS", "--zsd", "--set", "data.test.ann_file=SEEN_ONLY"], "seen_only.json: no test image"),
     (["--seen", "--max-images", "0"], "--max-images: must be positive"),
 ])

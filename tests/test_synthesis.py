@@ -69,6 +69,10 @@ def test_synthesized_classifier_recognises_real_unseen_features(task, tmp_path, 
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["epoch"] for r in log] == list(range(1, 51))
     assert all(r["iterations"] == 20 and np.isfinite(r["loss_g"]) for r in log)
+    # the joint GZSD scoring's threshold, chosen on training features + the generator
+    calib = json.load(open(out / "gzsd_calibration.json"))
+    assert calib == meta["gzsd_calibration"] and calib["scoring"] == "joint"
+    assert calib["balanced_accuracy"] > 0.7  # well above chance (0.5): the groups are apart
 
 
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(task, tmp_path):

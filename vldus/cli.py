@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "vldus.detection.extract",
     "vldus.synthesis.compat",
     "vldus.synthesis.cli",
+    "vldus.synthesis.calibrate",
     "vldus.detection.inference",
     "vldus.evaluation.cli",
     "vldus.bundle",

@@ -207,6 +207,12 @@ class InferenceConfig:
     # excluded classes (COCO 48/17): 'softmax' = in the ZSD softmax with background and unseen
     # (released behaviour), probability 0 in GZSD; 'mask' = probability 0 in both settings
     excluded: str = "softmax"
+    # GZSD: 'joint' drops a box's seen scores when an unseen class explains it better
+    # (vldus.detection.gzsd); 'published' = the released two-softmax scoring (SPEC §8.3)
+    gzsd_scoring: str = "joint"
+    # joint scoring threshold; null = gzsd_calibration.json next to the classifier (chosen by
+    # train-generator / calibrate-gzsd without test data), else 0
+    gzsd_threshold: Optional[float] = None
     show_score_thresh: float = 0.3  # `vldus test --show-dir` pictures: boxes with score >= this
 
 

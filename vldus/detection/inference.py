@@ -12,6 +12,11 @@ write
 - ``--metrics M.json`` (INTERFACES metrics layout) and the printed table;
 - ``--show-dir DIR``: one PNG per image with the detections above a display threshold.
 
+``--gzsd-scoring joint`` (default) drops a box's seen scores when an unseen class explains it
+better (:mod:`vldus.detection.gzsd`); ``published`` is the released scoring. ``--cache DIR``
+stores the detector's per-image outputs before its classification layer and re-scores them in
+later runs (:mod:`vldus.detection.cache`).
+
 Under torchrun (``tools/dist_test.sh``) each rank detects every ``world``-th image and rank 0
 gathers the detections (``torch.distributed.gather_object`` over gloo) and writes the files; the
 result is the same as one process.
@@ -22,7 +27,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +41,10 @@ from vldus.data.records import ImageRecord
 from vldus.data.splits import Split
 from vldus.errors import InputError, require_file
 from vldus.files import write_json
+
+if TYPE_CHECKING:
+    from vldus.detection.cache import DetectorCache
+    from vldus.detection.gzsd import resolve_threshold
 
 SETTINGS = ("zsd", "gzsd", "seen")
 
@@ -68,26 +77,45 @@ class TestImages(Dataset):
 # --------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def detect(model: torch.nn.Module, head, records: Sequence[ImageRecord], device: str | torch.device,
-           workers: int = 0, show: Optional[dict] = None, progress: bool = True) -> list[dict]:
+           workers: int = 0, show: Optional[dict] = None, progress: bool = True,
+           cache: Optional[DetectorCache] = None) -> list[dict]:
     """Detections of each record, in order: ``{"boxes" (K,4) float32 xyxy, "scores" (K,), "labels"
     (K,) int64}`` numpy arrays, scores in the released scale (:func:`zsd.rescale_scores`).
 
     ``show``: ``{"dir", "class_names", "unseen_ids", "score_thresh"}`` draws each image to
-    ``dir/<file stem>.png``.
+    ``dir/<file stem>.png``. ``cache`` (:class:`vldus.detection.cache.DetectorCache`): images
+    with an entry skip the detector up to its classification layer; the others are computed
+    and stored.
     """
+    from vldus.detection.cache import box_inputs, score_boxes
     from vldus.detection.zsd import rescale_scores
 
-    loader = DataLoader(TestImages(records), batch_size=None, shuffle=False, num_workers=workers)
+    entries = [cache.entry_path(r.path) for r in records] if cache is not None else [None] * len(records)
+    todo = [i for i, e in enumerate(entries) if e is None or not os.path.isfile(e)]
+    loader = iter(DataLoader(TestImages([records[i] for i in todo]), batch_size=None, shuffle=False,
+                             num_workers=workers if todo else 0))
     results: list[Optional[dict]] = [None] * len(records)
-    for i, image, error in tqdm(loader, total=len(records), desc="test", unit="img", disable=not progress):
-        if error is not None:
-            raise InputError(records[i].path, error)
-        out = rescale_scores(model([image.to(device)]), head)[0]
+    pending = set(todo)
+    if cache is not None:
+        cache.hits, cache.misses = len(records) - len(todo), len(todo)
+    for i in tqdm(range(len(records)), desc="test", unit="img", disable=not progress):
+        image = None
+        if i in pending:
+            _, image, error = next(loader)
+            if error is not None:
+                raise InputError(records[i].path, error)
+            inputs = box_inputs(model, image.to(device))
+            if cache is not None:
+                cache.store(entries[i], inputs)
+                inputs = cache.rounded(inputs)
+        else:
+            inputs = cache.load(entries[i])
+        out = rescale_scores([score_boxes(model, inputs)], head)[0]
         det = {"boxes": out["boxes"].float().cpu().numpy(), "scores": out["scores"].float().cpu().numpy(),
                "labels": out["labels"].cpu().numpy().astype(np.int64)}
         results[i] = det
         if show is not None:
-            _draw(image, records[i], det, show)
+            _draw(image if image is not None else to_float(read_rgb(records[i].path)), records[i], det, show)
     return results
 
 
@@ -207,7 +235,22 @@ def add_parser(sub, common) -> None:
                    help="score shown in pictures (default: inference.show_score_thresh)")
     p.add_argument("--seen-score-cut", type=float, default=None,
                    help="GZSD: zero seen scores below this (SU used 0.3; default: inference.seen_score_cut)")
+    p.add_argument("--gzsd-scoring", default=None, choices=("joint", "published"),
+                   help="GZSD scoring: joint (drop a box's seen scores when an unseen class explains "
+                        "it better) or published (the released two-softmax scoring, SPEC 8.3); "
+                        "default: inference.gzsd_scoring")
+    p.add_argument("--gzsd-threshold", type=float, default=None,
+                   help="joint scoring threshold (default: inference.gzsd_threshold, else "
+                        "gzsd_calibration.json next to --syn-weights, else 0)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N test images")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="detector-output cache: store what the detector computes before its "
+                        "classification layer per test image on the first run, re-score from it "
+                        "on later runs of the same checkpoint and detector config (any classifier, "
+                        "setting or scoring)")
+    p.add_argument("--cache-dtype", default="float32", choices=("float32", "float16"),
+                   help="stored box features: float32 (same detections as without the cache) or "
+                        "float16 (half the size; scores within ~1e-3)")
     p.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) if available, else cpu")
     add_set_argument(p)
     p.set_defaults(func=run)
@@ -221,10 +264,17 @@ def _check_args(args: argparse.Namespace, cfg: Config) -> None:
         if args.setting != "gzsd":
             raise InputError("--seen-score-cut", "applies to --gzsd only")
         cfg.inference.seen_score_cut = args.seen_score_cut
+    for name in ("gzsd_scoring", "gzsd_threshold"):
+        value = getattr(args, name)
+        if value is not None:
+            if args.setting != "gzsd":
+                raise InputError(f"--{name.replace('_', '-')}", "applies to --gzsd only")
+            setattr(cfg.inference, name, value)
 
 
 def check_inference_config(cfg: Config) -> None:
     """InputError naming the config file for an impossible ``inference`` value."""
+    from vldus.detection.gzsd import SCORINGS
     from vldus.detection.zsd import EXCLUDED_MODES
 
     inf = cfg.inference
@@ -232,6 +282,9 @@ def check_inference_config(cfg: Config) -> None:
         raise InputError(cfg.source_file, f"inference.seen_score_cut: {inf.seen_score_cut} is not a probability")
     if not 0.0 <= inf.bg_blend <= 1.0:
         raise InputError(cfg.source_file, f"inference.bg_blend: {inf.bg_blend} is not in [0, 1]")
+    if inf.gzsd_scoring not in SCORINGS:
+        raise InputError(cfg.source_file, f"inference.gzsd_scoring: {inf.gzsd_scoring!r} is not one of "
+                                          f"{', '.join(SCORINGS)}")
     if inf.excluded not in EXCLUDED_MODES:
         raise InputError(cfg.source_file, f"inference.excluded: {inf.excluded!r} is not one of "
                                           f"{', '.join(EXCLUDED_MODES)}")
@@ -242,18 +295,22 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args, cfg)
     run_test(cfg, args.setting, args.checkpoint, args.syn_weights, args.out, metrics_path=args.metrics,
              show_dir=args.show_dir, show_thresh=args.show_thresh, max_images=args.max_images,
-             device=args.device, quiet=args.quiet)
+             device=args.device, quiet=args.quiet, cache_dir=args.cache, cache_dtype=args.cache_dtype)
     return 0
 
 
 def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[str], out: str,
              metrics_path: Optional[str] = None, show_dir: Optional[str] = None,
              show_thresh: Optional[float] = None, max_images: Optional[int] = None,
-             device: Optional[str] = None, quiet: bool = False) -> Optional[dict]:
+             device: Optional[str] = None, quiet: bool = False, cache_dir: Optional[str] = None,
+             cache_dtype: str = "float32") -> Optional[dict]:
     """The whole ``vldus test`` (see the module docstring); returns the metrics on rank 0, else None.
 
     ``setting``: 'zsd' | 'gzsd' (need ``syn_weights``) | 'seen'. Under torchrun every rank calls it.
+    ``cache_dir``: :mod:`vldus.detection.cache` folder (each rank stores the entries of its images).
     """
+    from vldus.detection.cache import DetectorCache
+    from vldus.detection.gzsd import resolve_threshold
     from vldus.data.readers import coco_category_ids, load_records, records_to_coco, select_test
     from vldus.detection.model import load_detector
     from vldus.detection.zsd import install_zsd_head, load_syn_classifier
@@ -267,6 +324,7 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         if not syn_weights:
             raise InputError("--syn-weights", f"required with --{setting} (the synthesized classifier file)")
         require_file(syn_weights, "synthesized classifier")
+    cache = DetectorCache(cache_dir, cfg.detector, checkpoint, cache_dtype) if cache_dir else None
 
     rank, world, started = _dist_start()
     try:
@@ -287,18 +345,26 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         if setting != "seen":
             in_features = model.roi_heads.box_predictor.cls_score.in_features
             classifier = load_syn_classifier(syn_weights, split, in_features)
+        threshold = None
+        if setting == "gzsd" and cfg.inference.gzsd_scoring == "joint":
+            threshold, source = resolve_threshold(syn_weights, cfg.inference.gzsd_threshold)
+            if rank == 0:
+                print(f"gzsd scoring: joint, threshold {threshold:g} ({source})", file=sys.stdout)
         head = install_zsd_head(model, split, setting, classifier, bg_blend=cfg.inference.bg_blend,
-                                seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded)
+                                seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded,
+                                gzsd_threshold=threshold)
 
         show = None
         if show_dir:
             os.makedirs(show_dir, exist_ok=True)
             show = {"dir": show_dir, "class_names": split.classes, "unseen_ids": split.unseen_ids,
                     "score_thresh": cfg.inference.show_score_thresh if show_thresh is None else show_thresh}
+        if cache is not None:
+            cache.prepare()
         mine = list(range(rank, len(records), world))
         dets = detect(model, head, [records[i] for i in mine], device, workers=cfg.data.workers, show=show,
-                      progress=not quiet and rank == 0)
-        gathered = _gather(list(zip(mine, dets)), rank, world)
+                      progress=not quiet and rank == 0, cache=cache)
+        gathered = _gather((list(zip(mine, dets)), cache.hits if cache else 0), rank, world)
     finally:
         if started:
             import torch.distributed as dist
@@ -308,7 +374,7 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         return None
 
     detections: list[Optional[dict]] = [None] * len(records)
-    for part in gathered:
+    for part, _ in gathered:
         for i, det in part:
             detections[i] = det
     results = coco_results(records, detections, category_ids, cfg.detector.detections_per_img)
@@ -318,6 +384,10 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
     if metrics_path:
         write_json(metrics_path, metrics, indent=None)
     print(format_metrics(metrics))
+    if cache is not None:
+        hits = sum(h for _, h in gathered)
+        print(f"cache: {hits} of {len(records)} images re-scored from {cache.dir}, "
+              f"{len(records) - hits} computed and stored", file=sys.stdout)
     print(f"test: {setting}: {len(records)} images, {len(results)} detections, "
           f"{time.time() - start:.1f} s -> {out}", file=sys.stdout)
     return metrics

@@ -13,7 +13,8 @@ Inputs (paths from the config unless overridden):
 
 Outputs in WORK_DIR/synth/: classifier_best.pth {"fc.weight" (1+U, 1024), "fc.bias" (1+U,)} (layout
 "published": the released {"state_dict": {"fc1.weight", "fc1.bias"}, "epoch": k}),
-generator.pth, critic.pth (state dicts), meta.json, log.jsonl (one line per GAN epoch),
+generator.pth, critic.pth (state dicts), gzsd_calibration.json (the joint GZSD scoring's threshold,
+:mod:`vldus.synthesis.calibrate`), meta.json, log.jsonl (one line per GAN epoch),
 losses.png, features_2d.png, and checkpoint_latest.pth (written atomically after every GAN epoch;
 ``resume=True`` continues from it and gives the same weights as an uninterrupted run).
 """
@@ -283,6 +284,17 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
     write_linear(cls_state["fc.weight"], cls_state["fc.bias"], os.path.join(out_dir, "classifier_best.pth"),
                  options.layout, kind="synthesized", epoch=selected["cls_epoch"] - 1)
     save_torch({k: v.cpu() for k, v in gen_state.items()}, os.path.join(out_dir, "generator.pth"))
+    # the joint GZSD scoring's threshold, chosen without test data (vldus.synthesis.calibrate)
+    from vldus.detection.gzsd import CALIBRATION_FILE
+    from vldus.synthesis.calibrate import calibrate_gzsd
+
+    def synthesize(att: torch.Tensor, num: int, g: torch.Generator) -> torch.Tensor:
+        noise = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+        return trainer.synthesize(att, num, noise).cpu()  # trainer.G is the selected generator
+
+    calibration = calibrate_gzsd(cfg, split, inputs.train, synthesize, unseen_att, inputs.seen_classifier,
+                                 cls_state, derive_seed(gan.seed, 5))
+    write_json(os.path.join(out_dir, CALIBRATION_FILE), calibration)
     save_torch({k: v.cpu() for k, v in critic_state.items()}, os.path.join(out_dir, "critic.pth"))
     from vldus.synthesis.models import UnseenClassifier
 
@@ -328,6 +340,7 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
                      "resumed": bool(options.resume and start_epoch > 0)},
         "selected": selected,
         "results": results,
+        "gzsd_calibration": calibration,
         "timings_s": {"gan": round(gan_seconds, 2), "classifier": round(cls_seconds, 2),
                       "total": round(time.time() - t_start, 2),
                       "gan_epoch_mean": round(float(np.mean([r["seconds"] for r in epochs_run])), 3)

@@ -1,0 +1,122 @@
+"""The joint GZSD scoring (vldus.detection.gzsd) on hand-made score tables, and its threshold."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from vldus.data.splits import split_from_names
+from vldus.detection.gzsd import best_threshold, calibrate, group_evidence, resolve_threshold, unseen_wins
+from vldus.detection.zsd import gzsd_probs
+from vldus.errors import InputError
+
+# detector order: 1 red square, 2 blue square, 3 blue circle, 4 green circle; unseen: blue circle
+SPLIT = split_from_names("toy", ["red square", "blue square", "blue circle", "green circle"],
+                         unseen=["blue circle"])
+BIG, NONE = 6.0, -6.0
+
+# logits after injection: [blended bg, red sq, blue sq, blue circle (unseen), green circle]; the
+# detector's own background logit is the second element of each row
+TABLE = {
+    # a blue circle (unseen) the detector takes for a blue square: both groups confident,
+    # the unseen classifier far more so
+    "look-alike": ([0.0, NONE, 2.5, BIG + 4, NONE], 0.0),
+    # a real blue square: the unseen classifier also fires (nearest unseen class), but weaker
+    "real seen": ([0.0, NONE, BIG + 2, 3.0, NONE], 0.0),
+    # background: nothing confident
+    "background": ([2.0, NONE, -1.0, -1.0, NONE], 1.0),
+}
+
+
+def _rows(*names):
+    logits = torch.tensor([TABLE[n][0] for n in names])
+    bg = torch.tensor([TABLE[n][1] for n in names])
+    return logits, bg
+
+
+def test_evidence_is_the_log_odds_of_each_group():
+    logits, bg = _rows("real seen")
+    e_s, e_u = group_evidence(logits, bg, SPLIT)
+    seen = torch.tensor([NONE, BIG + 2, NONE])
+    assert e_s.item() == pytest.approx(torch.logsumexp(seen, 0).item() - 0.0)
+    assert e_u.item() == pytest.approx(3.0 - 0.0)
+
+
+def test_look_alike_removed_real_seen_kept():
+    logits, bg = _rows("look-alike", "real seen", "background")
+    published = gzsd_probs(logits, bg, SPLIT)
+    joint = gzsd_probs(logits, bg, SPLIT, joint_threshold=0.0)
+    blue_square, blue_circle = 2, 3
+    # published: the look-alike is also a confident blue square (a seen false positive)
+    assert 2 * published[0, blue_square] > 0.3
+    # joint: its seen scores are gone, its unseen score untouched
+    assert joint[0, SPLIT.seen_ids].abs().max() == 0
+    assert joint[0, blue_circle] == published[0, blue_circle]
+    # the real blue square keeps its seen score; nothing changes for it or for background
+    assert torch.equal(joint[1:], published[1:])
+    assert 2 * joint[1, blue_square] > 0.9
+    torch.testing.assert_close(joint.sum(1), torch.ones(3))  # still a distribution
+    assert unseen_wins(logits, bg, SPLIT, 0.0).tolist() == [True, False, False]
+
+
+def test_threshold_moves_the_decision():
+    logits, bg = _rows("look-alike", "real seen")
+    e_s, e_u = group_evidence(logits, bg, SPLIT)
+    margin = (e_u - e_s).tolist()
+    assert margin[0] > 0 > margin[1]
+    assert unseen_wins(logits, bg, SPLIT, margin[0] + 0.1).tolist() == [False, False]
+    assert unseen_wins(logits, bg, SPLIT, margin[1] - 0.1).tolist() == [True, True]
+
+
+def test_published_scoring_unchanged():
+    """joint_threshold=None is the released two-softmax mixture, value by value."""
+    logits, bg = _rows("look-alike", "real seen", "background")
+    p = gzsd_probs(logits, bg, SPLIT)
+    for r in range(3):
+        z = logits[r]
+        q_s = torch.softmax(torch.stack([bg[r], z[1], z[2], z[4]]), 0)
+        q_u = torch.softmax(torch.stack([z[0], z[3]]), 0)
+        torch.testing.assert_close(p[r], torch.stack([(q_s[0] + q_u[0]) / 2, q_s[1] / 2, q_s[2] / 2,
+                                                      q_u[1] / 2, q_s[3] / 2]))
+
+
+def test_best_threshold_separates_and_reports_accuracy():
+    seen = torch.tensor([-5.0, -4.0, -3.0, 1.5])  # one seen row on the wrong side
+    unseen = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    t, acc = best_threshold(seen, unseen)
+    assert -3.0 < t < 1.0 and acc == pytest.approx((3 / 4 + 1) / 2)
+    t, acc = best_threshold(torch.tensor([0.0, 1.0]), torch.tensor([5.0]))
+    assert t == pytest.approx(3.0) and acc == 1.0
+    with pytest.raises(ValueError):
+        best_threshold(torch.tensor([]), unseen)
+
+
+def test_calibrate_on_features_picks_a_separating_threshold():
+    """Seen features excite the blue-square row, unseen ones the blue-circle row (both partly)."""
+    g = torch.Generator().manual_seed(0)
+    feat = 8
+    cls_w = torch.zeros(SPLIT.num_classes + 1, feat)
+    cls_w[2, 0] = cls_w[2, 1] = 1.0  # detector: blue square responds to dims 0 and 1
+    cls_b = torch.zeros(SPLIT.num_classes + 1)
+    syn_w, syn_b = torch.zeros(2, feat), torch.zeros(2)
+    syn_w[1, 1] = syn_w[1, 2] = 1.0  # synthesized: blue circle responds to dims 1 and 2
+    seen = torch.rand(200, feat, generator=g) * torch.tensor([4.0, 1, 0, 0, 0, 0, 0, 0])
+    seen[:, 1] = 2.0
+    unseen = torch.rand(100, feat, generator=g) * torch.tensor([0.0, 0, 4, 0, 0, 0, 0, 0])
+    unseen[:, 1] = 2.0
+    out = calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="hand-made")
+    assert out["balanced_accuracy"] > 0.95 and out["scoring"] == "joint"
+    assert out["seen_rows"] == 200 and out["unseen_rows"] == 100 and math.isfinite(out["threshold"])
+
+
+def test_resolve_threshold_order(tmp_path):
+    cls = tmp_path / "classifier_best.pth"
+    assert resolve_threshold(str(cls), None)[0] == 0.0  # no file: the plain comparison
+    (tmp_path / "gzsd_calibration.json").write_text(json.dumps({"scoring": "joint", "threshold": -1.25}))
+    assert resolve_threshold(str(cls), None) == (-1.25, str(tmp_path / "gzsd_calibration.json"))
+    assert resolve_threshold(str(cls), 2.0) == (2.0, "inference.gzsd_threshold")
+    (tmp_path / "gzsd_calibration.json").write_text("{")
+    with pytest.raises(InputError, match="unreadable GZSD calibration"):
+        resolve_threshold(str(cls), None)
