@@ -113,3 +113,81 @@ def test_openai_constants_match_open_clip():
     import open_clip
     from vldus.clip import OPENAI_MEAN, OPENAI_STD
     assert OPENAI_MEAN == open_clip.OPENAI_DATASET_MEAN and OPENAI_STD == open_clip.OPENAI_DATASET_STD
+
+
+# --- QuickGELU: OpenAI's archives -----------------------------------------------------------
+@pytest.fixture
+def openai_archive(tiny_clip, tmp_path):
+    """A TorchScript archive as OpenAI ships them: open_clip's (= OpenAI's) key names plus the
+    ``input_resolution`` / ``context_length`` / ``vocab_size`` entries of OpenAI's models."""
+    model = tiny_clip.model
+
+    class OpenAICLIP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, child in model.named_children():
+                self.add_module(name, child)
+            for name, p in model.named_parameters(recurse=False):
+                self.register_parameter(name, p)
+            for key, value in (("input_resolution", 32), ("context_length", 16), ("vocab_size", 49408)):
+                self.register_buffer(key, torch.tensor(value))
+
+        def forward(self, image):
+            return self.visual(image)
+
+    path = tmp_path / "ViT-tiny.pt"
+    archive = OpenAICLIP()
+    assert {k for k in archive.state_dict() if k not in model.state_dict()} == {
+        "input_resolution", "context_length", "vocab_size"}
+    torch.jit.script(archive).save(str(path))
+    return str(path)
+
+
+def test_openai_archive_selects_quickgelu(tiny_clip, openai_archive, capsys):
+    from vldus.clip import read_clip_weights, uses_quick_gelu
+
+    assert read_clip_weights(openai_archive)[1] is True
+    assert not uses_quick_gelu(tiny_clip.model)
+    model = load_open_clip(tiny_clip.arch, openai_archive)
+    out = capsys.readouterr().out
+    assert uses_quick_gelu(model)
+    assert "OpenAI TorchScript archive" in out and "QuickGELU" in out and openai_archive in out
+    assert _same_weights(tiny_clip.model, model)
+    with torch.no_grad():  # same weights, other activation: other embeddings (why it matters)
+        img = torch.randn(1, 3, 32, 32)
+        assert not torch.allclose(model.encode_image(img), tiny_clip.model.encode_image(img))
+
+
+def test_other_archives_keep_the_named_activation(tiny_clip, tmp_path, capsys):
+    from vldus.clip import read_clip_weights, uses_quick_gelu
+
+    path = tmp_path / "scripted.pt"  # an open_clip model scripted by a user: not OpenAI's
+    torch.jit.script(tiny_clip.model).save(str(path))
+    assert read_clip_weights(str(path))[1] is False
+    assert not uses_quick_gelu(load_open_clip(tiny_clip.arch, path))
+    assert capsys.readouterr().out == ""
+    # converted OpenAI weights in another format: forced by hand
+    assert uses_quick_gelu(load_open_clip(tiny_clip.arch, tiny_clip.weights_path, quickgelu="on"))
+
+
+def test_explicit_mismatch_is_refused(tiny_clip, openai_archive, tmp_path, cli_error):
+    with pytest.raises(InputError) as e:
+        load_open_clip(tiny_clip.arch, openai_archive, quickgelu="off")
+    msg = str(e.value)
+    assert msg.startswith(openai_archive) and tiny_clip.arch in msg and "QuickGELU" in msg
+    err = cli_error(["embed", "--classes", "dog,cat", "--encoder", "clip", "--arch", tiny_clip.arch,
+                     "--weights", openai_archive, "--quickgelu", "off", "--out", str(tmp_path / "se.npy")])
+    assert openai_archive in err and tiny_clip.arch in err
+    quick = tmp_path / "quick.json"
+    quick.write_text(json.dumps(dict(json.load(open(tiny_clip.arch)), quick_gelu=True)))
+    with pytest.raises(InputError, match="quick.json: architecture uses QuickGELU, but --quickgelu off"):
+        load_open_clip(str(quick), tiny_clip.weights_path, quickgelu="off")
+    with pytest.raises(InputError, match="--quickgelu: 'maybe'"):
+        load_open_clip(tiny_clip.arch, tiny_clip.weights_path, quickgelu="maybe")
+
+
+def test_quickgelu_names():
+    from vldus.clip import _quickgelu_name, arch_uses_quick_gelu
+
+    assert _quickgelu_name("ViT-B-32") == "ViT-B-32-quickgelu"
+    assert arch_uses_quick_gelu("ViT-B-32-quickgelu") and not arch_uses_quick_gelu("ViT-B-32")

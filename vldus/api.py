@@ -81,7 +81,8 @@ def embed_names(encoder: dict, names: Sequence[str]) -> np.ndarray:
         if encoder.get("weights_sha256") and sha256_file(weights) != encoder["weights_sha256"]:
             raise InputError(weights, "CLIP weights differ from the ones the bundle was trained with (sha256)")
         matrix, _ = build_embeddings(names, "clip", weights=weights, arch=encoder.get("arch"),
-                                     prompts=encoder.get("prompts"))
+                                     prompts=encoder.get("prompts"),
+                                     quickgelu=encoder.get("quickgelu", "auto"))
     elif kind == "minilm":
         model = encoder.get("model")
         matrix, _ = build_embeddings(names, "minilm", weights=model if model and os.path.isdir(model) else None,

@@ -90,7 +90,8 @@ def _encoder_settings(cfg, split, raw: np.ndarray, encoder: Optional[str]) -> di
         if not meta.get("weights"):
             raise InputError(side, "clip encoder: the sidecar names no CLIP weights file")
         return {"encoder": "clip", "arch": meta.get("arch"), "weights": meta["weights"],
-                "weights_sha256": meta.get("weights_sha256"), "prompts": meta.get("prompts")}
+                "weights_sha256": meta.get("weights_sha256"), "prompts": meta.get("prompts"),
+                "quickgelu": meta.get("quickgelu", "auto")}
     if name == "minilm":
         return {"encoder": "minilm", "model": meta.get("model"), "prompts": meta.get("prompts")}
     raise InputError("--encoder", f"{name!r}: expected attributes, clip or minilm")

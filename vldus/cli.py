@@ -18,6 +18,7 @@ from vldus.errors import InputError
 COMMAND_MODULES = [
     "vldus.data.shapes",
     "vldus.data.embeddings",
+    "vldus.clip_train",
     "vldus.detection.train",
     "vldus.detection.convert",
     "vldus.detection.extract",

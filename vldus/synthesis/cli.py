@@ -29,6 +29,12 @@ def add_parser(sub, common) -> None:
                    help="where active distillation sends gradient: d_and_g (ours) or d_only (the "
                         "released design, critic loop only) (default: gan.distill_into)")
     p.add_argument("--clip-weights", metavar="FILE", help="local open_clip weights (gan.clip_weights)")
+    p.add_argument("--clip-arch", metavar="NAME_OR_JSON",
+                   help="open_clip model name or model-config JSON, e.g. OUT/open_clip_config.json of "
+                        "vldus train-clip (gan.clip_arch)")
+    p.add_argument("--clip-quickgelu", choices=("auto", "on", "off"),
+                   help="QuickGELU for the CLIP (gan.clip_quickgelu; auto: an OpenAI TorchScript "
+                        "archive gets the QuickGELU variant of the arch)")
     p.add_argument("--select-on-test", action="store_true",
                    help="published model selection on the real unseen TEST features (leaks test "
                         "data; unseen_classifier.selection=test)")
@@ -62,6 +68,10 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"gan.distill_into={args.distill_into}")
     if args.clip_weights:
         extra.append(f"gan.clip_weights={args.clip_weights!s}")
+    if args.clip_arch:
+        extra.append(f"gan.clip_arch={args.clip_arch!s}")
+    if args.clip_quickgelu:
+        extra.append(f"gan.clip_quickgelu={args.clip_quickgelu}")
     if args.select_on_test:
         extra.append("unseen_classifier.selection=test")
     return list(args.set) + extra

@@ -224,7 +224,8 @@ def build_distiller(gan_cfg, text_matrix, device: str | torch.device = "cpu") ->
         raise InputError("gan.clip_weights", f"gan.distill={mode!r} needs a local CLIP weights "
                                              "file: set gan.clip_weights (demo: --clip-weights) "
                                              "or gan.distill=off")
-    model = load_open_clip(gan_cfg.clip_arch, gan_cfg.clip_weights, device)
+    model = load_open_clip(gan_cfg.clip_arch, gan_cfg.clip_weights, device,
+                           getattr(gan_cfg, "clip_quickgelu", "auto"))
     text = torch.as_tensor(text_matrix, dtype=torch.float32)
     dim = getattr(model.visual, "output_dim", None) or getattr(model, "embed_dim", None)
     if dim is not None:
