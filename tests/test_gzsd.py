@@ -113,7 +113,8 @@ def test_calibrate_on_features_picks_a_separating_threshold():
 
 def test_resolve_threshold_order(tmp_path):
     cls = tmp_path / "classifier_best.pth"
-    assert resolve_threshold(str(cls), None)[0] == 0.0  # no file: the plain comparison
+    threshold, why = resolve_threshold(str(cls), None)
+    assert threshold is None and "calibrate-gzsd" in why  # no file: the published scoring
     (tmp_path / "gzsd_calibration.json").write_text(json.dumps({"scoring": "joint", "threshold": -1.25}))
     assert resolve_threshold(str(cls), None) == (-1.25, str(tmp_path / "gzsd_calibration.json"))
     assert resolve_threshold(str(cls), 2.0) == (2.0, "inference.gzsd_threshold")

@@ -207,6 +207,11 @@ def test_joint_scoring_only_removes_seen_detections(project, tmp_path, capsys):
         runs[name] = {(d["image_id"], d["category_id"], tuple(round(v, 2) for v in d["bbox"])): d["score"]
                       for d in _read(out)}
     assert "gzsd scoring: joint, threshold -2 (inference.gzsd_threshold)" in capsys.readouterr().out
+    # no calibration file next to cls.pth and no threshold: the published scoring, said so
+    assert main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--gzsd", "--out",
+                         str(tmp_path / "default.json"))) == 0
+    assert "gzsd scoring: published (no gzsd_calibration.json" in capsys.readouterr().out
+    assert _read(tmp_path / "default.json") == _read(tmp_path / "published.json")
     seen_cats = {CAT_IDS[i] for i in (0, 2, 3)}
     pub, joint = runs["published"], runs["joint"]
     pub_seen, joint_seen = ({k for k in r if k[1] in seen_cats} for r in (pub, joint))

@@ -212,7 +212,7 @@ class InferenceConfig:
     # (vldus.detection.gzsd); 'published' = the released two-softmax scoring (SPEC §8.3)
     gzsd_scoring: str = "joint"
     # joint scoring threshold; null = gzsd_calibration.json next to the classifier (chosen by
-    # train-generator / calibrate-gzsd without test data), else 0
+    # train-generator / calibrate-gzsd without test data), else the published scoring
     gzsd_threshold: Optional[float] = None
     show_score_thresh: float = 0.3  # `vldus test --show-dir` pictures: boxes with score >= this
 

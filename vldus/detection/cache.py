@@ -23,7 +23,8 @@ file per image, so concurrent ranks under torchrun never write the same file.
 ``float32`` entries give exactly the detections of a run without the cache (same code path:
 :func:`box_inputs` then :func:`score_boxes`). ``float16`` halves the size; the box features are
 rounded to 11 significant bits (relative error <= 2^-11 ~ 5e-4 per value), which moves scores by
-about 1e-3 and can reorder near-ties.
+about 1e-3 and can reorder near-ties. The device is not part of the key: entries computed on a
+GPU re-scored on a CPU (or the reverse) differ from a fresh run there by float round-off only.
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class DetectorCache:
         self.dtype = dtype
         self.key = cache_key(detector_cfg, sha256_file(checkpoint), dtype)
         self.dir = os.path.join(root, key_digest(self.key))
-        self.hits = self.misses = 0
+        self.hits = self.misses = 0  # set by inference.detect
 
     def prepare(self) -> None:
         """Create the folder and its key.json (idempotent; every rank may call it)."""
@@ -140,8 +141,8 @@ class DetectorCache:
             inputs = BoxInputs(obj["proposals"], obj["features"], tuple(obj["image_size"]),
                                tuple(obj["original_size"]))
         except Exception as e:  # noqa: BLE001 - a damaged file: name it, tell how to recover
-            raise InputError(entry, f"unreadable cache entry ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                                    "delete it to recompute") from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(entry, f"unreadable cache entry ({why}); delete it to recompute") from None
         return inputs
 
     def store(self, entry: str, inputs: BoxInputs) -> None:

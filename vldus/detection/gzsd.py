@@ -19,7 +19,9 @@ seen box) and unseen features synthesized by the trained generator, it is the va
 separates the two (highest balanced accuracy of "unseen wins"). ``vldus train-generator`` runs it
 after the classifier and writes ``gzsd_calibration.json`` next to ``classifier_best.pth``;
 ``vldus calibrate-gzsd`` re-runs it for an existing synthesizer folder; ``vldus test --gzsd``
-reads the file next to ``--syn-weights`` (else ``inference.gzsd_threshold``, else 0).
+reads the file next to ``--syn-weights``; ``inference.gzsd_threshold`` / ``--gzsd-threshold``
+override it. Without either, ``vldus test`` falls back to the published scoring and says so (an
+uncalibrated threshold can cost more seen mAP than it saves).
 
 ``gzsd_calibration.json``: ``{"scoring": "joint", "threshold": float, "balanced_accuracy": float,
 "seen_rows": int, "unseen_rows": int, "source": str}``.
@@ -38,7 +40,6 @@ from vldus.errors import InputError
 
 SCORINGS = ("joint", "published")
 CALIBRATION_FILE = "gzsd_calibration.json"
-DEFAULT_THRESHOLD = 0.0  # no calibration file and no inference.gzsd_threshold: plain comparison
 
 
 def group_evidence(logits: Tensor, detector_bg_logit: Tensor, split: Split) -> tuple[Tensor, Tensor]:
@@ -112,14 +113,16 @@ def calibration_path(syn_weights: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(syn_weights)), CALIBRATION_FILE)
 
 
-def resolve_threshold(syn_weights: Optional[str], configured: Optional[float]) -> tuple[float, str]:
+def resolve_threshold(syn_weights: Optional[str], configured: Optional[float]) -> tuple[Optional[float], str]:
     """(threshold, where it came from): ``configured`` (inference.gzsd_threshold / --gzsd-threshold)
-    if set, else ``gzsd_calibration.json`` next to ``syn_weights``, else :data:`DEFAULT_THRESHOLD`."""
+    if set, else ``gzsd_calibration.json`` next to ``syn_weights``, else (None, why): no
+    calibrated threshold, the caller uses the published scoring."""
     if configured is not None:
         return float(configured), "inference.gzsd_threshold"
     path = calibration_path(syn_weights) if syn_weights else None
     if path is None or not os.path.isfile(path):
-        return DEFAULT_THRESHOLD, "default (no gzsd_calibration.json next to the classifier)"
+        return None, (f"no {CALIBRATION_FILE} next to the classifier: run vldus calibrate-gzsd "
+                      "or set --gzsd-threshold")
     try:
         with open(path) as f:
             value = json.load(f)["threshold"]

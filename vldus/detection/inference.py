@@ -241,7 +241,7 @@ def add_parser(sub, common) -> None:
                         "default: inference.gzsd_scoring")
     p.add_argument("--gzsd-threshold", type=float, default=None,
                    help="joint scoring threshold (default: inference.gzsd_threshold, else "
-                        "gzsd_calibration.json next to --syn-weights, else 0)")
+                        "gzsd_calibration.json next to --syn-weights, else the published scoring)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N test images")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="detector-output cache: store what the detector computes before its "
@@ -349,7 +349,8 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         if setting == "gzsd" and cfg.inference.gzsd_scoring == "joint":
             threshold, source = resolve_threshold(syn_weights, cfg.inference.gzsd_threshold)
             if rank == 0:
-                print(f"gzsd scoring: joint, threshold {threshold:g} ({source})", file=sys.stdout)
+                print(f"gzsd scoring: joint, threshold {threshold:g} ({source})" if threshold is not None
+                      else f"gzsd scoring: published ({source})", file=sys.stdout)
         head = install_zsd_head(model, split, setting, classifier, bg_blend=cfg.inference.bg_blend,
                                 seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded,
                                 gzsd_threshold=threshold)
