@@ -147,12 +147,17 @@ def test_exclude_unseen_really_excludes(tmp_path, monkeypatch):
 
 
 def test_distiller_builds_from_the_trained_clip(trained):
-    from vldus.config import GanConfig
+    """train-generator's flags -> the shapes config -> the distiller, on the 32 px CLIP."""
+    from vldus.cli import build_parser
+    from vldus.config import load_config
+    from vldus.synthesis.cli import config_overrides
     from vldus.synthesis.distill import build_distiller
 
     out = trained[0]
-    gan = GanConfig(distill="active", clip_arch=os.path.join(out, CONFIG_FILE),
-                    clip_weights=os.path.join(out, WEIGHTS_FILE), d_feat=512)
+    args = build_parser().parse_args([
+        "train-generator", "--config", "shapes", "--distill", "active",
+        "--clip-arch", os.path.join(out, CONFIG_FILE), "--clip-weights", os.path.join(out, WEIGHTS_FILE)])
+    gan = load_config(args.config, config_overrides(args)).gan
     torch.manual_seed(0)
     dist = build_distiller(gan, torch.nn.functional.normalize(torch.randn(5, 512), dim=1))
     assert dist.image_size == (32, 32)
