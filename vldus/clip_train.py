@@ -88,7 +88,7 @@ class ClipTrainConfig:
     captions_per_step: int = 1         # captions per class and step, drawn from the templates
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
-    checkpoint_every: int = 50         # steps between atomic checkpoints
+    checkpoint_every: int = 100        # steps between atomic checkpoints (92 MB: weights + AdamW state)
     templates: tuple[str, ...] = TEMPLATES
 
     def check(self) -> None:
@@ -301,7 +301,7 @@ def train_clip(out: str | os.PathLike, seed: int = 0, exclude_unseen: Optional[s
     settings = _settings(seed, exclude, cfg)
     ckpt_path = os.path.join(out, CHECKPOINT_FILE)
     ckpt = _read_checkpoint(ckpt_path, settings) if resume and os.path.isfile(ckpt_path) else None
-    if resume and not quiet:
+    if resume:  # one line, also with --quiet (it says what the run continues from)
         print(f"resuming after step {ckpt['step']} from {ckpt_path}" if ckpt else
               f"no checkpoint in {out}; starting from scratch", flush=True)
 
