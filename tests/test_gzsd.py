@@ -111,6 +111,22 @@ def test_calibrate_on_features_picks_a_separating_threshold():
     assert out["seen_rows"] == 200 and out["unseen_rows"] == 100 and math.isfinite(out["threshold"])
 
 
+def test_calibration_without_separation_keeps_the_published_scoring(tmp_path):
+    """Seen and unseen features drawn alike: no threshold separates them, so the calibration
+    says 'published' and vldus test does not remove seen detections."""
+    g = torch.Generator().manual_seed(0)
+    feat = 8
+    cls_w, cls_b = torch.randn(SPLIT.num_classes + 1, feat, generator=g), torch.zeros(SPLIT.num_classes + 1)
+    syn_w, syn_b = torch.randn(2, feat, generator=g), torch.zeros(2)
+    seen, unseen = torch.rand(300, feat, generator=g), torch.rand(300, feat, generator=g)
+    out = calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="hand-made",
+                    min_separation=0.75)
+    assert out["balanced_accuracy"] < 0.75 and out["scoring"] == "published"
+    (tmp_path / "gzsd_calibration.json").write_text(json.dumps(out))
+    threshold, why = resolve_threshold(str(tmp_path / "classifier_best.pth"), None)
+    assert threshold is None and "balanced accuracy" in why
+
+
 def test_resolve_threshold_order(tmp_path):
     cls = tmp_path / "classifier_best.pth"
     threshold, why = resolve_threshold(str(cls), None)

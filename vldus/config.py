@@ -214,6 +214,9 @@ class InferenceConfig:
     # joint scoring threshold; null = gzsd_calibration.json next to the classifier (chosen by
     # train-generator / calibrate-gzsd without test data), else the published scoring
     gzsd_threshold: Optional[float] = None
+    # the calibration keeps the published scoring when its best threshold separates real seen from
+    # synthesized unseen features with a balanced accuracy below this (the rule cannot tell them apart)
+    gzsd_min_separation: float = 0.75
     show_score_thresh: float = 0.3  # `vldus test --show-dir` pictures: boxes with score >= this
 
 

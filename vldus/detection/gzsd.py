@@ -23,8 +23,11 @@ reads the file next to ``--syn-weights``; ``inference.gzsd_threshold`` / ``--gzs
 override it. Without either, ``vldus test`` falls back to the published scoring and says so (an
 uncalibrated threshold can cost more seen mAP than it saves).
 
-``gzsd_calibration.json``: ``{"scoring": "joint", "threshold": float, "balanced_accuracy": float,
-"seen_rows": int, "unseen_rows": int, "source": str}``.
+``gzsd_calibration.json``: ``{"scoring": "joint" | "published", "threshold": float,
+"balanced_accuracy": float, "min_separation": float, "seen_rows": int, "unseen_rows": int,
+"source": str}``; "published" when the best threshold separates the two with a balanced accuracy
+below ``inference.gzsd_min_separation``: then the rule would remove real seen detections about as
+often as look-alikes, and ``vldus test`` keeps the published scoring.
 """
 from __future__ import annotations
 
@@ -100,11 +103,18 @@ def margins(features: Tensor, cls_weight: Tensor, cls_bias: Tensor, syn_weight: 
 
 
 def calibrate(seen_features: Tensor, unseen_features: Tensor, cls_weight: Tensor, cls_bias: Tensor,
-              syn_weight: Tensor, syn_bias: Tensor, split: Split, bg_blend: float, source: str) -> dict:
-    """The ``gzsd_calibration.json`` dict (see the module doc) from seen / unseen RoI features."""
+              syn_weight: Tensor, syn_bias: Tensor, split: Split, bg_blend: float, source: str,
+              min_separation: float = 0.0) -> dict:
+    """The ``gzsd_calibration.json`` dict (see the module doc) from seen / unseen RoI features.
+
+    When the best threshold's balanced accuracy is below ``min_separation`` the rule cannot tell
+    seen from unseen boxes here, and the file says ``"scoring": "published"`` (the threshold is
+    still recorded)."""
     args = (cls_weight.float(), cls_bias.float(), syn_weight.float(), syn_bias.float(), split, bg_blend)
     threshold, accuracy = best_threshold(margins(seen_features, *args), margins(unseen_features, *args))
-    return {"scoring": "joint", "threshold": round(threshold, 6), "balanced_accuracy": round(accuracy, 6),
+    return {"scoring": "joint" if accuracy >= min_separation else "published",
+            "threshold": round(threshold, 6), "balanced_accuracy": round(accuracy, 6),
+            "min_separation": min_separation,
             "seen_rows": len(seen_features), "unseen_rows": len(unseen_features), "bg_blend": bg_blend,
             "source": source}
 
@@ -125,8 +135,11 @@ def resolve_threshold(syn_weights: Optional[str], configured: Optional[float]) -
                       "or set --gzsd-threshold")
     try:
         with open(path) as f:
-            value = json.load(f)["threshold"]
-        return float(value), path
+            calibration = json.load(f)
+        if calibration.get("scoring", "joint") == "published":
+            return None, (f"{path}: the calibration separates seen from unseen boxes with balanced "
+                          f"accuracy {calibration['balanced_accuracy']:.2f} < {calibration['min_separation']}")
+        return float(calibration["threshold"]), path
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(path, f"unreadable GZSD calibration ({type(e).__name__}: {e}); delete it or "
                                "re-run vldus calibrate-gzsd") from None

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from vldus.config import add_set_argument
 from vldus.errors import InputError, require_file
 from vldus.files import write_json
 
@@ -46,7 +47,7 @@ def calibrate_gzsd(cfg, split, train, synthesize: Callable[[torch.Tensor, int, t
     weight = classifier_state.get("fc.weight", classifier_state.get("weight"))
     bias = classifier_state.get("fc.bias", classifier_state.get("bias"))
     return calibrate(seen, unseen, seen_classifier.weight.detach(), seen_classifier.bias.detach(),
-                     weight, bias, split, cfg.inference.bg_blend, SOURCE)
+                     weight, bias, split, cfg.inference.bg_blend, SOURCE, cfg.inference.gzsd_min_separation)
 
 
 def calibrate_synth_dir(cfg, synth_dir: str, detector_checkpoint: str, features_dir: str, device: str = "cpu",
@@ -100,8 +101,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--checkpoint", default=None, help="detector checkpoint (default: as train-generator)")
     p.add_argument("--features-dir", default=None, help="stage-2 features (default: WORK_DIR/features)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    add_set_argument(p)
     p.set_defaults(func=run)
 
 

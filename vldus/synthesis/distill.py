@@ -117,7 +117,8 @@ class CLIPDistiller(nn.Module):
     ``forward(x_real (B,1024), x_fake (B,1024), feat_real (B,dt), feat_fake (B,dt))`` returns
     ``{"l_fa", "l_ra_dis", "l_ra_div", "total"}`` (scalar tensors, weights applied).
     I(x_real) is computed without autograd unless ``x_real.requires_grad``; pass it as
-    ``img_real`` (from :meth:`encode`) to reuse it across calls on the same real batch.
+    ``img_real`` (from :meth:`encode`) to reuse it across calls on the same real batch, and
+    ``img_fake`` when the fakes are data (the critic's steps) and were encoded beforehand.
     """
 
     def __init__(self, image_encoder: nn.Module, text_matrix: torch.Tensor, w_fa: float,
@@ -166,11 +167,12 @@ class CLIPDistiller(nn.Module):
         return out.float()
 
     def forward(self, x_real: torch.Tensor, x_fake: torch.Tensor, feat_real: torch.Tensor,
-                feat_fake: torch.Tensor, img_real: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                feat_fake: torch.Tensor, img_real: Optional[torch.Tensor] = None,
+                img_fake: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(self.active and torch.is_grad_enabled()):
-            return self._losses(x_real, x_fake, feat_real, feat_fake, img_real)
+            return self._losses(x_real, x_fake, feat_real, feat_fake, img_real, img_fake)
 
-    def _losses(self, x_real, x_fake, feat_real, feat_fake, img_real=None) -> dict[str, torch.Tensor]:
+    def _losses(self, x_real, x_fake, feat_real, feat_fake, img_real=None, img_fake=None) -> dict[str, torch.Tensor]:
         if img_real is not None:
             img_real = img_real.float()
         elif x_real.requires_grad:
@@ -178,7 +180,7 @@ class CLIPDistiller(nn.Module):
         else:
             with torch.no_grad():  # real features are data: no activations kept
                 img_real = self.encode(x_real)
-        img_fake = self.encode(x_fake)
+        img_fake = self.encode(x_fake) if img_fake is None else img_fake.float()
         return self._terms(img_real, img_fake, feat_real, feat_fake)
 
     @torch.no_grad()

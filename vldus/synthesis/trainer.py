@@ -198,13 +198,20 @@ class GANTrainer:
             same_att = torch.arange(B, device=self.device).repeat(steps)
             fakes = self.g_weights(z, a, same_att).float().view(steps, B, -1)
         alphas = torch.rand(steps, B, 1, device=self.device, generator=self.noise)
-        if self.distill_active and img_real is None:
-            img_real = self.encode_real(x)
+        img_fakes = None
+        if self.distill_active:
+            if img_real is None:
+                img_real = self.encode_real(x)
+            # the fakes are data for the critic: all steps' rows through CLIP in one batch
+            r = min(cfg.distill_rows, B)
+            with torch.no_grad():
+                img_fakes = self.distiller.encode(fakes[:, :r].reshape(steps * r, -1)).view(steps, r, -1)
         for step in range(steps):
             fwd = self.critic_update.forward(x, fakes[step], a, alphas[step])
             distill, feat_grad = torch.zeros((), device=self.device), None
             if self.distill_active:
-                distill, feat_grad = self._distill_feature_grad(x, fakes[step], fwd.feat, img_real)
+                distill, feat_grad = self._distill_feature_grad(x, fakes[step], fwd.feat, img_real,
+                                                                img_fakes[step])
             loss = self.critic_update.backward(fwd, feat_grad)
             if self.distill_logged:  # D's weights of this step, before its optimizer step
                 self.critic_parts = self._released_distill_terms(x, a, fwd.feat)
@@ -231,7 +238,8 @@ class GANTrainer:
                                              feat_fake)
 
     def _distill_feature_grad(self, x: torch.Tensor, fake: torch.Tensor, feat: torch.Tensor,
-                              img_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                              img_real: torch.Tensor, img_fake: Optional[torch.Tensor] = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Distillation total on the first ``distill_rows`` real and fake rows, and its
         gradient w.r.t. the critic's features (2B, F) (fakes are data for the critic).
         The terms are kept in ``critic_parts`` (logged when the G step has none)."""
@@ -239,7 +247,7 @@ class GANTrainer:
         feat_real = feat[:r].float().requires_grad_(True)
         feat_fake = feat[B:B + r].float().requires_grad_(True)
         with torch.enable_grad():
-            parts = self.distiller(x[:r], fake[:r], feat_real, feat_fake, img_real)
+            parts = self.distiller(x[:r], fake[:r], feat_real, feat_fake, img_real, img_fake)
             g_real, g_fake = torch.autograd.grad(parts["total"], [feat_real, feat_fake])
         self.critic_parts = {k: v.detach() for k, v in parts.items()}
         feat_grad = torch.zeros(feat.shape, device=self.device)
