@@ -100,7 +100,7 @@ def step_dist_test(args, work: str) -> tuple[bool, str, dict]:
         env["CUDA_VISIBLE_DEVICES"] = ""
     start = time.perf_counter()
     r = sh(["bash", "tools/dist_test.sh", f["config"], f["checkpoint"], "1", "--syn-weights", f["classifier"],
-            "--zsd", "--out", out, "--metrics", out + ".metrics.json", "--quiet"], env=env)
+            "--zsd", "--out", out, "--metrics", out + ".metrics.json", "--quiet", *_max_images(args)], env=env)
     if r.returncode:
         return False, f"exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}", {}
     m = json.load(open(out + ".metrics.json"))
@@ -114,7 +114,8 @@ def step_parity(args, work: str) -> tuple[bool, str, dict]:
     for device in dict.fromkeys(["cpu", args.device]):
         out = os.path.join(work, f"parity_{device}.json")
         r = sh([PY, "-m", "vldus.cli", "test", "--config", f["config"], "--checkpoint", f["checkpoint"],
-                "--syn-weights", f["classifier"], "--gzsd", "--device", device, "--out", out, "--quiet"])
+                "--syn-weights", f["classifier"], "--gzsd", "--device", device, "--out", out, "--quiet",
+                *_max_images(args)])
         if r.returncode:
             return False, f"{device}: exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}", {}
         runs[device] = json.load(open(out))
@@ -162,6 +163,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _max_images(args) -> list[str]:
+    return ["--max-images", "8"] if args.tiny else []
 
 
 def _device_env(args) -> dict:

@@ -26,20 +26,24 @@ def run():
 def test_vldus_is_the_method_and_beats_no_synthesis(run):
     m, ablation = run.metrics, run.metrics["ablation"]
     assert m["method"] == "synthesis_vldus" and m["precision"] == "fp32"
-    assert set(ablation) == {"no_synthesis", "synthesis_su", "synthesis_vldus"}
-    assert all(a["status"] == "ok" for a in ablation.values())
+    assert list(ablation) == ["no_synthesis", "synthesis_su", "synthesis_vldus"]
+    assert ablation["no_synthesis"]["status"] == ablation["synthesis_vldus"]["status"] == "ok"
+    # --quick trains one synthesizer: the SU row is reported as skipped, with null metrics
+    assert ablation["synthesis_su"]["status"].startswith("skipped: ")
+    assert ablation["synthesis_su"]["zsd_map"] is None and ablation["synthesis_su"]["gzsd_hm"] is None
     assert m["zsd"]["setting"] == "zsd" and m["zsd"]["groups"]["unseen"]["map"]["0.5"] > ZSD_FLOOR
     assert m["zsd"]["groups"]["unseen"]["map"]["0.5"] == ablation["synthesis_vldus"]["zsd_map"]
     assert ablation["synthesis_vldus"]["zsd_map"] >= ablation["no_synthesis"]["zsd_map"] + SYNTHESIS_MARGIN
-    assert ablation["synthesis_su"]["zsd_map"] > ablation["no_synthesis"]["zsd_map"]
     assert set(m["gzsd"]["groups"]) == {"seen", "unseen"} and m["gzsd"]["hm"]["map"]["0.5"] > GZSD_HM_FLOOR
 
 
 def test_distillation_was_active(run):
-    """The VLDUS row trained with non-zero CLIP distillation losses; the SU row had none."""
+    """The VLDUS row trained with non-zero CLIP distillation losses, in D's and G's objectives."""
     ablation = run.metrics["ablation"]
     assert all(ablation["synthesis_vldus"]["distill"][k] > 0 for k in ("l_fa", "l_ra_dis", "l_ra_div"))
-    assert all(v == 0 for v in ablation["synthesis_su"]["distill"].values())
+    log = [json.loads(line) for line in open(os.path.join(run.synth_dir, "log.jsonl")) if line.strip()]
+    epochs = [r for r in log if r.get("iterations")]
+    assert epochs and all(r["distill_d"] != 0 and r["distill_g"] != 0 for r in epochs)
     meta = json.load(open(os.path.join(run.synth_dir, "meta.json")))
     assert meta["settings"]["distill"] == "active" and meta["settings"]["precision"] == "fp32"
     clip = run.metrics["clip"]

@@ -61,16 +61,20 @@ class DemoSize:
     gan_epoch_budget: int
     compat_epochs: int
     clip_steps: Optional[int] = None  # None: train-clip's default
+    gan_lr: Optional[float] = None  # None: the config's
     pictures: int = 6
+    rows: tuple[str, ...] = VARIANTS  # the variants that run (the others are reported as skipped)
 
 
 FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, detector_warmup=None,
                 gan_epochs=10, gan_epoch_budget=8000, compat_epochs=30)
 QUICK = DemoSize(train_images=260, test_images=70, detector_epochs=2, detector_warmup=40,
-                 gan_epochs=16, gan_epoch_budget=4000, compat_epochs=15, clip_steps=150, pictures=3)
+                 gan_epochs=8, gan_epoch_budget=4000, compat_epochs=15, clip_steps=150, gan_lr=4e-4, pictures=3,
+                 rows=("no_synthesis", "synthesis_vldus"))
 # A smoke run of every stage (benchmarks/device_check.sh --tiny): seconds, no meaningful metrics.
 TINY = DemoSize(train_images=24, test_images=8, detector_epochs=1, detector_warmup=2,
-                gan_epochs=1, gan_epoch_budget=256, compat_epochs=2, clip_steps=4, pictures=1)
+                gan_epochs=1, gan_epoch_budget=256, compat_epochs=2, clip_steps=4, pictures=1,
+                rows=("no_synthesis", "synthesis_vldus"))
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,8 @@ def demo_config(out: str, size: DemoSize, seed: int) -> Config:
     if size.detector_warmup is not None:
         cfg.train.warmup_iters = size.detector_warmup
     cfg.gan.epochs = size.gan_epochs
+    if size.gan_lr is not None:
+        cfg.gan.lr = size.gan_lr
     cfg.gan.epoch_budget = size.gan_epoch_budget
     cfg.compat.epochs = size.compat_epochs
     cfg.compat.lr_step = min(cfg.compat.lr_step, max(1, 2 * size.compat_epochs // 3))
@@ -344,7 +350,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     cfg = demo_config(out, size, args.seed)
     cfg_path = os.path.join(out, "config.yaml")
     split = cfg.load_split()
-    rows = dict(ROWS) | (ABLATION if args.ablation else {})
+    rows = {k: v for k, v in ROWS.items() if k in size.rows} | (ABLATION if args.ablation else {})
     os.makedirs(cfg.work_dir, exist_ok=True)
     clips = {which: prepare_clip(stages, args, out, size, which, cfg.split)
              for which in dict.fromkeys(v.clip for v in rows.values() if v.clip)}
@@ -408,6 +414,12 @@ def run_demo(args: argparse.Namespace) -> dict:
         if variant.generator is not None:
             ablation[name]["distill"] = distill_means(synth_dir)
 
+    for name in VARIANTS:
+        if name not in ablation:
+            ablation[name] = {"description": ROWS[name].description, "zsd_map": None, "gzsd_hm": None,
+                              "gzsd_published_hm": None,
+                              "status": "skipped: not part of this demo size (run vldus demo without --quick)"}
+    ablation = {k: ablation[k] for k in [*VARIANTS, *(k for k in ablation if k not in VARIANTS)]}
     pictures = _pictures(stages, cfg, base, ckpt, METHOD, size.pictures, out)
     for name in ("features_2d.png", "losses.png"):
         src = os.path.join(cfg.path(f"synth_{METHOD}"), name)
@@ -440,6 +452,9 @@ def _pictures(stages: Stages, cfg: Config, base: list[str], ckpt: str, method: s
 def _print_summary(result: dict, report: str) -> None:
     print("\n== vldus demo results (IoU 0.5)")
     for name, a in result["ablation"].items():
+        if a["status"] != "ok":
+            print(f"  {name:28s} {a['status']}")
+            continue
         print(f"  {name:28s} ZSD mAP {_fmt(a['zsd_map']):>5s}   GZSD HM {_fmt(a['gzsd_hm']):>5s} "
               f"(published scoring {_fmt(a['gzsd_published_hm'])})")
     print(f"  main result: {result['method']}; total {sum(result['timings_s'].values()):.0f} s; report: {report}")
