@@ -13,6 +13,8 @@ this script prints which CPU ran it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import statistics
@@ -41,16 +43,20 @@ def retrain(demo: str, row: str) -> dict:
                  f"embeddings.text_file={work}/clip_text_main.npy"]
     argv = ["train-generator", "--config", cfg_path, "--out-dir", out, "--checkpoint", ckpt, *ROWS[row].generator,
             "--quiet", "--set", *sets]
-    if cli.main(argv):
-        raise SystemExit(f"train-generator failed for {demo} {row}")
+    with contextlib.redirect_stdout(io.StringIO()):  # keep the stage tables out of the summary
+        if cli.main(argv):
+            raise SystemExit(f"train-generator failed for {demo} {row}")
     result = {}
     for name, folder in (("bf16", out), ("fp32", fp32_dir)):
         scores = {}
         for setting in ("zsd", "gzsd"):
             dets = os.path.join(folder, f"parity_{setting}.json")
-            if cli.main(["test", "--config", cfg_path, "--checkpoint", ckpt, "--syn-weights",
-                         os.path.join(folder, "classifier_best.pth"), f"--{setting}", "--cache",
-                         os.path.join(work, "test_cache"), "--out", dets, "--metrics", dets + ".m.json", "--quiet"]):
+            with contextlib.redirect_stdout(io.StringIO()):
+                code = cli.main(["test", "--config", cfg_path, "--checkpoint", ckpt, "--syn-weights",
+                                 os.path.join(folder, "classifier_best.pth"), f"--{setting}", "--cache",
+                                 os.path.join(work, "test_cache"), "--out", dets, "--metrics", dets + ".m.json",
+                                 "--quiet"])
+            if code:
                 raise SystemExit(f"test failed for {folder}")
             m = json.load(open(dets + ".m.json"))
             scores[setting] = m["groups"]["unseen"]["map"]["0.5"] if setting == "zsd" else m["hm"]["map"]["0.5"]
