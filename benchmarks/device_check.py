@@ -53,7 +53,7 @@ def step_demo(args, work: str) -> tuple[bool, str, dict]:
         if r.returncode:
             return False, f"exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}", {}
     m = json.load(open(os.path.join(demo, "metrics.json")))
-    rows = {k: (v["zsd_map"], v["gzsd_hm"]) for k, v in m["ablation"].items()}
+    rows = {k: (v["zsd_map"], v["gzsd_hm"]) for k, v in m["ablation"].items() if v["status"] == "ok"}
     summary = ", ".join(f"{k} ZSD {z:.1f} HM {h:.1f}" for k, (z, h) in rows.items())
     args.demo_dir = demo
     return True, summary + f"; {sum(m['timings_s'].values()):.0f} s", {"ablation": rows, "timings_s": m["timings_s"]}
