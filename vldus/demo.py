@@ -248,7 +248,7 @@ def _clip_prompts(clip: ClipFiles) -> list[str]:
 def compat_as_classifier(cfg: Config, out_path: str) -> None:
     """Write the compatibility classifier as injectable rows: logits ``fc(x) · E_k`` for
     k in [background] + unseen equal ``x · (E_k W) + E_k · b``. Same layout as classifier_best.pth."""
-    from vldus.classifier_files import read_linear
+    from vldus.classifier_files import read_linear, write_linear
     from vldus.data.embeddings import load_class_embeddings
     from vldus.synthesis.compat import compat_classifier_path
 
@@ -256,7 +256,7 @@ def compat_as_classifier(cfg: Config, out_path: str) -> None:
     emb = torch.from_numpy(load_class_embeddings(cfg.embeddings.file, split, cfg.embeddings.spectral_norm))
     weight, bias = read_linear(compat_classifier_path(cfg), "compatibility classifier")
     rows = emb[[0] + split.unseen_ids]  # (1+U, d)
-    torch.save({"fc.weight": rows @ weight.float(), "fc.bias": rows @ bias.float()}, out_path)
+    write_linear(rows @ weight.float(), rows @ bias.float(), out_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +418,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         if name not in ablation:
             ablation[name] = {"description": ROWS[name].description, "zsd_map": None, "gzsd_hm": None,
                               "gzsd_published_hm": None,
-                              "status": "skipped: not part of this demo size (run vldus demo without --quick)"}
+                              "status": "skipped: --quick / --tiny train one synthesizer (run vldus demo without them)"}
     ablation = {k: ablation[k] for k in [*VARIANTS, *(k for k in ablation if k not in VARIANTS)]}
     pictures = _pictures(stages, cfg, base, ckpt, METHOD, size.pictures, out)
     for name in ("features_2d.png", "losses.png"):
