@@ -2,7 +2,7 @@
 detector, sampling, sharded writing, final merge), with randomly initialised detectors.
 
 Cases:
-  shapes      configs/shapes.yaml: MobileNetV2-FPN at 256 px, 160 px PNG images (the CPU demo)
+  shapes      configs/shapes.yaml: MobileNetV2-FPN on 160 px PNG images at their own size (the CPU demo)
   r101_1333   configs/coco_65_15.yaml: ResNet-101-FPN, 1333x800 JPEG images (the paper's scale)
 
 Each case runs in its own subprocess so that its peak RSS is its own. On CUDA the model runs

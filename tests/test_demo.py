@@ -11,11 +11,11 @@ from quick_demo_run import quick_demo
 
 pytestmark = pytest.mark.timeout(900)
 
-# Floors (IoU 0.5) with a margin below what the quick demo measured on CPUs with and without
-# AVX-512 (README, "Tests"): they fail when a stage breaks, not when the instruction set changes.
-ZSD_FLOOR = 40.0
-GZSD_HM_FLOOR = 30.0
-SYNTHESIS_MARGIN = 1.0  # synthesis_vldus must beat no_synthesis by this much (ZSD mAP)
+# Floors (IoU 0.5) well below what the quick demo measured with torch's AVX-512 and its AVX2
+# kernels (README, "Tests"): they fail when a stage breaks, not when the instruction set changes.
+ZSD_FLOOR = 55.0  # measured 72.4 (AVX-512), 74.2 (AVX2)
+GZSD_HM_FLOOR = 45.0  # measured 68.6, 65.8
+SYNTHESIS_MARGIN = 10.0  # synthesis_vldus above no_synthesis (ZSD mAP); measured +21.4, +26.0
 CLIP_ACCURACY_FLOOR = 30.0  # percent, 16-way zero-shot on held-out crops (chance 6.25) of the 150-step CLIP
 
 

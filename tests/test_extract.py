@@ -367,7 +367,8 @@ def project(tmp_path_factory):
     tree["data"]["train"] = {**src, "ann_file": str(root / "annotations/instances_train.json"), "repeat": 2}
     tree["data"]["test"] = {**src, "ann_file": str(root / "annotations/instances_test.json")}
     tree["detector"].update(backbone="resnet18", norm="bn", backbone_weights=None, fpn_channels=16,
-                            min_size=64, max_size=80, rpn_pre_nms_train=300, rpn_post_nms_train=100)
+                            min_size=64, max_size=80, anchor_sizes=[16, 32, 64, 128, 256],
+                            rpn_pre_nms_train=300, rpn_post_nms_train=100, roi_batch_size=128)
     tree["features"]["num_rois"] = 64
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(tree))

@@ -68,7 +68,7 @@ class DemoSize:
 
 FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, detector_warmup=None,
                 gan_epochs=10, gan_epoch_budget=8000, compat_epochs=30)
-QUICK = DemoSize(train_images=260, test_images=70, detector_epochs=2, detector_warmup=40,
+QUICK = DemoSize(train_images=260, test_images=70, detector_epochs=4, detector_warmup=40,
                  gan_epochs=8, gan_epoch_budget=4000, compat_epochs=15, clip_steps=150, gan_lr=4e-4, pictures=3,
                  rows=("no_synthesis", "synthesis_vldus"))
 # A smoke run of every stage (benchmarks/device_check.sh --tiny): seconds, no meaningful metrics.
@@ -185,7 +185,8 @@ def demo_config(out: str, size: DemoSize, seed: int) -> Config:
         cfg.detector.backbone_weights = default_backbone_weights(cfg)
     if size.detector_epochs is not None:
         cfg.train.epochs = size.detector_epochs
-        cfg.train.lr_steps = [s for s in cfg.train.lr_steps if s < size.detector_epochs]
+        # the last epoch at the lower rate, as the config's 2 epochs
+        cfg.train.lr_steps = [size.detector_epochs - 1] if size.detector_epochs > 1 else []
     if size.detector_warmup is not None:
         cfg.train.warmup_iters = size.detector_warmup
     cfg.gan.epochs = size.gan_epochs
