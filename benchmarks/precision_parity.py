@@ -24,9 +24,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _stage(argv: list[str], what: str) -> None:
+    """Run one vldus command with its stdout kept out of the summary; exit naming ``what`` on failure."""
+    from vldus import cli
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        if cli.main(argv + ["--quiet"]):
+            raise SystemExit(f"{argv[0]} failed for {what}")
+
+
 def retrain(demo: str, row: str) -> dict:
     """Re-run the demo's ``row`` at bf16; returns {"zsd", "hm", "gan_s"} of bf16 and of fp32."""
-    from vldus import cli
     from vldus.demo import ROWS
     from vldus.detection.train import latest_checkpoint
 
@@ -35,35 +43,27 @@ def retrain(demo: str, row: str) -> dict:
     ckpt = latest_checkpoint(os.path.join(work, "detector"))
     fp32_dir = os.path.join(work, f"synth_{row}")
     out = os.path.join(work, f"synth_{row}_bf16")
-    meta = json.load(open(os.path.join(fp32_dir, "meta.json")))
     sets = ["gan.precision=bf16"]
     if ROWS[row].clip:  # the demo's own CLIP (a --clip-weights run is not supported here)
         clip = os.path.join(demo, "clip")
         sets += [f"gan.clip_arch={clip}/open_clip_config.json", f"gan.clip_weights={clip}/open_clip_model.safetensors",
                  f"embeddings.text_file={work}/clip_text_main.npy"]
-    argv = ["train-generator", "--config", cfg_path, "--out-dir", out, "--checkpoint", ckpt, *ROWS[row].generator,
-            "--quiet", "--set", *sets]
-    with contextlib.redirect_stdout(io.StringIO()):  # keep the stage tables out of the summary
-        if cli.main(argv):
-            raise SystemExit(f"train-generator failed for {demo} {row}")
+    _stage(["train-generator", "--config", cfg_path, "--out-dir", out, "--checkpoint", ckpt, *ROWS[row].generator,
+            "--set", *sets], f"{demo} {row}")
     result = {}
     for name, folder in (("bf16", out), ("fp32", fp32_dir)):
         scores = {}
         for setting in ("zsd", "gzsd"):
             dets = os.path.join(folder, f"parity_{setting}.json")
-            with contextlib.redirect_stdout(io.StringIO()):
-                code = cli.main(["test", "--config", cfg_path, "--checkpoint", ckpt, "--syn-weights",
-                                 os.path.join(folder, "classifier_best.pth"), f"--{setting}", "--cache",
-                                 os.path.join(work, "test_cache"), "--out", dets, "--metrics", dets + ".m.json",
-                                 "--quiet"])
-            if code:
-                raise SystemExit(f"test failed for {folder}")
+            _stage(["test", "--config", cfg_path, "--checkpoint", ckpt, "--syn-weights",
+                    os.path.join(folder, "classifier_best.pth"), f"--{setting}", "--cache",
+                    os.path.join(work, "test_cache"), "--out", dets, "--metrics", dets + ".m.json"], folder)
             m = json.load(open(dets + ".m.json"))
             scores[setting] = m["groups"]["unseen"]["map"]["0.5"] if setting == "zsd" else m["hm"]["map"]["0.5"]
-        gan_s = json.load(open(os.path.join(folder, "meta.json")))["timings_s"]["gan"]
-        result[name] = {"zsd": scores["zsd"], "hm": scores["gzsd"], "gan_s": gan_s,
-                        "precision": json.load(open(os.path.join(folder, "meta.json")))["settings"]["precision"]}
-    assert result["fp32"]["precision"] == meta["settings"]["precision"] == "fp32"
+        meta = json.load(open(os.path.join(folder, "meta.json")))
+        result[name] = {"zsd": scores["zsd"], "hm": scores["gzsd"], "gan_s": meta["timings_s"]["gan"],
+                        "precision": meta["settings"]["precision"]}
+    assert result["fp32"]["precision"] == "fp32" and result["bf16"]["precision"] == "bf16"
     return result
 
 
