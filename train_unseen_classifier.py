@@ -3,7 +3,7 @@
 
     python train_unseen_classifier.py --config configs/coco_65_15.yaml [--set KEY=VALUE ...]
 
-is ``vldus train-unseen-classifier`` (SPEC Part B §5); see ``vldus train-unseen-classifier --help``.
+is ``vldus train-unseen-classifier`` (docs/design.md §5); see ``vldus train-unseen-classifier --help``.
 """
 import sys
 

@@ -1,4 +1,4 @@
-"""Speed and memory of the synthesizer at COCO 65/15 settings (SPEC Part B §6.5).
+"""Speed and memory of the synthesizer at COCO 65/15 settings (docs/design.md §6.5).
 
     python benchmarks/bench_gan.py [--device cpu|cuda|all] [--iterations 60] [--repeat 3]
                                    [--precision auto|fp32|bf16|both] [--reference] [--floor]

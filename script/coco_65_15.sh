@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 3 for MSCOCO 65/15 (SPEC Part B §5-7): the compatibility classifier, then the synthesizer
+# Stage 3 for MSCOCO 65/15 (docs/design.md §5-7): the compatibility classifier, then the synthesizer
 # and the unseen classifier. Every hyper-parameter is in configs/coco_65_15.yaml (gan and
 # unseen_classifier sections); nothing is set here.
 #

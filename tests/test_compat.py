@@ -1,4 +1,4 @@
-"""Stage 3a: the compatibility classifier (vldus train-unseen-classifier, SPEC §5)."""
+"""Stage 3a: the compatibility classifier (vldus train-unseen-classifier, docs/design.md §5)."""
 import json
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""Config loading: every split's file parses, SPEC values land in the right fields, bad input is caught."""
+"""Config loading: every split's file parses, published values land in the right fields, bad input is caught."""
 import pytest
 
 from vldus.config import load_config

@@ -1,4 +1,4 @@
-"""RoI feature extraction (SPEC Part B §3): the assignment/sampling rules on hand-made boxes, the
+"""RoI feature extraction (docs/design.md §3): the assignment/sampling rules on hand-made boxes, the
 extractor on a tiny torchvision Faster R-CNN, the sharded resumable run, and the command."""
 from __future__ import annotations
 

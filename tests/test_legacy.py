@@ -1,5 +1,5 @@
 """mmdetection-1.x anchor placement and box coding (vldus.detection.legacy), against numbers
-computed by hand from the mmdet 1.x formulas with the SPEC §2.1 settings (scale 8, ratios
+computed by hand from the mmdet 1.x formulas with the docs/design.md §2.1 settings (scale 8, ratios
 0.5/1/2, strides 4..64). mmdet boxes are inclusive; the legacy model holds them as
 (x1, y1, x2 + 1, y2 + 1)."""
 import math

@@ -1,4 +1,4 @@
-"""Built-in class splits against SPEC Part B §9.3, and the image-selection rules of §2.3, §3, §9.2."""
+"""Built-in class splits against docs/design.md §9.3, and the image-selection rules of §2.3, §3, §9.2."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +9,7 @@ from vldus.data.records import ImageRecord
 from vldus.data.splits import BUILTIN_SPLITS, load_split, normalize_name, split_from_names
 from vldus.errors import InputError
 
-# The standard 80-class COCO order (person = 1 ... toothbrush = 80), SPEC §9.3.
+# The standard 80-class COCO order (person = 1 ... toothbrush = 80), docs/design.md §9.3.
 COCO_80 = (
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant "
     "stop_sign parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe "

@@ -233,7 +233,7 @@ def test_detector_checkpoint_with_wrong_class_count(broken, capsys):
 
 
 # --------------------------------------------------------------------------------------------
-# The data pool (SPEC §6.2) and the memory-mapped reader
+# The data pool (docs/design.md §6.2) and the memory-mapped reader
 # --------------------------------------------------------------------------------------------
 def test_epoch_pool_and_batches():
     from vldus.synthesis.data import sample_batches, sample_epoch_pool

@@ -1,4 +1,4 @@
-"""Injection of the synthesized classifier and ZSD / GZSD scoring (SPEC Part B §8)."""
+"""Injection of the synthesized classifier and ZSD / GZSD scoring (docs/design.md §8)."""
 from __future__ import annotations
 
 import math

@@ -1,5 +1,5 @@
 """Files that hold one linear layer: the two classifiers of stage 3, in our layout and in the
-layouts the released code saves (SPEC Part B §5, §7).
+layouts the released code saves (docs/design.md §5, §7).
 
 Layouts (``torch.save`` of a dict of tensors; ``weight`` (out, in), ``bias`` (out,)):
 

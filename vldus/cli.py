@@ -1,4 +1,4 @@
-"""The ``vldus`` command line: one sub-command per pipeline step (see INTERFACES.md).
+"""The ``vldus`` command line: one sub-command per pipeline step (see docs/formats.md).
 
 Each command lives in the module that implements it, as a function ``add_parser(subparsers)``
 that registers the sub-command and sets ``func``. Bad input (InputError) becomes one line on

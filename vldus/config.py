@@ -1,7 +1,7 @@
 """One config object per dataset split.
 
 A config is a YAML file under ``configs/`` that fills the dataclasses below; every
-hyper-parameter of SPEC.md has a field here and a value in each split's file. Unknown keys are
+hyper-parameter of docs/design.md has a field here and a value in each split's file. Unknown keys are
 errors (a typo must not silently fall back to a default).
 
 Relative paths in a config are resolved against the current working directory, as with
@@ -59,7 +59,7 @@ class DataConfig:
 
 @dataclass
 class DetectorConfig:
-    """Faster R-CNN on torchvision (SPEC Part B §2.1)."""
+    """Faster R-CNN on torchvision (docs/design.md §2.1)."""
 
     backbone: str = "resnet101"  # resnet18/34/50/101, mobilenet_v2
     backbone_weights: Optional[str] = None  # torchvision-format ImageNet state dict, local file
@@ -96,7 +96,7 @@ class DetectorConfig:
 
 @dataclass
 class TrainConfig:
-    """Detector training schedule (SPEC Part B §2.1–2.2)."""
+    """Detector training schedule (docs/design.md §2.1–2.2)."""
 
     epochs: int = 12
     batch_size: int = 2  # images per process
@@ -116,7 +116,7 @@ class TrainConfig:
 
 @dataclass
 class FeatureConfig:
-    """RoI feature extraction (SPEC Part B §3)."""
+    """RoI feature extraction (docs/design.md §3)."""
 
     fg_iou: float = 0.6
     bg_iou: float = 0.3
@@ -129,7 +129,7 @@ class FeatureConfig:
 
 @dataclass
 class EmbeddingConfig:
-    """Class semantic embeddings (SPEC Part B §4)."""
+    """Class semantic embeddings (docs/design.md §4)."""
 
     file: str = ""  # (C+1) x d .npy, row 0 = background, detector order
     spectral_norm: bool = True  # divide the whole matrix by its largest singular value
@@ -138,7 +138,7 @@ class EmbeddingConfig:
 
 @dataclass
 class CompatConfig:
-    """Compatibility ('unseen') classifier trained on seen features (SPEC Part B §5)."""
+    """Compatibility ('unseen') classifier trained on seen features (docs/design.md §5)."""
 
     epochs: int = 100
     batch_size: int = 512
@@ -153,7 +153,7 @@ class CompatConfig:
 
 @dataclass
 class GanConfig:
-    """Conditional WGAN-GP synthesizer (SPEC Part B §6)."""
+    """Conditional WGAN-GP synthesizer (docs/design.md §6)."""
 
     nz: int = 300
     ngh: int = 4096
@@ -188,7 +188,7 @@ class GanConfig:
 
 @dataclass
 class UnseenClassifierConfig:
-    """Final classifier on synthesized unseen + real background features (SPEC Part B §7)."""
+    """Final classifier on synthesized unseen + real background features (docs/design.md §7)."""
 
     syn_num: int = 250
     epochs: int = 15
@@ -201,7 +201,7 @@ class UnseenClassifierConfig:
 
 @dataclass
 class InferenceConfig:
-    """Injection and ZSD / GZSD scoring (SPEC Part B §8)."""
+    """Injection and ZSD / GZSD scoring (docs/design.md §8)."""
 
     bg_blend: float = 0.35  # weight of the detector's own background row
     seen_score_cut: Optional[float] = None  # SU's 0.3 GZSD cut; VLDUS: none
@@ -209,7 +209,7 @@ class InferenceConfig:
     # (released behaviour), probability 0 in GZSD; 'mask' = probability 0 in both settings
     excluded: str = "softmax"
     # GZSD: 'joint' drops a box's seen scores when an unseen class explains it better
-    # (vldus.detection.gzsd); 'published' = the released two-softmax scoring (SPEC §8.3)
+    # (vldus.detection.gzsd); 'published' = the released two-softmax scoring (docs/design.md §8.3)
     gzsd_scoring: str = "joint"
     # joint scoring threshold; null = gzsd_calibration.json next to the classifier (chosen by
     # train-generator / calibrate-gzsd without test data), else the published scoring

@@ -21,7 +21,7 @@ Variants (same detector, features and class embeddings):
 the paper), the released behaviour (``--legacy --distill logged``), distillation into D only
 (the released design) and a CLIP trained without the unseen classes.
 
-Outputs: ``OUT/metrics.json`` (INTERFACES.md), ``OUT/report.md`` with tables and pictures, the
+Outputs: ``OUT/metrics.json`` (docs/formats.md), ``OUT/report.md`` with tables and pictures, the
 stage outputs under ``OUT/work``, the CLIP under ``OUT/clip`` and the benchmark under ``OUT/shapes``.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Class semantic embeddings (SPEC Part B §4): load them, and build them with ``vldus embed``.
+"""Class semantic embeddings (docs/design.md §4): load them, and build them with ``vldus embed``.
 
 An embedding matrix E has shape (C+1, d): row 0 = background, row k = ``split.classes[k-1]``
 (detector order). The synthesizer conditions on E after dividing the WHOLE matrix by one scalar,
@@ -12,7 +12,7 @@ Files :func:`load_class_embeddings` reads
   ``word_ftx.txt`` etc.: one line per DIMENSION and one column per CLASS (300 lines x 80
   columns). A matrix with C (not C+1) classes has no background row; pass
   ``background='mean'`` (mean of the class rows) or ``'zero'`` to add one — there is no silent
-  default because the published results depend on that choice (SPEC §4.2).
+  default because the published results depend on that choice (docs/design.md §4.2).
 - the sidecar ``<file>.json`` ``{"classes": [...]}`` written by ``vldus embed``: when present,
   its class order must equal the split's.
 
@@ -20,7 +20,7 @@ Files :func:`load_class_embeddings` reads
 three encoders — CLIP's text encoder (open_clip, local weights file), the optional offline
 sentence encoder all-MiniLM-L6-v2, or the synthetic benchmark's attribute vectors. Its rows
 are NOT spectrally normalised (the loader does it). Row 0 of the text encoders is the word
-"background" embedded with the same prompts (the VLDUS files' rule is unknown, SPEC §4.1;
+"background" embedded with the same prompts (the VLDUS files' rule is unknown, docs/design.md §4.1;
 ``--background mean|zero`` gives the alternatives).
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def load_class_embeddings(path: str | os.PathLike, split: Split, spectral_norm: 
                           background: Optional[str] = None) -> np.ndarray:
     """Read a class-embedding file for ``split``; returns float32 (C+1, d), row 0 = background.
 
-    ``spectral_norm``: divide the whole matrix by its largest singular value (SPEC §4.1).
+    ``spectral_norm``: divide the whole matrix by its largest singular value (docs/design.md §4.1).
     ``background``: 'mean' | 'zero', needed only when the file holds C rows (no background).
     Bad input raises InputError naming the file and the counts.
     """

@@ -3,7 +3,7 @@
 Every reader returns one :class:`~vldus.data.records.ImageRecord` per listed image, with ALL
 annotations of the split's classes (seen, unseen and excluded); choosing images and annotations
 for training or testing is the job of :func:`select_training`, :func:`select_test` and
-:func:`select_unseen_only` (SPEC Part B §2.3, §3, §9.2).
+:func:`select_unseen_only` (docs/design.md §2.3, §3, §9.2).
 
 Formats (``DataSource.format``):
 

@@ -5,7 +5,7 @@ unseen class ("blue circle") is described by attributes that seen classes carry 
 "red circle"). That is what makes zero-shot detection possible here: the semantic embedding of a
 class is its attribute vector (:func:`attribute_matrix`).
 
-Output layout (INTERFACES.md)::
+Output layout (docs/formats.md)::
 
     DIR/images/train_000001.png ...        RGB PNG, image_size x image_size
     DIR/images/test_000001.png ...

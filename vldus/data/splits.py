@@ -1,4 +1,4 @@
-"""Class splits (seen / unseen / excluded) and the image-selection rules of SPEC Part B §2.3, §9.2.
+"""Class splits (seen / unseen / excluded) and the image-selection rules of docs/design.md §2.3, §9.2.
 
 The class lists live in ``vldus/data/splits/*.json`` (one file per split, the only source of
 truth). A split JSON holds::

@@ -1,5 +1,5 @@
 """``vldus convert-checkpoint --from mmdet-v1``: an mmdetection-1.x Faster R-CNN (ResNet + FPN)
-checkpoint -> a checkpoint ``load_detector`` reads (the published VLDUS detectors, SPEC §2.1).
+checkpoint -> a checkpoint ``load_detector`` reads (the published VLDUS detectors, docs/design.md §2.1).
 
 Input: the ``.pth`` mmdetection 1.x writes ({"meta": {...}, "state_dict": {...}, "optimizer":
 ...}) or a bare state dict. Output: {"model": state_dict, "epoch": meta.epoch or 0, "classes":

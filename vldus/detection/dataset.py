@@ -132,7 +132,7 @@ def collate_fn(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.T
 
 
 def training_dataset(cfg, split, skip_bad: bool = False) -> DetectionDataset:
-    """The detector's training set (SPEC §2.3): ``cfg.data.train`` records whose objects are all
+    """The detector's training set (docs/design.md §2.3): ``cfg.data.train`` records whose objects are all
     seen, sides >= ``data.min_image_side``, flipped with ``train.flip``, repeated
     ``data.train.repeat`` times per epoch."""
     from vldus.data.readers import load_records, select_training

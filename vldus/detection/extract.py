@@ -1,4 +1,4 @@
-"""Stage 2: RoI feature extraction with the frozen seen-class detector (SPEC Part B §3).
+"""Stage 2: RoI feature extraction with the frozen seen-class detector (docs/design.md §3).
 
 For every source image (one at a time, the detector frozen in eval mode):
 

@@ -1,7 +1,7 @@
 """``vldus test``: zero-shot detection on the test images, detections + metrics (stage 4).
 
 Steps: read the test annotations (``cfg.data.test``), choose the test images of the setting
-(SPEC §9.2, ``cfg.data.test_rule``), load the detector, inject the synthesized classifier and
+(docs/design.md §9.2, ``cfg.data.test_rule``), load the detector, inject the synthesized classifier and
 install the ZSD / GZSD scoring head (:mod:`vldus.detection.zsd`), detect image by image, then
 write
 
@@ -9,7 +9,7 @@ write
   "score"}]``, at most ``detector.detections_per_img`` per image, boxes in original image pixels;
 - ``DETS.gt.json`` next to it: the ground truth of the chosen images (only unseen annotations in
   ZSD) in COCO format, so ``vldus evaluate --ann DETS.gt.json --dets DETS.json`` re-scores them;
-- ``--metrics M.json`` (INTERFACES metrics layout) and the printed table;
+- ``--metrics M.json`` (docs/formats.md metrics layout) and the printed table;
 - ``--show-dir DIR``: one PNG per image with the detections above a display threshold.
 
 ``--gzsd-scoring joint`` (default) drops a box's seen scores when an unseen class explains it
@@ -156,7 +156,7 @@ def gt_path(out: str) -> str:
 
 def evaluate(cfg: Config, split: Split, setting: str, records: Sequence[ImageRecord],
              detections: Sequence[dict]) -> dict:
-    """Metrics of the detections (INTERFACES layout) with the project's ZSDEvaluator.
+    """Metrics of the detections (docs/formats.md layout) with the project's ZSDEvaluator.
 
     ``seen`` (the plain detector) scores the seen-class annotations of the GZSD images.
     """
@@ -215,7 +215,7 @@ def _default_device() -> str:
 def add_parser(sub, common) -> None:
     p = sub.add_parser("test", parents=[common], help="detect unseen classes on the test images (stage 4)",
                        description="Inject the synthesized classifier into the detector, detect the "
-                                   "test images of the setting (SPEC 9.2) and write COCO-format "
+                                   "test images of the setting (docs/design.md §9.2) and write COCO-format "
                                    "detections (+ DETS.gt.json) and metrics.")
     p.add_argument("--config", required=True, help="split config (configs/*.yaml)")
     p.add_argument("--checkpoint", required=True, help="detector checkpoint (train-detector)")
@@ -237,7 +237,7 @@ def add_parser(sub, common) -> None:
                    help="GZSD: zero seen scores below this (SU used 0.3; default: inference.seen_score_cut)")
     p.add_argument("--gzsd-scoring", default=None, choices=("joint", "published"),
                    help="GZSD scoring: joint (drop a box's seen scores when an unseen class explains "
-                        "it better) or published (the released two-softmax scoring, SPEC 8.3); "
+                        "it better) or published (the released two-softmax scoring, docs/design.md §8.3); "
                         "default: inference.gzsd_scoring")
     p.add_argument("--gzsd-threshold", type=float, default=None,
                    help="joint scoring threshold (default: inference.gzsd_threshold, else "

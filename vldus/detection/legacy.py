@@ -1,6 +1,6 @@
 """mmdetection-1.x box arithmetic for torchvision's Faster R-CNN (``detector.legacy_mmdet: true``).
 
-A checkpoint trained with mmdetection 1.x (the published VLDUS detectors, SPEC Part B §2.1) and
+A checkpoint trained with mmdetection 1.x (the published VLDUS detectors, docs/design.md §2.1) and
 converted by ``vldus convert-checkpoint`` has the same weights as there, but mmdet 1.x counts
 pixels differently. With the flag set, :func:`apply_legacy_mmdet` swaps the parts below into a
 built model (composition: subclasses handed to ``model.transform``, ``model.rpn`` and
@@ -130,7 +130,7 @@ class LegacyBoxCoder(BoxCoder):
     """mmdet 1.x ``bbox2delta`` / ``delta2bbox`` for exclusive boxes; weights = 1 / target_stds.
 
     encode_single(gt (N,4), proposals (N,4)) -> (N,4); decode_single(deltas (N,4K), boxes (N,4))
-    -> (N,4K). Means are 0 (as in every SPEC config).
+    -> (N,4K). Means are 0 (as in every published config).
     """
 
     def __init__(self, weights: Sequence[float]) -> None:

@@ -1,4 +1,4 @@
-"""The seen-class Faster R-CNN (SPEC Part B §2.1) built from torchvision parts.
+"""The seen-class Faster R-CNN (docs/design.md §2.1) built from torchvision parts.
 
     image -> backbone (ResNet-18/34/50/101 or MobileNetV2) -> FPN (5 levels: strides 4..64)
           -> RPN (one anchor size per level x aspect ratios)
@@ -6,7 +6,7 @@
           -> FastRCNNPredictor: cls_score Linear(1024, C+1), bbox_pred Linear(1024, 4(C+1))
 
 The predictor covers ALL classes of the split plus background: unseen rows exist but never
-receive positives (SPEC §1). ``model.roi_heads.box_predictor`` is the seam where the
+receive positives (docs/design.md §1). ``model.roi_heads.box_predictor`` is the seam where the
 synthesized unseen classifier is injected later (vldus.detection.zsd).
 
 ``detector.legacy_mmdet: true`` swaps in mmdetection-1.x resize, anchor placement and box coding
@@ -52,7 +52,7 @@ _MOBILENET_OUTPUTS = {"3": "0", "6": "1", "13": "2", "18": "3"}
 # --------------------------------------------------------------------------------------------
 def resolve_norm(det: DetectorConfig) -> str:
     """``auto`` = frozen BatchNorm with pretrained weights, trainable BatchNorm without
-    (frozen BN on a random backbone diverges within a few steps, SPEC Part A)."""
+    (frozen BN on a random backbone diverges within a few steps, docs/released.md)."""
     if det.norm not in NORMS:
         raise InputError("detector.norm", f"unknown norm {det.norm!r}; choose one of {NORMS}")
     if det.norm == "auto":

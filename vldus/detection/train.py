@@ -1,4 +1,4 @@
-"""``vldus train-detector``: train the seen-class Faster R-CNN (SPEC Part B §2).
+"""``vldus train-detector``: train the seen-class Faster R-CNN (docs/design.md §2).
 
 Single process, or one process per GPU/CPU slot under torchrun (``tools/dist_train.sh``):
 DistributedDataParallel with a DistributedSampler, nccl on CUDA, gloo on CPU.

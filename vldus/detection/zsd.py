@@ -1,6 +1,6 @@
 """Stage 4: put the synthesized unseen classifier into the detector and score ZSD / GZSD.
 
-SPEC Part B §8. Two pieces, both working on a torchvision ``FastRCNNPredictor`` (``cls_score``
+docs/design.md §8. Two pieces, both working on a torchvision ``FastRCNNPredictor`` (``cls_score``
 Linear(F, C+1), ``bbox_pred`` Linear(F, 4(C+1)); detector index 0 = background):
 
 1. :func:`inject_classifier` copies the synthesized classifier (rows ``[background, unseen

@@ -10,7 +10,7 @@ Detections (``--dets``): the COCO results format, a JSON list of
 ``{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}``.
 
 Prints the table of :func:`vldus.evaluation.format_table`; ``--out`` writes the metrics JSON
-(INTERFACES.md "Metrics file").
+(docs/formats.md \"Metrics file\").
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 :class:`ZSDEvaluator` follows detectron2's ``DatasetEvaluator`` shape: ``reset()``, then
 ``process(records, detections)`` batch by batch, then ``evaluate()`` returns the metrics dict
-of INTERFACES.md ("Metrics file"); :func:`format_table` prints it.
+of docs/formats.md ("Metrics file"); :func:`format_table` prints it.
 
 Settings (which annotations count, which groups are reported):
 
@@ -129,7 +129,7 @@ class ZSDEvaluator:
             self._det.append((boxes[d], scores[d], labels[d]))
 
     def evaluate(self) -> dict:
-        """The metrics dict (INTERFACES.md "Metrics file"), percentages."""
+        """The metrics dict (docs/formats.md \"Metrics file\"), percentages."""
         data = self._collect()
         if self.protocol == "mmdet-v1":
             res = evaluate_mmdet_v1(data, self.eval_ids, self.iou_thresholds, self.inclusive_boxes)

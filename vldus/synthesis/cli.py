@@ -1,4 +1,4 @@
-"""``vldus train-generator``: stage 3b + 3c (SPEC Part B §6, §7); see vldus.synthesis.pipeline."""
+"""``vldus train-generator``: stage 3b + 3c (docs/design.md §6, §7); see vldus.synthesis.pipeline."""
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,5 @@
 """Stage 3a: the compatibility ("unseen") classifier, ``vldus train-unseen-classifier``
-(SPEC Part B §5).
+(docs/design.md §5).
 
 A projection ``fc`` (1024 -> d) is trained on SEEN features with logits fc(x) · E^T, E = the
 fixed [background] + seen rows of the class-embedding matrix. Cross-entropy, SGD (lr, momentum),
@@ -170,7 +170,7 @@ def train_compat_classifier(features: FeatureFile, embeddings: np.ndarray, seen_
 # --------------------------------------------------------------------------------------------
 def add_parser(sub, common) -> None:
     p = sub.add_parser("train-unseen-classifier", parents=[common],
-                       help="stage 3a: compatibility classifier on seen features (SPEC §5)",
+                       help="stage 3a: compatibility classifier on seen features (docs/design.md §5)",
                        description="Train the projection fc (features -> class-embedding space) on "
                                    "seen training features; writes WORK_DIR/synth/compat_classifier.pth.")
     p.add_argument("--config", required=True, help="split config (configs/*.yaml or a bundled name)")

@@ -1,4 +1,4 @@
-"""One WGAN-GP update of the critic, with its backward pass written out (SPEC Part B §6.3).
+"""One WGAN-GP update of the critic, with its backward pass written out (docs/design.md §6.3).
 
 The critic loss on a real batch x, a fake batch x~ (same embeddings a) and the interpolates
 x^ = alpha x + (1 - alpha) x~ is

@@ -1,4 +1,4 @@
-"""RoI feature files for stage 3, read through memory maps (SPEC Part B §3, §6.2).
+"""RoI feature files for stage 3, read through memory maps (docs/design.md §3, §6.2).
 
 A feature set is the pair written by ``vldus extract-features``:
 ``{split}_{fg}_{bg}_feats.npy`` (N, dim) float32 and ``{split}_{fg}_{bg}_labels.npy`` (N,) int64
@@ -158,7 +158,7 @@ def require_unseen(split: Split) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The GAN's per-epoch pool (SPEC §6.2)
+# The GAN's per-epoch pool (docs/design.md §6.2)
 # --------------------------------------------------------------------------------------------
 def sample_epoch_pool(labels: torch.Tensor, budget: int, generator: torch.Generator,
                       fg_rows: Optional[torch.Tensor] = None,

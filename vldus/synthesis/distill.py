@@ -1,4 +1,4 @@
-"""CLIP vision-language distillation for the synthesizer's critic (SPEC Part B §6.4).
+"""CLIP vision-language distillation for the synthesizer's critic (docs/design.md §6.4).
 
 A frozen CLIP image encoder I(·) looks at RoI features turned into pictures, and the critic's
 512-d feature head D(·) is pulled towards it:
@@ -12,7 +12,7 @@ x = real RoI features, x~ = generated ones, L1 = mean absolute difference, rowno
 normalisation of each row. D(x~) and I(x~) receive gradients, so these terms can train both the
 critic (through D) and the generator (through x~ and the frozen encoder).
 
-Departures from the released code (SPEC Part A): the feature -> image map is done in torch
+Departures from the released code (docs/released.md): the feature -> image map is done in torch
 (differentiable; no uint8/PIL round trip; bilinear resize instead of CLIP's bicubic PIL resize),
 and L_ra^div sums over the whole batch (the release used one row, making it identically 0).
 ``mode='logged'`` reproduces the release's "computed and logged, never back-propagated", where
@@ -73,7 +73,7 @@ def features_to_clip_images(x: torch.Tensor, image_size: int | Sequence[int] = 2
 def features_to_clip_images_released(x: torch.Tensor, image_size: int | Sequence[int] = 224,
                                      mean: Sequence[float] = OPENAI_MEAN,
                                      std: Sequence[float] = OPENAI_STD) -> torch.Tensor:
-    """The released trainer's map (SPEC §6.4), no gradient: RoI features (B, D) -> (B, 3, H, W).
+    """The released trainer's map (docs/design.md §6.4), no gradient: RoI features (B, D) -> (B, 3, H, W).
 
     Per row: the s x s map (D = s*s), min-max scaled to [0, 255] and truncated to uint8, as a
     greyscale PIL image; then CLIP's preprocess: bicubic resize of the short side to H, centre
@@ -108,7 +108,7 @@ class CLIPDistiller(nn.Module):
         image_encoder: an open_clip model (its ``.visual`` tower is kept, the text tower is
             not) or any module mapping images (B, 3, H, W) -> (B, dt).
         text_matrix: T, (K, dt) class text embeddings (e.g. the CLIP ``se`` matrix).
-        w_fa, w_ra_dis, w_ra_div: loss weights (SPEC: 0.005, 0.01, 0.001).
+        w_fa, w_ra_dis, w_ra_div: loss weights (docs/design.md §6.4: 0.005, 0.01, 0.001).
         mode: 'active' (differentiable) or 'logged' (values only, computed without autograd:
             the released behaviour).
         precision: 'fp32' or 'bf16' (autocast around the encoder, CPU or CUDA).

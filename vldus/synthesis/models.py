@@ -1,4 +1,4 @@
-"""Networks of the synthesizer (SPEC Part B §5, §6.1, §7).
+"""Networks of the synthesizer (docs/design.md §5, §6.1, §7).
 
 - :class:`Generator` G(z, a): [z; a] -> Linear -> LeakyReLU(0.2) -> Linear -> ReLU (features are
   post-ReLU RoI features, hence the final ReLU).
@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Published architecture constants (SPEC §6.1): LeakyReLU slope and the N(0, 0.02) init.
+# Published architecture constants (docs/design.md §6.1): LeakyReLU slope and the N(0, 0.02) init.
 LEAKY_SLOPE = 0.2
 INIT_STD = 0.02
 
 
 def init_weights(module: nn.Module, generator: Optional[torch.Generator] = None) -> None:
-    """Every Linear: weight ~ N(0, 0.02), bias = 0 (SPEC §6.1)."""
+    """Every Linear: weight ~ N(0, 0.02), bias = 0 (docs/design.md §6.1)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             with torch.no_grad():
@@ -88,7 +88,7 @@ class Critic(nn.Module):
 
 
 class CompatClassifier(nn.Module):
-    """Compatibility classifier (SPEC §5): logits = fc(x) · E^T with E fixed.
+    """Compatibility classifier (docs/design.md §5): logits = fc(x) · E^T with E fixed.
 
     ``embeddings`` (K, d): the class rows it scores against ([background] + seen rows while it
     is trained, the unseen rows when it is used as the frozen loss C_u). They are a
@@ -107,7 +107,7 @@ class CompatClassifier(nn.Module):
 
 
 class UnseenClassifier(nn.Module):
-    """The synthesized classifier (SPEC §7): ``fc`` = Linear(in_dim -> 1 + |unseen|)."""
+    """The synthesized classifier (docs/design.md §7): ``fc`` = Linear(in_dim -> 1 + |unseen|)."""
 
     def __init__(self, in_dim: int, num_unseen: int, generator: Optional[torch.Generator] = None):
         super().__init__()

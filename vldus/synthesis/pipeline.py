@@ -1,5 +1,5 @@
 """Stage 3b + 3c as one resumable run: train the synthesizer, then the unseen classifier
-(SPEC Part B §6, §7). ``vldus train-generator`` is a thin wrapper around :func:`run_synthesis`.
+(docs/design.md §6, §7). ``vldus train-generator`` is a thin wrapper around :func:`run_synthesis`.
 
 Inputs (paths from the config unless overridden):
   WORK_DIR/features/train_{fg}_{bg}_{feats,labels}.npy   seen training features (stage 2)

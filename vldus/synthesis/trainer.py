@@ -1,5 +1,5 @@
 """The conditional WGAN-GP of the synthesizer: one training iteration and its losses
-(SPEC Part B §6.3, §6.4).
+(docs/design.md §6.3, §6.4).
 
 One iteration on a real batch (x, y), a = E[y]:
 
@@ -225,7 +225,7 @@ class GANTrainer:
     @torch.no_grad()
     def _released_distill_terms(self, x: torch.Tensor, a: torch.Tensor,
                                 feat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The released critic-loop block (SPEC §6.4): one row r drawn at random from the batch,
+        """The released critic-loop block (docs/design.md §6.4): one row r drawn at random from the batch,
         a fresh fake G(z, a_r), D's features of x_r and of that fake at the current weights,
         and the terms through the released image path. Logged only.
         (The release draws r from 0..63 whatever the batch size, an IndexError for batch 32.)"""

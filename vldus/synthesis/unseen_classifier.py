@@ -1,4 +1,4 @@
-"""The synthesized unseen classifier (SPEC Part B §7).
+"""The synthesized unseen classifier (docs/design.md §7).
 
 A fresh Linear(1024 -> 1 + |unseen|) is trained on ``syn_num`` synthesized features per unseen
 class plus ``bg_multiplier * syn_num`` real background features; outputs are
