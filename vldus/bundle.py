@@ -10,13 +10,17 @@ Bundle layout (format version :data:`FORMAT_VERSION`; safetensors + JSON/YAML on
                                    detector's own background row
     BUNDLE/encoder.json            how class names become embeddings: {"encoder": "attributes" |
                                    "clip" | "minilm", encoder settings (attribute vocabulary; CLIP
-                                   arch + weights path + sha256; MiniLM folder; prompts),
+                                   arch + weights + sha256, paths relative to BUNDLE; MiniLM folder;
+                                   prompts),
                                    "spectral_norm": bool, "scale": float, "dim": int}. A new name's
                                    raw embedding is divided by ``scale`` = the largest singular
                                    value of the raw TRAINING matrix (1.0 without spectral norm), so
                                    new names live on the scale the generator was trained on.
     BUNDLE/split.json              {"name", "classes" (detector order), "seen", "unseen", "excluded"}
     BUNDLE/config.yaml             the run's config (detector norm resolved, no external weights)
+    BUNDLE/clip/                   with the clip encoder: a copy of the CLIP weights file (and of
+                                   the arch's config JSON when the arch is a file), so the bundle
+                                   is one folder that can move to another machine
     BUNDLE/manifest.json           {"format": "vldus-bundle", "format_version", "vldus_version",
                                    "created", "files": {name: {"sha256", "bytes"}}}
     BUNDLE/cache/                  trained classifiers of `vldus detect` (not in the manifest)
@@ -52,6 +56,7 @@ SPLIT_FILE = "split.json"
 CONFIG_FILE = "config.yaml"
 BUNDLE_FILES = (DETECTOR_FILE, GENERATOR_FILE, BACKGROUND_FILE, ENCODER_FILE, SPLIT_FILE, CONFIG_FILE)
 CACHE_DIR = "cache"
+CLIP_DIR = "clip"
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +100,32 @@ def _encoder_settings(cfg, split, raw: np.ndarray, encoder: Optional[str]) -> di
     if name == "minilm":
         return {"encoder": "minilm", "model": meta.get("model"), "prompts": meta.get("prompts")}
     raise InputError("--encoder", f"{name!r}: expected attributes, clip or minilm")
+
+
+def _copy_clip_files(enc: dict, out: str) -> list[str]:
+    """Copy a clip encoder's weights (and its arch config JSON, when the arch is a file) into
+    ``out/clip/`` and point ``enc`` at the copies, relative to the bundle; returns their
+    bundle-relative names (listed in the manifest). No-op for the other encoders."""
+    import shutil
+
+    if enc.get("encoder") != "clip":
+        return []
+    weights = enc["weights"]
+    if not os.path.isfile(weights):
+        raise InputError(weights, "CLIP weights of the embeddings' encoder not found (named by the sidecar)")
+    if enc.get("weights_sha256") and sha256_file(weights) != enc["weights_sha256"]:
+        raise InputError(weights, "CLIP weights differ from the ones the embeddings were made with (sha256)")
+    os.makedirs(os.path.join(out, CLIP_DIR), exist_ok=True)
+    names = []
+    for key in ("weights", "arch"):
+        src = enc.get(key)
+        if key == "arch" and not (src and os.path.isfile(src)):
+            continue  # an open_clip model name travels as text
+        name = f"{CLIP_DIR}/{os.path.basename(src)}"
+        shutil.copyfile(src, os.path.join(out, name))
+        enc[key] = name
+        names.append(name)
+    return names
 
 
 def _sample_background(cfg, rows: int) -> np.ndarray:
@@ -172,6 +203,7 @@ def export_bundle(cfg, out: str, checkpoint: Optional[str] = None, synth_dir: Op
     save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, os.path.join(out, GENERATOR_FILE))
     save_file({"features": torch.from_numpy(background), "detector_bg_weight": cls[0][0].clone(),
                "detector_bg_bias": cls[1][:1].clone()}, os.path.join(out, BACKGROUND_FILE))
+    clip_files = _copy_clip_files(enc, out)
     write_json(os.path.join(out, ENCODER_FILE), enc)
     write_json(os.path.join(out, SPLIT_FILE), {"name": split.name, "classes": list(split.classes),
                                                 "seen": list(split.seen), "unseen": list(split.unseen),
@@ -182,7 +214,7 @@ def export_bundle(cfg, out: str, checkpoint: Optional[str] = None, synth_dir: Op
     bundle_cfg.split = SPLIT_FILE
     save_config(bundle_cfg, os.path.join(out, CONFIG_FILE))
     files = {name: {"sha256": sha256_file(os.path.join(out, name)), "bytes": os.path.getsize(os.path.join(out, name))}
-             for name in BUNDLE_FILES}
+             for name in (*BUNDLE_FILES, *clip_files)}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "vldus_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": {"config": cfg.source_file, "checkpoint": os.path.abspath(checkpoint),
@@ -242,6 +274,7 @@ def load_bundle(path: str) -> Bundle:
     for name in BUNDLE_FILES:
         if name not in files:
             raise InputError(man_path, f"{name}: not listed in the manifest")
+    for name in files:
         fp = os.path.join(path, name)
         if not os.path.isfile(fp):
             raise InputError(fp, "bundle file missing")
@@ -249,6 +282,9 @@ def load_bundle(path: str) -> Bundle:
             raise InputError(fp, "sha256 does not match the manifest (corrupt or modified file)")
     with open(os.path.join(path, ENCODER_FILE)) as f:
         encoder = json.load(f)
+    for key in ("weights", "arch"):  # the clip encoder's files travel inside the bundle
+        if encoder.get("encoder") == "clip" and str(encoder.get(key) or "").startswith(f"{CLIP_DIR}/"):
+            encoder[key] = os.path.join(os.path.abspath(path), encoder[key])
     with open(os.path.join(path, SPLIT_FILE)) as f:
         s = json.load(f)
     split = Split(s["name"], tuple(s["classes"]), tuple(s["unseen"]), tuple(s.get("excluded", ())),
