@@ -1,0 +1,291 @@
+"""One source for every number: the result tables of README.md and docs/results.md, generated
+from the metrics files under docs/results/.
+
+A table lives between two markers in a Markdown file::
+
+    <!-- table:demo -->
+    ...generated, never edited by hand...
+    <!-- /table -->
+
+and ``NAME`` picks a function of :data:`TABLES`. Each function reads the JSON files of its
+family (``docs/results/demo_seed*.json`` for ``demo``, see :data:`FAMILIES`) and returns the
+Markdown table; with no file yet it returns a one-line placeholder that says how to add one.
+
+Usage (from the repository root)::
+
+    python benchmarks/make_tables.py                 # rewrite the tables in place
+    python benchmarks/make_tables.py --check         # exit 1 when a table differs from its files
+    python benchmarks/make_tables.py --add demo_out/metrics.json --name demo_seed0 \\
+        --note "2-core AMD EPYC, torch 2.14.1, CPU"  # store a run's metrics (needed fields only)
+
+The stored files keep what the tables read from a ``vldus demo`` ``metrics.json``
+(docs/formats.md): ``method``, ``ablation`` rows, the ``zsd`` / ``gzsd`` / ``gzsd_published``
+group and HM figures (no per-class entries), ``timings_s``, the CLIP's zero-shot accuracy,
+plus ``note`` and ``seed``.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+from typing import Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join("docs", "results")
+DOCS = ("README.md", os.path.join("docs", "results.md"))
+MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+# Which stored files each table reads: glob patterns under docs/results/, one file per run.
+FAMILIES = {
+    "demo": "demo_seed*.json",          # vldus demo --seed N (default size)
+    "ablation": "ablation_seed*.json",  # vldus demo --ablation --seed N
+    "quick": "quick_*.json",            # vldus demo --quick (any machine / kernel set)
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Stored files
+# --------------------------------------------------------------------------------------------
+def reduce_metrics(m: dict, seed: Optional[int], note: str) -> dict:
+    """The fields of a demo ``metrics.json`` the tables read (per-class entries dropped)."""
+    def groups(setting: Optional[dict]) -> Optional[dict]:
+        if setting is None:
+            return None
+        keep = {k: setting[k] for k in ("setting", "protocol", "iou_thresholds", "groups", "hm",
+                                        "scoring", "threshold") if k in setting}
+        return keep
+
+    clip = m.get("clip") or {}
+    return {"note": note, "seed": seed, "method": m.get("method"), "precision": m.get("precision"),
+            "ablation": {name: {k: v for k, v in row.items() if k != "distill"}
+                         for name, row in (m.get("ablation") or {}).items()},
+            "zsd": groups(m.get("zsd")), "gzsd": groups(m.get("gzsd")),
+            "gzsd_published": groups(m.get("gzsd_published")),
+            "timings_s": m.get("timings_s") or {},
+            "clip": {"source": clip.get("source"), "zero_shot_accuracy": clip.get("zero_shot_accuracy")}}
+
+
+def load_family(root: str, family: str) -> list[dict]:
+    """The stored runs of ``family``, sorted by seed then file name."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(root, RESULTS, FAMILIES[family]))):
+        with open(path) as f:
+            run = json.load(f)
+        run["file"] = os.path.relpath(path, root)
+        runs.append(run)
+    return sorted(runs, key=lambda r: (r.get("seed") is None, r.get("seed") or 0, r["file"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+def fmt(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
+def mean_sd(values: list[Optional[float]]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return fmt(vals[0])
+    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def placeholder(family: str) -> str:
+    return (f"_No metrics file yet: store a run with `python benchmarks/make_tables.py --add "
+            f"RUN/metrics.json --name {FAMILIES[family].replace('*', 'N')[:-5]}`, then run "
+            f"`python benchmarks/make_tables.py`._\n")
+
+
+def sources(runs: list[dict]) -> str:
+    notes = sorted({r.get("note") or "" for r in runs} - {""})
+    files = ", ".join(f"`{r['file']}`" for r in runs)
+    return f"\nFrom {files}" + (f" ({'; '.join(notes)})" if notes else "") + ".\n"
+
+
+def row_values(runs: list[dict], name: str, key: str) -> list[Optional[float]]:
+    return [(r["ablation"].get(name) or {}).get(key) for r in runs]
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+def seeds_table(runs: list[dict], keys: list[tuple[str, str]]) -> str:
+    """One row per demo variant: per-seed values and mean ± sd of each ``(key, title)``."""
+    seeds = " / ".join(str(r.get("seed")) for r in runs)
+    header = ["variant"]
+    for _, title in keys:
+        header += [f"{title} (seeds {seeds})", "mean ± sd"] if len(runs) > 1 else [title]
+    names = list(dict.fromkeys(n for r in runs for n in r["ablation"]))
+    rows = []
+    for name in names:
+        label = f"`{name}`" + (" (**main result**)" if name == runs[0].get("method") else "")
+        row = [label]
+        for key, _ in keys:
+            vals = row_values(runs, name, key)
+            row += [" / ".join(fmt(v) for v in vals), mean_sd(vals)] if len(runs) > 1 else [fmt(vals[0])]
+        rows.append(row)
+    return table(header, rows) + sources(runs)
+
+
+def demo_table(root: str) -> str:
+    """README headline: ZSD mAP and GZSD HM at IoU 0.5 of every demo row, per seed and mean."""
+    runs = load_family(root, "demo")
+    if not runs:
+        return placeholder("demo")
+    return seeds_table(runs, [("zsd_map", "ZSD mAP"), ("gzsd_hm", "GZSD HM"),
+                              ("gzsd_published_hm", "GZSD HM, published scoring")])
+
+
+def demo_main_table(root: str) -> str:
+    """The main row per seed: mAP and Recall@100 at each IoU, ZSD and GZSD."""
+    runs = load_family(root, "demo")
+    if not runs:
+        return placeholder("demo")
+    rows = []
+    for r in runs:
+        parts = [("ZSD", "unseen", r["zsd"]["groups"]["unseen"])]
+        if r.get("gzsd"):
+            parts += [("GZSD", g, r["gzsd"]["groups"][g]) for g in ("seen", "unseen")]
+            parts += [("GZSD", "HM", r["gzsd"]["hm"])]
+        for setting, group, m in parts:
+            ious = sorted(m["map"], key=float)
+            rows.append([str(r.get("seed")), setting, group, " / ".join(fmt(m["map"][i]) for i in ious),
+                         " / ".join(fmt(m["recall"][i]) for i in ious)])
+    ious = " / ".join(sorted(runs[0]["zsd"]["groups"]["unseen"]["map"], key=float))
+    return table(["seed", "setting", "group", f"mAP (IoU {ious})", f"Recall@100 (IoU {ious})"], rows) + sources(runs)
+
+
+def timings_table(root: str) -> str:
+    """Seconds per demo stage, per seed, and the total."""
+    runs = load_family(root, "demo")
+    if not runs:
+        return placeholder("demo")
+    stages = list(dict.fromkeys(s for r in runs for s in r["timings_s"]))
+    rows = [[s] + [fmt(r["timings_s"].get(s)) for r in runs] for s in stages]
+    rows.append(["**total**"] + [f"**{sum(r['timings_s'].values()):.0f}**" for r in runs])
+    return table(["stage (s)"] + [f"seed {r.get('seed')}" for r in runs], rows) + sources(runs)
+
+
+def clip_table(root: str) -> str:
+    """Zero-shot accuracy (%) of each run's CLIP on held-out crops."""
+    runs = load_family(root, "demo")
+    if not runs:
+        return placeholder("demo")
+    rows = []
+    for r in runs:
+        acc = (r.get("clip") or {}).get("zero_shot_accuracy") or {}
+        rows.append([str(r.get("seed")), (r.get("clip") or {}).get("source") or "–", fmt(acc.get("all")),
+                     fmt(acc.get("unseen")), fmt(acc.get("unseen_among_unseen"))])
+    return table(["seed", "CLIP", "all classes", "unseen (among all)", "unseen (among unseen)"], rows) + sources(runs)
+
+
+def ablation_table(root: str) -> str:
+    """`vldus demo --ablation`: every row's ZSD mAP and GZSD HM (both scorings) at IoU 0.5."""
+    runs = load_family(root, "ablation")
+    if not runs:
+        return placeholder("ablation")
+    return seeds_table(runs, [("zsd_map", "ZSD mAP"), ("gzsd_hm", "GZSD HM"),
+                              ("gzsd_published_hm", "GZSD HM, published scoring")])
+
+
+def quick_table(root: str) -> str:
+    """`vldus demo --quick` runs (one per file, labelled by its note)."""
+    runs = load_family(root, "quick")
+    if not runs:
+        return placeholder("quick")
+    names = list(dict.fromkeys(n for r in runs for n, row in r["ablation"].items() if row.get("status") == "ok"))
+    header = ["run", "seed"] + [f"ZSD `{n}`" for n in names] + ["GZSD HM (main)", "time (s)"]
+    rows = []
+    for r in runs:
+        main = r["ablation"].get(r.get("method")) or {}
+        rows.append([r.get("note") or r["file"], str(r.get("seed"))] + [fmt(v) for v in
+                    (row_values([r], n, "zsd_map")[0] for n in names)] +
+                    [fmt(main.get("gzsd_hm")), f"{sum(r['timings_s'].values()):.0f}"])
+    return table(header, rows) + sources(runs)
+
+
+TABLES: dict[str, Callable[[str], str]] = {
+    "demo": demo_table, "demo-main": demo_main_table, "demo-timings": timings_table,
+    "demo-clip": clip_table, "ablation": ablation_table, "quick": quick_table,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Rewriting and checking the documents
+# --------------------------------------------------------------------------------------------
+def render(text: str, root: str, where: str = "") -> str:
+    """``text`` with every marked table regenerated (an unknown table name is an error)."""
+    def one(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise SystemExit(f"{where}: unknown table {name!r} (known: {', '.join(TABLES)})")
+        return m.group(1) + TABLES[name](root) + m.group(4)
+
+    return MARKER.sub(one, text)
+
+
+def process(root: str, files: list[str], check: bool) -> list[str]:
+    """Rewrite (or, with ``check``, compare) each file's tables; returns the files that differ."""
+    differ = []
+    for rel in files:
+        path = os.path.join(root, rel)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        new = render(text, root, rel)
+        if new != text:
+            differ.append(rel)
+            if not check:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(new)
+    return differ
+
+
+def add_run(root: str, metrics: str, name: str, note: str) -> str:
+    """Store the needed fields of a run's metrics.json as docs/results/NAME.json."""
+    if not any(fnmatch.fnmatch(f"{name}.json", pat) for pat in FAMILIES.values()):
+        raise SystemExit(f"--name {name}: matches no table family ({', '.join(FAMILIES.values())})")
+    with open(metrics) as f:
+        m = json.load(f)
+    seed = re.search(r"seed(\d+)", name)
+    out = os.path.join(root, RESULTS, f"{name}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(reduce_metrics(m, int(seed.group(1)) if seed else None, note), f, indent=1)
+        f.write("\n")
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="exit 1 when a table differs from its files")
+    p.add_argument("--root", default=ROOT, help="repository root (default: this script's)")
+    p.add_argument("--files", nargs="+", default=list(DOCS), help="Markdown files holding tables")
+    p.add_argument("--add", metavar="METRICS_JSON", help="store a vldus demo metrics.json first")
+    p.add_argument("--name", help="its name under docs/results/ (demo_seedN, ablation_seedN, quick_LABEL)")
+    p.add_argument("--note", default="", help="machine / settings of the run, shown under the tables")
+    args = p.parse_args(argv)
+    if args.add:
+        if not args.name:
+            p.error("--add needs --name")
+        print(f"stored {add_run(args.root, args.add, args.name, args.note)}")
+    differ = process(args.root, args.files, args.check)
+    for rel in differ:
+        print(f"{rel}: tables {'differ from docs/results/' if args.check else 'regenerated'}")
+    return 1 if args.check and differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
