@@ -111,7 +111,7 @@ def test_draw_detections_colours_and_threshold():
     im = Image.new("RGB", (100, 100), (0, 0, 0))
     boxes = np.array([[10, 40, 50, 90], [60, 40, 95, 90], [5, 5, 95, 30]], np.float32)
     out = draw_detections(im, boxes, np.array([0.9, 0.8, 0.1]), np.array([1, 2, 1]), ["seen cls", "unseen cls"],
-                          unseen_ids=[2], score_thresh=0.3)
+                          unseen_ids=[2], score_thresh=0.3, min_side=100, legend=False)
     px = out.load()
     assert px[10, 70] == SEEN_COLOUR and px[95, 70] == UNSEEN_COLOUR
     assert px[50, 5] == px[95, 15] == (0, 0, 0)  # the 0.1 box is below the display threshold
