@@ -284,7 +284,7 @@ def train_clip(out: str | os.PathLike, seed: int = 0, exclude_unseen: Optional[s
     of training (crops and captions); None = train on every class. ``steps`` overrides
     ``config.steps``. ``resume`` continues from ``out/checkpoint.pt`` if there is one.
     """
-    from vldus.clip import build_open_clip, clip_image_size, clip_mean_std, freeze, get_clip_tokenizer
+    from vldus.clip import clip_image_size, clip_mean_std, get_clip_tokenizer
 
     cfg = dataclasses.replace(config, steps=steps) if steps is not None else config
     cfg.check()
@@ -292,81 +292,30 @@ def train_clip(out: str | os.PathLike, seed: int = 0, exclude_unseen: Optional[s
     unseen = unseen_classes(exclude_unseen)
     exclude = unseen if exclude_unseen is not None else ()
     out = str(out)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise InputError(out, f"cannot create the output folder ({e.strerror})") from None
-    arch = os.path.join(out, CONFIG_FILE)
-    write_json(arch, open_clip_config())
+    arch = prepare_output(out)
     settings = _settings(seed, exclude, cfg)
     ckpt_path = os.path.join(out, CHECKPOINT_FILE)
-    ckpt = _read_checkpoint(ckpt_path, settings) if resume and os.path.isfile(ckpt_path) else None
-    if resume:  # one line, also with --quiet (it says what the run continues from)
-        print(f"resuming after step {ckpt['step']} from {ckpt_path}" if ckpt else
-              f"no checkpoint in {out}; starting from scratch", flush=True)
+    ckpt = resume_point(ckpt_path, settings, resume)
 
-    with torch.random.fork_rng():  # the caller's global RNG is left alone
-        torch.manual_seed(seed)
-        model = build_open_clip(arch)
+    model = initial_model(arch, seed, cfg)
     tokenizer = get_clip_tokenizer(arch)
     crop_size = clip_image_size(model)[0]
     mean, std = clip_mean_std(model)
     data = training_set(seed, exclude, crop_size, cfg, progress=not quiet)
-    images = to_model_input(data.crops, mean, std)
-    labels = torch.from_numpy(data.labels)
-    tokens = tokenizer(data.captions)
-
-    with torch.no_grad():
-        model.logit_scale.fill_(cfg.init_logit_scale)
+    batches = ClipBatches(to_model_input(data.crops, mean, std), torch.from_numpy(data.labels),
+                          tokenizer(data.captions), len(data.classes), cfg,
+                          torch.Generator().manual_seed(seed))
     optimizer = make_optimizer(model, cfg)
-    sampler = torch.Generator().manual_seed(seed)
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        sampler.set_state(ckpt["sampler"])
+        batches.sampler.set_state(ckpt["sampler"])
         start = int(ckpt["step"])
 
-    model.train()
-    bar = tqdm(range(start, cfg.steps), desc="train-clip", unit="step", disable=quiet,
-               initial=start, total=cfg.steps)
-    for step in bar:
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=sampler)
-        flip = torch.rand(cfg.batch_size, generator=sampler) < cfg.flip_prob
-        n_t = len(cfg.templates)
-        pick = torch.rand(len(data.classes), n_t, generator=sampler).argsort(1)[:, :cfg.captions_per_step]
-        pick = (pick + torch.arange(len(data.classes)).view(-1, 1) * n_t).reshape(-1)
-        x = images[idx]
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        img = model.encode_image(x, normalize=True)
-        txt = class_text_embeddings(model, tokens[pick], len(data.classes))
-        loss = F.cross_entropy(model.logit_scale.exp() * img @ txt.T, labels[idx])
-        if not torch.isfinite(loss):
-            raise InputError(ckpt_path, f"loss is {loss.item()} at step {step + 1}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, cfg.max_logit_scale)
-        bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _write_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "sampler": sampler.get_state(), "step": step + 1,
-                                          "settings": json.dumps(settings)})
-    bar.close()
+    train_steps(model, optimizer, batches, cfg, start, ckpt_path, settings, quiet)
     train_s = time.perf_counter() - start_time
-
-    freeze(model)
-    from safetensors.torch import save_file
-
-    weights = os.path.join(out, WEIGHTS_FILE)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(weights, 0o666 & ~umask)  # safetensors creates files private (0600)
+    weights = save_weights(model, out)
     metrics = evaluate(model, tokenizer, seed, unseen, crop_size, mean, std, cfg, quiet)
     metrics.update({
         "seed": seed, "steps": cfg.steps, "trained_classes": list(data.classes),
@@ -381,6 +330,115 @@ def train_clip(out: str | os.PathLike, seed: int = 0, exclude_unseen: Optional[s
     if os.path.isfile(ckpt_path):  # finished: the checkpoint (model + optimizer state) is not needed
         os.remove(ckpt_path)
     return metrics
+
+
+def prepare_output(out: str) -> str:
+    """Create ``out`` and write the model config there; returns its path (the ``--arch``)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise InputError(out, f"cannot create the output folder ({e.strerror})") from None
+    arch = os.path.join(out, CONFIG_FILE)
+    write_json(arch, open_clip_config())
+    return arch
+
+
+def resume_point(ckpt_path: str, settings: dict, resume: bool) -> Optional[dict]:
+    """The checkpoint to continue from (``resume`` and a file there), else None; says which."""
+    ckpt = _read_checkpoint(ckpt_path, settings) if resume and os.path.isfile(ckpt_path) else None
+    if resume:  # one line, also with --quiet (it says what the run continues from)
+        print(f"resuming after step {ckpt['step']} from {ckpt_path}" if ckpt else
+              f"no checkpoint in {os.path.dirname(ckpt_path)}; starting from scratch", flush=True)
+    return ckpt
+
+
+def initial_model(arch: str, seed: int, cfg: ClipTrainConfig):
+    """The randomly initialised CLIP (seeded; the caller's global RNG is left alone) with the
+    configured initial logit scale."""
+    from vldus.clip import build_open_clip
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_open_clip(arch)
+    with torch.no_grad():
+        model.logit_scale.fill_(cfg.init_logit_scale)
+    return model
+
+
+@dataclass
+class ClipBatches:
+    """Training batches: random crops (some flipped) and, per class, a random subset of its
+    captions. ``sampler`` is the only random stream (its state goes into the checkpoint)."""
+
+    images: torch.Tensor           # (N, 3, S, S) normalised crops
+    labels: torch.Tensor           # (N,) int64
+    tokens: torch.Tensor           # (n_classes * n_templates, context), class-major
+    n_classes: int
+    cfg: ClipTrainConfig
+    sampler: torch.Generator
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images (B, 3, S, S), labels (B,), caption tokens (n_classes * captions_per_step, context))."""
+        cfg = self.cfg
+        idx = torch.randint(len(self.images), (cfg.batch_size,), generator=self.sampler)
+        flip = torch.rand(cfg.batch_size, generator=self.sampler) < cfg.flip_prob
+        n_t = len(cfg.templates)
+        pick = torch.rand(self.n_classes, n_t, generator=self.sampler).argsort(1)[:, :cfg.captions_per_step]
+        pick = (pick + torch.arange(self.n_classes).view(-1, 1) * n_t).reshape(-1)
+        x = self.images[idx]
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), self.labels[idx], self.tokens[pick]
+
+
+def clip_loss(model, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Class-level contrastive loss: cross-entropy of the scaled cosines between each image and
+    every class's mean caption embedding."""
+    img = model.encode_image(images, normalize=True)
+    txt = class_text_embeddings(model, tokens, n_classes)
+    return F.cross_entropy(model.logit_scale.exp() * img @ txt.T, labels)
+
+
+def train_steps(model, optimizer: torch.optim.Optimizer, batches: ClipBatches, cfg: ClipTrainConfig,
+                start: int, ckpt_path: str, settings: dict, quiet: bool) -> None:
+    """Steps ``start`` .. ``cfg.steps``: batch -> loss -> step, checkpointing every
+    ``cfg.checkpoint_every`` steps (atomically)."""
+    model.train()
+    bar = tqdm(range(start, cfg.steps), desc="train-clip", unit="step", disable=quiet,
+               initial=start, total=cfg.steps)
+    for step in bar:
+        images, labels, tokens = batches.next()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        loss = clip_loss(model, images, labels, tokens, batches.n_classes)
+        if not torch.isfinite(loss):
+            raise InputError(ckpt_path, f"loss is {loss.item()} at step {step + 1}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, cfg.max_logit_scale)
+        bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _write_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "sampler": batches.sampler.get_state(), "step": step + 1,
+                                          "settings": json.dumps(settings)})
+    bar.close()
+
+
+def save_weights(model, out: str) -> str:
+    """Freeze ``model`` and write its weights as ``out/open_clip_model.safetensors`` (atomically,
+    readable like any file the user creates); returns the path."""
+    from safetensors.torch import save_file
+
+    from vldus.clip import freeze
+
+    freeze(model)
+    weights = os.path.join(out, WEIGHTS_FILE)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors creates files private (0600)
+    return weights
 
 
 def evaluate(model, tokenizer, seed: int, unseen: Sequence[str], crop_size: int, mean, std,
