@@ -12,7 +12,7 @@ from quick_demo_run import quick_demo
 pytestmark = pytest.mark.timeout(900)
 
 # Floors (IoU 0.5) well below what the quick demo measured with torch's AVX-512 and its AVX2
-# kernels (README, "Tests"): they fail when a stage breaks, not when the instruction set changes.
+# kernels (docs/development.md): they fail when a stage breaks, not when the instruction set changes.
 ZSD_FLOOR = 55.0  # measured 72.4 (AVX-512), 74.2 (AVX2)
 GZSD_HM_FLOOR = 45.0  # measured 68.6, 65.8
 SYNTHESIS_MARGIN = 10.0  # synthesis_vldus above no_synthesis (ZSD mAP); measured +21.4, +26.0
@@ -58,7 +58,7 @@ def test_default_gzsd_scoring_follows_its_calibration(run):
     """What the joint scoring guarantees, on any machine: it acts only when its calibration (no test
     data) separates seen from unseen well enough, and then it removes seen detections and leaves
     the unseen side as the published scoring has it. Whether that raises the HM is measured, not
-    asserted: on the default demo it moved the HM by -1.0 to +1.0 (README, "GZSD scoring")."""
+    asserted: on the default demo it moved the HM by -1.0 to +1.0 (docs/history.md, "GZSD calibration")."""
     m = run.metrics
     joint, published = m["gzsd"], m["gzsd_published"]
     assert joint["setting"] == published["setting"] == "gzsd"

@@ -69,7 +69,7 @@ class DemoSize:
 FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, detector_warmup=None,
                 gan_epochs=10, gan_epoch_budget=8000, compat_epochs=30)
 # The quick detector must converge (4 epochs): an unconverged one turns another CPU's fp32
-# round-off into a different result (README, quick demo).
+# round-off into a different result (docs/history.md, quick demo).
 QUICK = DemoSize(train_images=260, test_images=70, detector_epochs=4, detector_warmup=40,
                  gan_epochs=8, gan_epoch_budget=4000, compat_epochs=15, clip_steps=150, gan_lr=4e-4, pictures=3,
                  rows=("no_synthesis", "synthesis_vldus"))

@@ -5,7 +5,7 @@ the CLIP image encoder of the distillation all follow it.
   allows (no dependence on AVX-512 / AMX).
 - ``bf16``: matrix products in bfloat16 with float32 master weights; about 2x faster where the
   hardware multiplies bfloat16 natively (AVX-512-bf16, AMX, recent GPUs), slower elsewhere.
-  Its speed and accuracy against fp32 are in the README's "What differs" table.
+  Its speed and accuracy against fp32 are in docs/history.md ("Precision").
 - ``auto``: ``bf16`` where the device multiplies bfloat16 natively, else ``fp32``. Opt-in only,
   since results then depend on the machine.
 """
