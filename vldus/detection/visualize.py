@@ -135,7 +135,14 @@ def _with_legend(pic: Image.Image, font, score_thresh: float, nms_iou: float, ha
         note += f"; {unlabelled} label{'s' if unlabelled > 1 else ''} left out (no free place)"
     probe = ImageDraw.Draw(pic)
     th = probe.textbbox((0, 0), "Ag", font=font)[3] + 4
-    rows = 3 if has_gt else 2
+    lines = [""]  # the note, wrapped at "; " to the picture's width
+    for part in note.split("; "):
+        joined = f"{lines[-1]}; {part}" if lines[-1] else part
+        if lines[-1] and probe.textlength(joined, font=font) > pic.width - 12:
+            lines.append(part)
+        else:
+            lines[-1] = joined
+    rows = 1 + has_gt + len(lines)
     out = Image.new("RGB", (pic.width, pic.height + rows * (th + 4) + 4), LEGEND_BG)
     out.paste(pic, (0, 0))
     draw = ImageDraw.Draw(out)
@@ -148,8 +155,9 @@ def _with_legend(pic: Image.Image, font, score_thresh: float, nms_iou: float, ha
         y += th + 4
         _dashed_rectangle(draw, (6, y + 2, 18, y + th - 2), GT_COLOUR, 1, dash=3)
         draw.text((22, y + 2), "ground truth", fill=TEXT_COLOUR, font=font)
-    y += th + 4
-    draw.text((6, y + 2), note, fill=TEXT_COLOUR, font=font)
+    for text in lines:
+        y += th + 4
+        draw.text((6, y + 2), text, fill=TEXT_COLOUR, font=font)
     return out
 
 
