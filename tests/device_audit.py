@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _THIS = os.path.abspath(__file__)
 _CLAIMED: dict[int, tuple[torch.Generator, str]] = {}  # id -> (generator, device type it stands for)
 

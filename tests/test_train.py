@@ -110,6 +110,7 @@ def _log_has(path: str, epoch: int, iteration: int) -> bool:
                    for r in (json.loads(line) for line in f if line.endswith("\n")))
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_kill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     """kill -9 in the middle of epoch 2 of 3, then --resume: the same weights as a run that was
     never interrupted (every random stream is checkpointed, checkpoints are atomic)."""
