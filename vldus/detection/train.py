@@ -16,19 +16,26 @@ Outputs in ``cfg.path('detector')``:
                    leaves a half-written checkpoint. ``--resume`` continues from the latest.
   ``log.jsonl``    one JSON object per ``log_interval`` iterations ({"epoch", "iter", "lr",
                    "loss", each loss, "s_per_iter", "images_per_s"}) and one per epoch
-                   ({"epoch", "loss", "time_s", "checkpoint"[, "val"]}).
+                   ({"epoch", "loss", "time_s", "checkpoint"[, "val_seen_map50", "val"]}).
+  ``metrics.json`` with ``--validate``: {"validation": {"per_epoch": [{"epoch", "val_seen_map50",
+                   "seen_map", "seen_recall", "images", "images_per_rank"}, ...], "last": {...}}}.
   ``config.yaml``  the resolved config.
 
 Determinism: data order depends on (train.seed, epoch), flips on (seed, epoch, sample), and
 every RNG state is checkpointed; on CPU deterministic algorithms are switched on. A run stopped
 after epoch k and resumed ends with the same weights as an uninterrupted one.
 
-A non-finite loss stops training with exit code 1 and a message naming the epoch and the
-iteration; no checkpoint is written for that epoch, so the last good one stays as it was.
+The losses stay on the device: they come to the host once per ``log_interval`` iterations, as
+one stacked copy (the loop's only host synchronisation). A non-finite loss found there stops
+training with exit code 1 and a message naming the epoch and the (first bad) iteration; no
+checkpoint is written for that epoch, so the last good one stays as it was.
 
 ``--validate`` reports seen-class mAP after each epoch with ``vldus.evaluation.ZSDEvaluator`` on
 ``data.val``, or, when it is null, on ``data.test``; in both cases on the images whose objects
 are all seen (the §2.3 rule), so unseen objects never count as misses or false positives.
+Under torchrun each rank detects its share of these images and rank 0 evaluates the gathered
+detections. The process group's timeout (``VLDUS_DIST_TIMEOUT_MIN``, default 120 minutes,
+:mod:`vldus.devices`) covers the work rank 0 does alone.
 """
 from __future__ import annotations
 
@@ -53,6 +60,7 @@ from tqdm import tqdm
 
 from vldus.config import add_set_argument
 from vldus.config import Config, load_config, save_config
+from vldus.data.images import to_float
 from vldus.data.splits import Split
 from vldus.devices import local_device, start_process_group
 from vldus.detection.dataset import DetectionDataset, collate_fn, training_dataset
@@ -222,7 +230,7 @@ def validation_dataset(cfg: Config, split: Split) -> DetectionDataset:
     if not records:
         raise InputError(source.ann_file or source.list_file or None,
                          "--validate: no image whose objects are all seen classes")
-    return DetectionDataset(records, train=False)
+    return DetectionDataset(records, train=False, uint8=True)
 
 
 @torch.no_grad()
@@ -235,7 +243,7 @@ def detect_shard(model: torch.nn.Module, dataset: DetectionDataset, indices: lis
     model.eval()
     out, position = [], 0
     for images, _ in tqdm(loader, desc="validate", disable=not progress, leave=False):
-        outputs = model([im.to(device, non_blocking=True) for im in images])
+        outputs = model([to_float(im.to(device, non_blocking=True)) for im in images])
         for o in outputs:
             out.append((indices[position], {k: v.float().cpu() for k, v in o.items()}))
             position += 1
@@ -386,7 +394,7 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
     os.makedirs(det_dir, exist_ok=True)
 
     seed_everything(t.seed + info.rank)
-    dataset = training_dataset(cfg, split, skip_bad=skip_bad_images)
+    dataset = training_dataset(cfg, split, skip_bad=skip_bad_images, uint8=True)  # to float on the device
     val_set = validation_dataset(cfg, split) if validate else None
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=t.seed)
@@ -450,7 +458,7 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
             for i, (images, targets) in enumerate(bar):
                 for target in targets:
                     skipped.update(target.pop("skipped", ()))
-                images = [im.to(info.device, non_blocking=True) for im in images]
+                images = [to_float(im.to(info.device, non_blocking=True)) for im in images]
                 targets = [{k: (v.to(info.device, non_blocking=True) if torch.is_tensor(v) else v)
                             for k, v in tg.items()} for tg in targets]
                 with torch.autocast(info.device.type, enabled=amp):
