@@ -505,6 +505,7 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
                             "rank_fingerprints": fingerprints}, path)
                 summary["checkpoint"] = path
             if val_set is not None:  # every rank evaluates its share of the images
+                _broadcast_buffers(model, info)  # with rank 0's BatchNorm statistics (the checkpoint's)
                 metrics = evaluate_seen(model, val_set, cfg, split, info.device, progress, info)
                 if info.is_main:
                     val = validation_record(epoch + 1, metrics)
@@ -521,6 +522,14 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
     if all_skipped and info.is_main:
         print(f"skipped {len(all_skipped)} unreadable image(s), e.g. {sorted(all_skipped)[0]}", file=sys.stderr)
     return last_good
+
+
+def _broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm running statistics, which each rank updates on its own data
+    after DDP's broadcast) on every rank."""
+    if info.world_size > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _gather_to_main(obj, info: DistInfo) -> list:
