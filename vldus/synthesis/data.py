@@ -103,7 +103,7 @@ class FeatureFile:
         out = torch.empty((self.num_rows, self.dim), dtype=torch.float32, device=device)
         for start in range(0, self.num_rows, CHUNK_ROWS):
             mm = self._map()
-            out[start:start + CHUNK_ROWS].copy_(torch.from_numpy(np.ascontiguousarray(mm[start:start + CHUNK_ROWS])))
+            out[start:start + CHUNK_ROWS].copy_(torch.from_numpy(np.array(mm[start:start + CHUNK_ROWS])))
             del mm
         return out
 
