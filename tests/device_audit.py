@@ -24,7 +24,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
