@@ -94,7 +94,10 @@ class LabelledFeatures:
         device = torch.device(device)
         if device.type != "cpu":
             if self._on_device is None or self._on_device[0] != device:
-                self._on_device = (device, self.features.gather(self.rows).to(device))
+                rows = torch.empty((len(self.rows), self.features.dim), device=device)
+                for start in range(0, len(self.rows), CHUNK_ROWS):
+                    rows[start:start + CHUNK_ROWS] = self.features.gather(self.rows[start:start + CHUNK_ROWS])
+                self._on_device = (device, rows)
             x = self._on_device[1]
             return torch.cat([model(x[s:s + CHUNK_ROWS]).argmax(1) for s in range(0, len(x), CHUNK_ROWS)]).cpu()
         preds = []
