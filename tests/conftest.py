@@ -30,6 +30,15 @@ class TinyClip(NamedTuple):
         return os.path.join(os.path.dirname(self.weights_path), "tiny_clip_config.json")
 
 
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """Bitwise comparisons (resume == uninterrupted) run on the CPU, also on a GPU machine:
+    roi_align's CUDA backward and other CUDA kernels are not deterministic. Subprocesses see no
+    GPU (CUDA_VISIBLE_DEVICES=""), this process reports none."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def _tiny_clip_files(tmp_path_factory) -> str:
     """Write the tiny config and a randomly initialised (seeded) weights file once per session."""

@@ -89,6 +89,7 @@ def test_deterministic_for_a_seed(micro, tmp_path):
         assert _same(_weights(micro), _weights(tmp_path / str(seed))) is same
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_resume_gives_the_uninterrupted_weights(micro, tmp_path, monkeypatch, capsys):
     out = tmp_path / "resumed"
     write = clip_train._write_checkpoint

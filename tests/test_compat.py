@@ -52,6 +52,7 @@ def test_command_writes_published_layout_and_generalises(task, capsys):
     assert "nothing to do" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_resume_equals_uninterrupted(task, tmp_path):
     cfg = load_config(task.config)
     split = cfg.load_split()
@@ -71,6 +72,7 @@ def test_resume_equals_uninterrupted(task, tmp_path):
     assert [r["val_loss"] for r in hist] == [r["val_loss"] for r in hist_full]
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_kill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     """kill -9 while the command runs an epoch, then --resume: the same classifier as a run that
     was never interrupted."""

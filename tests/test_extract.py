@@ -250,6 +250,7 @@ def test_output_names_layout_and_manifest(tmp_path, extractor):
     assert not np.array_equal(load(paths)[0], load(other)[0])
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_resume_after_a_kill(tmp_path, extractor):
     records = make_records(tmp_path, n=6)
     ref = output_paths(str(tmp_path / "ref"), "test", 0.6, 0.3)

@@ -75,6 +75,7 @@ def test_synthesized_classifier_recognises_real_unseen_features(task, tmp_path, 
     assert calib["balanced_accuracy"] > 0.7  # well above chance (0.5): the groups are apart
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(task, tmp_path):
     settings = ["--set", "gan.epochs=3", "--set", "gan.epoch_budget=160"]
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"

@@ -110,6 +110,7 @@ def _log_has(path: str, epoch: int, iteration: int) -> bool:
                    for r in (json.loads(line) for line in f if line.endswith("\n")))
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_kill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     """kill -9 in the middle of epoch 2 of 3, then --resume: the same weights as a run that was
     never interrupted (every random stream is checkpointed, checkpoints are atomic)."""
@@ -197,8 +198,12 @@ def _half_of_the_data(cfg: Config, rank: int, world: int) -> Config:
 
 def test_torchrun_two_processes_synchronise(tmp_path):
     """tools/dist_train.sh -> torchrun -> 2 gloo processes with DDP: both ranks end with the same
-    weights, and those differ from rank 0 training alone on its half of the data."""
+    weights, and those differ from rank 0 training alone on its half of the data. --validate:
+    each rank evaluates half of the validation images, rank 0 gathers them; the mAP is that of
+    one process evaluating them all."""
     cfg = tiny_config(tmp_path, epochs=1, flip=0.0)
+    # validation after two iterations: every box, and a loose IoU, so that the metrics are not 0
+    cfg.detector.score_thresh, cfg.evaluation.iou_thresholds = 0.0, [0.1, 0.5]
     cfg_file = tmp_path / "cfg.yaml"
     save_config(cfg, str(cfg_file))
     with socket.socket() as sock:  # a free port for the rendezvous
@@ -206,7 +211,7 @@ def test_torchrun_two_processes_synchronise(tmp_path):
         port = sock.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable,
                MASTER_PORT=str(port))
-    cmd = ["bash", os.path.join(REPO, "tools", "dist_train.sh"), str(cfg_file), "2", "--quiet"]
+    cmd = ["bash", os.path.join(REPO, "tools", "dist_train.sh"), str(cfg_file), "2", "--quiet", "--validate"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(cfg.path("detector", "epoch_1.pth"), weights_only=True)
@@ -214,6 +219,23 @@ def test_torchrun_two_processes_synchronise(tmp_path):
     assert ddp["iters_per_epoch"] == 2  # 8 images / 2 processes / batch 2
     fingerprints = ddp["rank_fingerprints"]
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+
+    epoch = [r for r in map(json.loads, open(cfg.path("detector", "log.jsonl"))) if "checkpoint" in r]
+    metrics = json.load(open(cfg.path("detector", "metrics.json")))["validation"]
+    assert len(epoch) == 1 and metrics["per_epoch"] == [metrics["last"]]
+    assert metrics["last"]["images_per_rank"] == [4, 4]  # 8 seen-only images, rank r: r, r + 2, ...
+    assert epoch[0]["val_seen_map50"] == metrics["last"]["val_seen_map50"]
+    from vldus.detection.model import load_detector
+    from vldus.detection.train import evaluate_seen, seen_map, validation_dataset
+
+    split = cfg.load_split()
+    model = load_detector(cfg, split, cfg.path("detector", "epoch_1.pth"))
+    alone = evaluate_seen(model, validation_dataset(cfg, split), cfg, split, torch.device("cpu"), False)
+    assert alone["images_per_rank"] == [8]
+    assert seen_map(alone) == pytest.approx(metrics["last"]["val_seen_map50"], abs=1e-9)
+    assert alone["groups"]["seen"]["recall"] == pytest.approx(metrics["last"]["seen_recall"], abs=1e-9)
+    assert seen_map(alone, "0.1") == pytest.approx(metrics["last"]["seen_map"]["0.1"], abs=1e-9)
+    assert metrics["last"]["seen_map"]["0.1"] > 0 and metrics["last"]["seen_recall"]["0.1"] > 0
 
     single = _half_of_the_data(cfg, rank=0, world=2)
     train_detector(single, progress=False)

@@ -8,7 +8,9 @@
 #
 # NPROC processes per node (GPUs: one per process, LOCAL_RANK picks the device; CPU: gloo).
 # Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT (or PORT) on each node.
-# PYTHON selects the interpreter (default: python).
+# PYTHON selects the interpreter (default: python3, else python).
+# VLDUS_DIST_TIMEOUT_MIN: the process-group timeout in minutes (default 120): work that rank 0
+# does alone between collectives must finish within it.
 set -euo pipefail
 if [ "$#" -lt 3 ]; then
     echo "usage: $0 CFG CHECKPOINT NPROC [vldus test options]" >&2

@@ -8,7 +8,9 @@
 #   tools/dist_train.sh configs/coco_65_15.yaml 4 --resume
 #
 # Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT (or PORT) on each node.
-# PYTHON selects the interpreter (default: python).
+# PYTHON selects the interpreter (default: python3, else python).
+# VLDUS_DIST_TIMEOUT_MIN: the process-group timeout in minutes (default 120): work that rank 0
+# does alone between collectives must finish within it.
 set -euo pipefail
 if [ "$#" -lt 2 ]; then
     echo "usage: $0 CFG NPROC [vldus train-detector options]" >&2

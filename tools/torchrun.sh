@@ -5,11 +5,14 @@
 #   tools/torchrun.sh NPROC VLDUS_COMMAND [options]
 #
 # Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT (or PORT) on each node.
-# PYTHON selects the interpreter (default: python).
+# PYTHON selects the interpreter (default: python3, else python).
+# VLDUS_DIST_TIMEOUT_MIN: the process-group timeout in minutes (default 120): work that rank 0
+# does alone between collectives must finish within it.
 set -euo pipefail
 NPROC=$1
 shift
-exec "${PYTHON:-python}" -m torch.distributed.run \
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+exec "$PYTHON" -m torch.distributed.run \
     --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-${PORT:-29500}}" \
     --nproc_per_node="$NPROC" \

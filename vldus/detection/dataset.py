@@ -2,7 +2,9 @@
 
 One sample is::
 
-    image:  float32 (3, H, W), RGB in 0..1 (the detector normalises and resizes it itself)
+    image:  float32 (3, H, W), RGB in 0..1 (the detector normalises and resizes it itself);
+            with ``uint8=True`` the decoded uint8 (3, H, W), a quarter of the bytes to copy to
+            the device, where :func:`vldus.data.images.to_float` makes the detector's input
     target: {"boxes": float32 (N, 4) xyxy pixels, "labels": int64 (N,) detector index 1..C,
              "image_id": int}
 
@@ -48,9 +50,10 @@ class BadImageError(InputError):
             super().__init__(source, message)
 
 
-def read_image(path: str, width: int, height: int) -> torch.Tensor:
-    """Decode ``path`` to float32 (3, H, W) RGB in 0..1; BadImageError when it cannot be read or
-    its size differs from the annotation's ``width`` x ``height`` (boxes would be wrong)."""
+def read_image(path: str, width: int, height: int, uint8: bool = False) -> torch.Tensor:
+    """Decode ``path`` to float32 (3, H, W) RGB in 0..1 (``uint8``: uint8 0..255); BadImageError
+    when it cannot be read or its size differs from the annotation's ``width`` x ``height``
+    (boxes would be wrong)."""
     try:
         image = read_rgb(path)
     except InputError as e:
@@ -58,7 +61,7 @@ def read_image(path: str, width: int, height: int) -> torch.Tensor:
     if image.shape[1:] != (height, width):
         raise BadImageError(path, f"image is {image.shape[2]}x{image.shape[1]} px but the annotation says "
                                   f"{width}x{height}")
-    return to_float(image)
+    return image if uint8 else to_float(image)
 
 
 def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
@@ -73,7 +76,7 @@ class DetectionDataset(Dataset):
     """(image, target) samples from records; see the module docstring."""
 
     def __init__(self, records: Sequence[ImageRecord], train: bool, flip: float = 0.0, seed: int = 0,
-                 repeat: int = 1, skip_bad: bool = False):
+                 repeat: int = 1, skip_bad: bool = False, uint8: bool = False):
         if repeat < 1:
             raise InputError("data.train.repeat", f"must be >= 1, got {repeat}")
         self.records = list(records)
@@ -82,6 +85,7 @@ class DetectionDataset(Dataset):
         self.seed = seed
         self.repeat = repeat
         self.skip_bad = skip_bad
+        self.uint8 = uint8
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -102,7 +106,7 @@ class DetectionDataset(Dataset):
         for attempt in range(n):
             record = self.records[(index + attempt) % n]
             try:
-                image = read_image(record.path, record.width, record.height)
+                image = read_image(record.path, record.width, record.height, self.uint8)
                 break
             except BadImageError as e:
                 if not self.skip_bad:
@@ -131,10 +135,10 @@ def collate_fn(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.T
     return images, targets
 
 
-def training_dataset(cfg, split, skip_bad: bool = False) -> DetectionDataset:
+def training_dataset(cfg, split, skip_bad: bool = False, uint8: bool = False) -> DetectionDataset:
     """The detector's training set (docs/design.md §2.3): ``cfg.data.train`` records whose objects are all
     seen, sides >= ``data.min_image_side``, flipped with ``train.flip``, repeated
-    ``data.train.repeat`` times per epoch."""
+    ``data.train.repeat`` times per epoch (``uint8``: images as decoded, see the module doc)."""
     from vldus.data.readers import load_records, select_training
 
     source = cfg.data.train
@@ -143,4 +147,4 @@ def training_dataset(cfg, split, skip_bad: bool = False) -> DetectionDataset:
         raise InputError(source.ann_file or source.list_file or None,
                          f"no training images: none has only seen classes of split {split.name!r}")
     return DetectionDataset(records, train=True, flip=cfg.train.flip, seed=cfg.train.seed,
-                            repeat=source.repeat, skip_bad=skip_bad)
+                            repeat=source.repeat, skip_bad=skip_bad, uint8=uint8)

@@ -48,6 +48,7 @@ from vldus.config import Config, FeatureConfig, load_config
 from vldus.data.images import read_rgb
 from vldus.data.records import ImageRecord
 from vldus.data.splits import Split
+from vldus.devices import local_device, start_process_group
 from vldus.detection.shards import ShardStore, merge_shards, read_json, shard_ranges
 from vldus.errors import InputError, require_file
 from vldus.files import write_json
@@ -442,12 +443,6 @@ def add_parser(sub, common) -> None:
     p.set_defaults(func=run)
 
 
-def _default_device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
-
-
 def run(args: argparse.Namespace) -> int:
     if args.shard_size < 1 or (args.max_images is not None and args.max_images < 1):
         raise InputError("--shard-size/--max-images", "must be positive")
@@ -455,21 +450,18 @@ def run(args: argparse.Namespace) -> int:
     split = cfg.load_split()
     require_file(args.checkpoint, "checkpoint")
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     import torch.distributed as dist
 
-    own_group = world > 1 and not dist.is_initialized()
-    if own_group:
-        # barriers only (features stay on each rank's device); ranks may wait for each other
-        # for up to one shard's time, which on a CPU can exceed the 30 min default
-        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    # barriers only (features stay on each rank's device); ranks may wait for each other
+    # for up to one shard's time, which on a CPU can exceed the 30 min default
+    own_group = start_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
         records, repeat = select_images(cfg, split, args.classes, args.data_split)
         if args.max_images:
             records = records[: args.max_images]
         from vldus.detection.model import load_detector
 
-        device = args.device or _default_device()
+        device = local_device(args.device)
         model = load_detector(cfg, split, args.checkpoint, device)
         extractor = RoIFeatureExtractor(model, cfg.features, cfg.train.flip, amp=args.amp)
         save_dir = args.save_dir or cfg.path("features")

@@ -39,6 +39,7 @@ from vldus.config import Config, load_config
 from vldus.data.images import read_rgb, to_float
 from vldus.data.records import ImageRecord
 from vldus.data.splits import Split
+from vldus.devices import local_device, start_process_group
 from vldus.errors import InputError, require_file
 from vldus.files import write_json
 
@@ -183,12 +184,9 @@ def _dist_start() -> tuple[int, int, bool]:
     """(rank, world size, whether this call started the process group)."""
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    started = start_process_group("gloo")  # only Python objects are gathered, on the CPU
+    if not dist.is_initialized():
         return 0, 1, False
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo")  # only Python objects are gathered, on the CPU
     return dist.get_rank(), dist.get_world_size(), started
 
 
@@ -201,12 +199,6 @@ def _gather(obj, rank: int, world: int) -> Optional[list]:
     box = [None] * world if rank == 0 else None
     dist.gather_object(obj, box, dst=0)
     return box
-
-
-def _default_device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +331,7 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
             records = records[:max_images]
         category_ids = coco_category_ids(cfg.data.test, split)
 
-        device = device or _default_device()
+        device = local_device(device)
         model = load_detector(cfg, split, checkpoint, device)
         classifier = None
         if setting != "seen":

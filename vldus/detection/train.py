@@ -16,19 +16,26 @@ Outputs in ``cfg.path('detector')``:
                    leaves a half-written checkpoint. ``--resume`` continues from the latest.
   ``log.jsonl``    one JSON object per ``log_interval`` iterations ({"epoch", "iter", "lr",
                    "loss", each loss, "s_per_iter", "images_per_s"}) and one per epoch
-                   ({"epoch", "loss", "time_s", "checkpoint"[, "val"]}).
+                   ({"epoch", "loss", "time_s", "checkpoint"[, "val_seen_map50", "val"]}).
+  ``metrics.json`` with ``--validate``: {"validation": {"per_epoch": [{"epoch", "val_seen_map50",
+                   "seen_map", "seen_recall", "images", "images_per_rank"}, ...], "last": {...}}}.
   ``config.yaml``  the resolved config.
 
 Determinism: data order depends on (train.seed, epoch), flips on (seed, epoch, sample), and
 every RNG state is checkpointed; on CPU deterministic algorithms are switched on. A run stopped
 after epoch k and resumed ends with the same weights as an uninterrupted one.
 
-A non-finite loss stops training with exit code 1 and a message naming the epoch and the
-iteration; no checkpoint is written for that epoch, so the last good one stays as it was.
+The losses stay on the device: they come to the host once per ``log_interval`` iterations, as
+one stacked copy (the loop's only host synchronisation). A non-finite loss found there stops
+training with exit code 1 and a message naming the epoch and the (first bad) iteration; no
+checkpoint is written for that epoch, so the last good one stays as it was.
 
 ``--validate`` reports seen-class mAP after each epoch with ``vldus.evaluation.ZSDEvaluator`` on
 ``data.val``, or, when it is null, on ``data.test``; in both cases on the images whose objects
 are all seen (the §2.3 rule), so unseen objects never count as misses or false positives.
+Under torchrun each rank detects its share of these images and rank 0 evaluates the gathered
+detections. The process group's timeout (``VLDUS_DIST_TIMEOUT_MIN``, default 120 minutes,
+:mod:`vldus.devices`) covers the work rank 0 does alone.
 """
 from __future__ import annotations
 
@@ -53,7 +60,9 @@ from tqdm import tqdm
 
 from vldus.config import add_set_argument
 from vldus.config import Config, load_config, save_config
+from vldus.data.images import to_float
 from vldus.data.splits import Split
+from vldus.devices import local_device, start_process_group
 from vldus.detection.dataset import DetectionDataset, collate_fn, training_dataset
 from vldus.detection.model import build_detector, checkpoint_state, resolve_norm
 from vldus.errors import InputError
@@ -91,17 +100,15 @@ class DistInfo:
 
 
 def init_distributed() -> DistInfo:
-    """One process per device. torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain run is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return DistInfo(rank=rank, world_size=world, device=device)
+    """One process per device. torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain run is rank 0 of 1.
+
+    The process group's timeout (:func:`vldus.devices.dist_timeout`) covers what rank 0 does
+    alone between collectives (writing the checkpoint, the log and the validation summary)."""
+    device = local_device()
+    start_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        return DistInfo(device=device)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
 
 def _barrier(info: DistInfo) -> None:
@@ -223,31 +230,83 @@ def validation_dataset(cfg: Config, split: Split) -> DetectionDataset:
     if not records:
         raise InputError(source.ann_file or source.list_file or None,
                          "--validate: no image whose objects are all seen classes")
-    return DetectionDataset(records, train=False)
+    return DetectionDataset(records, train=False, uint8=True)
 
 
 @torch.no_grad()
+def detect_shard(model: torch.nn.Module, dataset: DetectionDataset, indices: list[int], batch_size: int,
+                 workers: int, device: torch.device, progress: bool = True) -> list[tuple[int, dict]]:
+    """(dataset index, detections {"boxes", "scores", "labels"} on the CPU) of the images ``indices``."""
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                        collate_fn=collate_fn, num_workers=workers, pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    out, position = [], 0
+    for images, _ in tqdm(loader, desc="validate", disable=not progress, leave=False):
+        outputs = model([to_float(im.to(device, non_blocking=True)) for im in images])
+        for o in outputs:
+            out.append((indices[position], {k: v.float().cpu() for k, v in o.items()}))
+            position += 1
+    model.train(was_training)
+    return out
+
+
 def evaluate_seen(model: torch.nn.Module, dataset: DetectionDataset, cfg: Config, split: Split,
-                  device: torch.device, progress: bool = True) -> dict:
-    """Run the detector on ``dataset`` and return the evaluator's metrics dict (setting "seen")."""
+                  device: torch.device, progress: bool = True, info: Optional[DistInfo] = None) -> Optional[dict]:
+    """Run the detector on ``dataset`` and return the evaluator's metrics dict (setting "seen").
+
+    Under torchrun (``info``) every rank detects its share of the images (rank r: images r,
+    r + world, ...) and rank 0 gathers the detections and evaluates; other ranks return None.
+    """
+    info = info or DistInfo(device=device)
+    mine = list(range(info.rank, len(dataset), info.world_size))
+    dets = detect_shard(model, dataset, mine, cfg.train.batch_size, cfg.data.workers, device,
+                        progress and info.is_main)
+    parts = _gather_to_main(dets, info)
+    if not info.is_main:
+        return None
     evaluator = _evaluator_class()(list(split.classes), list(split.unseen), setting="seen",
                                    iou_thresholds=tuple(cfg.evaluation.iou_thresholds),
                                    protocol=cfg.evaluation.protocol, excluded=tuple(split.excluded))
-    by_id = {r.image_id: r for r in dataset.records}
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, collate_fn=collate_fn,
-                        num_workers=cfg.data.workers)
-    was_training = model.training
-    model.eval()
-    for images, targets in tqdm(loader, desc="validate", disable=not progress, leave=False):
-        outputs = model([im.to(device) for im in images])
-        dets = [{k: v.float().cpu() for k, v in o.items()} for o in outputs]
-        evaluator.process([by_id[t["image_id"]] for t in targets], dets)
-    model.train(was_training)
-    return evaluator.evaluate()
+    ordered = sorted((pair for part in parts for pair in part), key=lambda pair: pair[0])
+    evaluator.process([dataset.records[i] for i, _ in ordered], [d for _, d in ordered])
+    metrics = evaluator.evaluate()
+    metrics["images_per_rank"] = [len(part) for part in parts]
+    return metrics
 
 
 def seen_map(metrics: dict, iou: str = "0.5") -> float:
     return float(metrics["groups"]["seen"]["map"][iou])
+
+
+VAL_METRICS_FILE = "metrics.json"
+
+
+def validation_record(epoch: int, metrics: dict) -> dict:
+    """One epoch's validation summary: ``val_seen_map50`` and the evaluator's seen group."""
+    seen = metrics["groups"]["seen"]
+    return {"epoch": epoch, "val_seen_map50": seen_map(metrics), "seen_map": seen["map"],
+            "seen_recall": seen["recall"], "images": sum(metrics["images_per_rank"]),
+            "images_per_rank": metrics["images_per_rank"]}
+
+
+def write_validation_metrics(path: str, record: dict) -> None:
+    """Add ``record`` to ``path`` ({"validation": {"per_epoch": [...], "last": {...}}}, other keys
+    kept; a record of a later or equal epoch, left by a run that was resumed, is replaced)."""
+    from vldus.files import write_json
+
+    data = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = {}
+        data = data if isinstance(data, dict) else {}
+    old = data.get("validation", {}).get("per_epoch", []) if isinstance(data.get("validation"), dict) else []
+    per_epoch = [r for r in old if isinstance(r, dict) and r.get("epoch", 0) < record["epoch"]] + [record]
+    data["validation"] = {"per_epoch": per_epoch, "last": record}
+    write_json(path, data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,17 +326,32 @@ class _JsonLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _check_finite(loss: torch.Tensor, losses: dict, epoch: int, iteration: int, info: DistInfo,
+def window_losses(rows: list[torch.Tensor], info: DistInfo) -> tuple[np.ndarray, np.ndarray]:
+    """The loss rows of a logging window, (n, K) on the device, copied to the host in one go:
+    (values (n, K), bad (n,) bool: a non-finite loss at that iteration on any rank).
+
+    The training loop's only host synchronisation: the losses stay on the device in between.
+    """
+    block = torch.stack(rows).float()
+    bad = (~torch.isfinite(block)).any(1).float()
+    if info.world_size > 1:  # every rank stops at the same iteration
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    host = torch.cat([block, bad[:, None]], 1).cpu().numpy()
+    return host[:, :-1], host[:, -1] > 0
+
+
+def _check_finite(values: np.ndarray, bad: np.ndarray, names: list[str], epoch: int, first_iteration: int,
                   last_good: Optional[str]) -> None:
-    """Stop every rank together when any rank's loss is NaN/inf (before the step: weights stay good)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
-    if info.world_size > 1:
-        dist.all_reduce(bad)
-    if bad.item() > 0:
-        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-        keep = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
-        raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, iteration {iteration} ({parts}); "
-                                 f"{keep}. Lower train.lr or raise train.warmup_iters, then --resume")
+    """NonFiniteLossError naming the first bad iteration of a window (1-based ``first_iteration``
+    is the window's first). The weights of the epoch are not saved, so the last good checkpoint
+    stays as it was."""
+    if not bad.any():
+        return
+    k = int(np.flatnonzero(bad)[0])
+    parts = ", ".join(f"{name}={v:.4g}" for name, v in zip(names, values[k]))
+    keep = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
+    raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, iteration {first_iteration + k} ({parts}); "
+                             f"{keep}. Lower train.lr or raise train.warmup_iters, then --resume")
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -290,6 +364,18 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     scaler.step(optimizer)
     scaler.update()
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict, path: str, info: DistInfo) -> None:
+    """Continue the loss scale of an amp run. A run without amp (any CPU run, ``amp: false``)
+    saves an empty state, which an enabled GradScaler refuses: it then starts afresh; a saved
+    scale is unused when this run has amp off."""
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+    elif info.is_main and scaler.is_enabled() != bool(saved):
+        now = "on" if scaler.is_enabled() else "off"
+        print(f"note: {path} was written with amp {'off' if now == 'on' else 'on'}, this run has amp "
+              f"{now}: the loss scale {'starts afresh' if now == 'on' else 'is not used'}", file=sys.stderr)
 
 
 def train_detector(cfg: Config, resume: bool = False, validate: bool = False, skip_bad_images: bool = False,
@@ -308,12 +394,13 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
     os.makedirs(det_dir, exist_ok=True)
 
     seed_everything(t.seed + info.rank)
-    dataset = training_dataset(cfg, split, skip_bad=skip_bad_images)
-    val_set = validation_dataset(cfg, split) if validate and info.is_main else None
+    dataset = training_dataset(cfg, split, skip_bad=skip_bad_images, uint8=True)  # to float on the device
+    val_set = validation_dataset(cfg, split) if validate else None
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=t.seed)
     loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=collate_fn,
-                        num_workers=cfg.data.workers, worker_init_fn=_seed_worker)
+                        num_workers=cfg.data.workers, worker_init_fn=_seed_worker,
+                        pin_memory=info.device.type == "cuda")  # pinned: the copies can overlap
     iters_per_epoch = len(loader)
 
     model = build_detector(cfg, split).to(info.device)
@@ -330,8 +417,7 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
+        load_scaler_state(scaler, ckpt.get("scaler") or {}, latest, info)
         rngs = ckpt["rng"]
         if len(rngs) == info.world_size:
             set_rng_state(rngs[info.rank])
@@ -366,40 +452,42 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
             dataset.set_epoch(epoch)
             train_model.train()
             epoch_start, sums, count = time.time(), {}, 0
-            window_start, window = time.time(), {}
+            window_start, window = time.time(), []
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and info.is_main),
                        unit="it", dynamic_ncols=True)
             for i, (images, targets) in enumerate(bar):
                 for target in targets:
                     skipped.update(target.pop("skipped", ()))
-                images = [im.to(info.device, non_blocking=True) for im in images]
-                targets = [{k: (v.to(info.device) if torch.is_tensor(v) else v) for k, v in tg.items()}
-                           for tg in targets]
+                images = [to_float(im.to(info.device, non_blocking=True)) for im in images]
+                targets = [{k: (v.to(info.device, non_blocking=True) if torch.is_tensor(v) else v)
+                            for k, v in tg.items()} for tg in targets]
                 with torch.autocast(info.device.type, enabled=amp):
                     losses = train_model(images, targets)
                 loss = sum(losses.values())
-                _check_finite(loss, losses, epoch + 1, i + 1, info, last_good)
 
                 optimizer_step(loss, optimizer, scaler, params, t.grad_clip)
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
 
-                values = {k: v.item() for k, v in losses.items()} | {"loss": loss.item()}
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                    window[k] = window.get(k, 0.0) + v
+                names = list(losses) + ["loss"]
+                window.append(torch.stack([v.detach().float() for v in losses.values()] + [loss.detach().float()]))
                 count += 1
                 n_window = (i % t.log_interval) + 1
                 if n_window == t.log_interval or i + 1 == iters_per_epoch:
+                    values, bad = window_losses(window, info)
+                    _check_finite(values, bad, names, epoch + 1, i + 2 - n_window, last_good)
+                    means = values.mean(0)
+                    for k, v in zip(names, values.sum(0)):
+                        sums[k] = sums.get(k, 0.0) + float(v)
                     elapsed = time.time() - window_start
                     record = {"epoch": epoch + 1, "iter": i + 1, "iters": iters_per_epoch, "lr": lr}
-                    record |= {k: v / n_window for k, v in window.items()}
+                    record |= {k: float(v) for k, v in zip(names, means)}
                     record |= {"s_per_iter": elapsed / n_window,
                                "images_per_s": n_window * t.batch_size * info.world_size / max(elapsed, 1e-9)}
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}",
                                     img_s=f"{record['images_per_s']:.1f}")
-                    window_start, window = time.time(), {}
+                    window_start, window = time.time(), []
 
             summary = {"epoch": epoch + 1} | {k: v / max(count, 1) for k, v in sums.items()}
             summary["time_s"] = time.time() - epoch_start
@@ -416,11 +504,16 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
                                  "world_size": info.world_size, "iters_per_epoch": iters_per_epoch,
                             "rank_fingerprints": fingerprints}, path)
                 summary["checkpoint"] = path
-                if val_set is not None:
-                    metrics = evaluate_seen(model, val_set, cfg, split, info.device, progress)
-                    summary["val"] = {"seen_map": metrics["groups"]["seen"]["map"],
-                                      "seen_recall": metrics["groups"]["seen"]["recall"]}
-                    print(f"epoch {epoch + 1}: seen mAP@0.5 {seen_map(metrics):.1f}", file=sys.stderr)
+            if val_set is not None:  # every rank evaluates its share of the images
+                _broadcast_buffers(model, info)  # with rank 0's BatchNorm statistics (the checkpoint's)
+                metrics = evaluate_seen(model, val_set, cfg, split, info.device, progress, info)
+                if info.is_main:
+                    val = validation_record(epoch + 1, metrics)
+                    summary["val_seen_map50"] = val["val_seen_map50"]
+                    summary["val"] = {k: v for k, v in val.items() if k not in ("epoch", "val_seen_map50")}
+                    write_validation_metrics(os.path.join(det_dir, VAL_METRICS_FILE), val)
+                    print(f"epoch {epoch + 1}: seen mAP@0.5 {val['val_seen_map50']:.1f}", file=sys.stderr)
+            if info.is_main:
                 log.write(summary)
             _barrier(info)
             last_good = path
@@ -429,6 +522,23 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
     if all_skipped and info.is_main:
         print(f"skipped {len(all_skipped)} unreadable image(s), e.g. {sorted(all_skipped)[0]}", file=sys.stderr)
     return last_good
+
+
+def _broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm running statistics, which each rank updates on its own data
+    after DDP's broadcast) on every rank."""
+    if info.world_size > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _gather_to_main(obj, info: DistInfo) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0 ([] on the other ranks)."""
+    if info.world_size == 1:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
 
 
 def _gather(obj, info: DistInfo) -> list:

@@ -13,6 +13,7 @@ Output: ``cfg.path('synth', 'compat_classifier.pth')`` = {"fc.weight": (d, 1024)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -96,14 +97,18 @@ def train_compat_classifier(features: FeatureFile, embeddings: np.ndarray, seen_
     n_val = int(round(features.num_rows * compat_cfg.val_fraction))
     val_rows, train_rows = np.sort(perm[:n_val]), perm[n_val:]
 
-    model = CompatClassifier(features.dim, torch.from_numpy(embeddings[classes])).to(device)
+    # gen is a CPU generator (it orders the rows of the memory-mapped file), so the weights are
+    # drawn on the CPU and then moved: the same initial weights on every device
+    model = CompatClassifier(features.dim, torch.from_numpy(embeddings[classes]))
     bound = features.dim ** -0.5  # nn.Linear's default init, from the seeded generator
     with torch.no_grad():
         model.fc.weight.uniform_(-bound, bound, generator=gen)
         model.fc.bias.uniform_(-bound, bound, generator=gen)
+    model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=compat_cfg.lr, momentum=compat_cfg.momentum)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, compat_cfg.lr_step, compat_cfg.lr_gamma)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
 
     start_epoch, history, best_state, best_loss = 0, [], None, float("inf")
     if resume and checkpoint_path and os.path.isfile(checkpoint_path):
@@ -132,16 +137,17 @@ def train_compat_classifier(features: FeatureFile, embeddings: np.ndarray, seen_
             train_loss += loss.detach() * len(y)
         scheduler.step()
         model.eval()
-        val_loss, val_correct = 0.0, 0
+        val_sums = torch.zeros(2, device=device)  # loss, correct: on the device until the epoch ends
         with torch.no_grad(), autocast:
             for x, y in _batches(features, val_rows, targets, compat_cfg.val_batch_size):
                 x, y = x.to(device), y.to(device)
                 logits = model(x).float()
-                val_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-                val_correct += int((logits.argmax(1) == y).sum())
+                val_sums[0] += F.cross_entropy(logits, y, reduction="sum")
+                val_sums[1] += (logits.argmax(1) == y).sum()
+        train_sum, val_loss, val_correct = torch.cat([train_loss.view(1), val_sums]).tolist()
         n_val_rows = max(len(val_rows), 1)
-        record = {"epoch": epoch + 1, "train_loss": float(train_loss) / max(len(train_rows), 1),
-                  "val_loss": val_loss / n_val_rows, "val_accuracy": val_correct / n_val_rows,
+        record = {"epoch": epoch + 1, "train_loss": train_sum / max(len(train_rows), 1),
+                  "val_loss": val_loss / n_val_rows, "val_accuracy": int(val_correct) / n_val_rows,
                   "seconds": time.time() - t0}
         if not (np.isfinite(record["train_loss"]) and np.isfinite(record["val_loss"])):
             keep = (f"last good checkpoint: {checkpoint_path} (epoch {epoch})" if checkpoint_path and epoch

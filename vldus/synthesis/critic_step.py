@@ -115,7 +115,8 @@ class CriticUpdate:
         h1_i, h2_i = f.h1[2 * B:], f.h2[2 * B:]
 
         # Wasserstein term: d(-mean real + mean fake)/d score = -1/B, +1/B; then the feature
-        d_score = torch.cat([torch.full((B,), -1.0 / B), torch.full((B,), 1.0 / B)]).to(f.feat.device)
+        d_score = torch.full((2 * B,), 1.0 / B, device=f.feat.device)
+        d_score[:B] = -1.0 / B
         d_feat = d_score[:, None] * D.fc3.weight.float()               # (2B, F)
         if feat_grad is not None:
             d_feat = d_feat + feat_grad.float()

@@ -98,6 +98,15 @@ class FeatureFile:
             del mm  # unmap: the touched pages leave this process
         return out
 
+    def load(self, device: torch.device | str) -> torch.Tensor:
+        """Every row, (N, dim) float32 on ``device``, read CHUNK_ROWS rows at a time."""
+        out = torch.empty((self.num_rows, self.dim), dtype=torch.float32, device=device)
+        for start in range(0, self.num_rows, CHUNK_ROWS):
+            mm = self._map()
+            out[start:start + CHUNK_ROWS].copy_(torch.from_numpy(np.array(mm[start:start + CHUNK_ROWS])))
+            del mm
+        return out
+
     def check_finite(self, quiet: bool = False) -> None:
         """Scan every row for NaN/inf; InputError naming the file, the count and the first row."""
         bad_rows, first = 0, None
@@ -120,6 +129,32 @@ class FeatureFile:
     def counts(self, num_classes: int) -> np.ndarray:
         """(C+1,) number of rows per label."""
         return np.bincount(self.labels, minlength=num_classes + 1)
+
+
+class DeviceRows:
+    """Rows of a :class:`FeatureFile` gathered onto ``device`` (the GAN's epoch pools).
+
+    On CUDA the whole file is copied to the device once when it takes at most half of the free
+    device memory; each pool is then gathered there with an index tensor, so no epoch waits for
+    the memory map. Otherwise (the CPU, or a file too large) each pool is read from the memory
+    map, on CUDA into pinned memory and copied asynchronously. ``resident`` forces the choice.
+    """
+
+    def __init__(self, features: FeatureFile, device: torch.device | str, resident: Optional[bool] = None):
+        self.features, self.device = features, torch.device(device)
+        if resident is None:
+            resident = self.device.type == "cuda" and (
+                features.num_rows * features.dim * 4 <= torch.cuda.mem_get_info(self.device)[0] // 2)
+        self.rows = features.load(self.device) if resident else None
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), dim) float32 on the device; ``rows`` (n,) int64 row indices."""
+        if self.rows is not None:
+            return self.rows.index_select(0, rows.to(self.device, non_blocking=True))
+        out = self.features.gather(rows)
+        if self.device.type == "cuda":
+            out = out.pin_memory()
+        return out.to(self.device, non_blocking=True)
 
 
 def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:

@@ -35,7 +35,7 @@ from vldus.classifier_files import write_linear
 from vldus.errors import InputError
 from vldus.files import save_torch, sha256_file, write_json
 from vldus.synthesis.compat import compat_classifier_path, load_compat_classifier
-from vldus.synthesis.data import (FeatureFile, check_training_labels, feature_file_paths,
+from vldus.synthesis.data import (DeviceRows, FeatureFile, check_training_labels, feature_file_paths,
                                   require_unseen, sample_batches, sample_epoch_pool)
 from vldus.synthesis.models import Critic, Generator, init_weights, seen_classifier_from_detector
 from vldus.precision import resolve_precision
@@ -200,7 +200,7 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
         if diff:
             raise InputError(ckpt_path, "written with other settings (" + "; ".join(diff[:4]) +
                              "); restore them or start without --resume")
-        trainer.load_state_dict(ckpt["trainer"])
+        trainer.load_state_dict(ckpt["trainer"], ckpt_path)
         sampler.set_state(ckpt["sampler_rng"])
         start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt.get("best")
         print(f"resuming after GAN epoch {start_epoch} from {ckpt_path}", flush=True)
@@ -227,12 +227,13 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
                              torch.zeros(n_bg, dtype=torch.int64)])
         return feats, targets, g
 
+    pool_rows = DeviceRows(inputs.train, device)  # on CUDA: the whole file on the device, if it fits
     t_gan = time.time()
     bar = tqdm(total=gan.epochs, initial=start_epoch, desc="GAN epochs", unit="epoch", disable=options.quiet)
     for epoch in range(start_epoch + 1, gan.epochs + 1):
         pool = sample_epoch_pool(labels, gan.epoch_budget, sampler, fg_rows, bg_rows)
         batches = sample_batches(len(pool), gan.batch_size, sampler)
-        feats = inputs.train.gather(pool).to(device)
+        feats = pool_rows.gather(pool)
         pool_labels = labels[pool].to(device)
         it_bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="it", leave=False,
                       disable=options.quiet)

@@ -326,9 +326,16 @@ class GANTrainer:
     def state_dict(self) -> dict:
         return {"generator": self.G.state_dict(), "critic": self.D.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "noise_rng": self.noise.get_state()}
+                "noise_rng": self.noise.get_state(), "noise_device": self.device.type}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        """Continue from :meth:`state_dict`; InputError naming ``source`` when it was written on
+        another kind of device (a CPU and a CUDA noise generator have different states)."""
+        saved = state.get("noise_device") or _generator_device(state["noise_rng"])
+        if saved != self.device.type:
+            raise InputError(source, f"written by a run on {saved}, this run is on {self.device.type}: "
+                                     f"the noise generator cannot continue on another device; resume "
+                                     f"with --device {saved} or start without --resume")
         self.G.load_state_dict(state["generator"])
         self.D.load_state_dict(state["critic"])
         self.critic_update.refresh()
@@ -336,6 +343,12 @@ class GANTrainer:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.noise.set_state(state["noise_rng"])
+
+
+def _generator_device(state: torch.Tensor) -> str:
+    """The device type of a generator state without a recorded device (older checkpoints):
+    the CPU's Mersenne Twister state is 5056 bytes, CUDA's Philox seed and offset 16."""
+    return "cpu" if state.numel() == torch.Generator("cpu").get_state().numel() else "cuda"
 
 
 def _frozen(module: nn.Module) -> nn.Module:

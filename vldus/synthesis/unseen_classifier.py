@@ -79,13 +79,27 @@ class LabelledFeatures:
         self.dropped = int(len(mapped) - len(self.rows))
         if len(self.rows) == 0:
             raise InputError(features.labels_path, "no background or unseen-class rows")
+        self._on_device: Optional[tuple[torch.device, torch.Tensor]] = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Arg-max predictions (len,) of ``model`` on every row."""
+        """Arg-max predictions (len,) of ``model`` on every row.
+
+        On an accelerator the rows are read from the file once and kept there (``selection:
+        test`` predicts after every classifier epoch); on the CPU they are read chunk by chunk.
+        """
+        device = torch.device(device)
+        if device.type != "cpu":
+            if self._on_device is None or self._on_device[0] != device:
+                rows = torch.empty((len(self.rows), self.features.dim), device=device)
+                for start in range(0, len(self.rows), CHUNK_ROWS):
+                    rows[start:start + CHUNK_ROWS] = self.features.gather(self.rows[start:start + CHUNK_ROWS])
+                self._on_device = (device, rows)
+            x = self._on_device[1]
+            return torch.cat([model(x[s:s + CHUNK_ROWS]).argmax(1) for s in range(0, len(x), CHUNK_ROWS)]).cpu()
         preds = []
         for start in range(0, len(self.rows), CHUNK_ROWS):
             x = self.features.gather(self.rows[start:start + CHUNK_ROWS]).to(device)
