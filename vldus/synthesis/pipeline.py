@@ -35,10 +35,12 @@ from vldus.classifier_files import write_linear
 from vldus.errors import InputError
 from vldus.files import save_torch, sha256_file, write_json
 from vldus.synthesis.compat import compat_classifier_path, load_compat_classifier
-from vldus.synthesis.data import (FeatureFile, check_training_labels, feature_file_paths,
-                                  require_unseen, sample_batches, sample_epoch_pool)
+from vldus.synthesis.data import (FeatureFile, check_training_labels, default_detector_checkpoint,
+                                  derive_seed, feature_file_paths, require_unseen, sample_batches,
+                                  sample_epoch_pool)
 from vldus.synthesis.models import Critic, Generator, init_weights, seen_classifier_from_detector
 from vldus.precision import resolve_precision
+from vldus.synthesis.calibrate import calibrate_synth_dir, seen_feature_file
 from vldus.synthesis.trainer import LOSS_NAMES, GANTrainer
 from vldus.synthesis.unseen_classifier import LabelledFeatures, train_unseen_classifier
 
@@ -69,24 +71,6 @@ class SynthesisOptions:
     on_epoch_end: Optional[Callable[[int], None]] = None  # called with the finished epoch (1-based)
     compat_classifier: Optional[str] = None  # C_u file (ours or the released unseen_Classifier*.pth)
     layout: str = "ours"  # classifier_best.pth layout: ours | published (released train_cls.py)
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """An independent seed for a side stream (classifier of epoch k, plots ...)."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
-
-
-def default_detector_checkpoint(cfg) -> str:
-    """gan.detector_checkpoint, else the latest epoch_N.pth of WORK_DIR/detector."""
-    if cfg.gan.detector_checkpoint:
-        return cfg.gan.detector_checkpoint
-    from vldus.detection.train import latest_checkpoint
-
-    found = latest_checkpoint(cfg.path("detector"))
-    if not found:
-        raise InputError(cfg.path("detector"), "no detector checkpoint (epoch_N.pth) found; train the "
-                                               "detector or set gan.detector_checkpoint / --checkpoint")
-    return found
 
 
 class _Inputs:
@@ -120,6 +104,7 @@ class _Inputs:
         self.train = FeatureFile.open(*feature_file_paths(features_dir, "train", cfg.features.fg_iou,
                                                           cfg.features.bg_iou), dim, split.num_classes)
         check_training_labels(self.train, split)
+        seen_feature_file(cfg, features_dir, options.quiet)  # the GZSD calibration's, checked up front
         test_paths = feature_file_paths(features_dir, "test", cfg.features.fg_iou, cfg.features.bg_iou)
         self.test = None
         if os.path.isfile(test_paths[0]) and os.path.isfile(test_paths[1]):
@@ -284,17 +269,10 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
     write_linear(cls_state["fc.weight"], cls_state["fc.bias"], os.path.join(out_dir, "classifier_best.pth"),
                  options.layout, kind="synthesized", epoch=selected["cls_epoch"] - 1)
     save_torch({k: v.cpu() for k, v in gen_state.items()}, os.path.join(out_dir, "generator.pth"))
-    # the joint GZSD scoring's threshold, chosen without test data (vldus.synthesis.calibrate)
-    from vldus.detection.gzsd import CALIBRATION_FILE
-    from vldus.synthesis.calibrate import calibrate_gzsd
-
-    def synthesize(att: torch.Tensor, num: int, g: torch.Generator) -> torch.Tensor:
-        noise = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-        return trainer.synthesize(att, num, noise).cpu()  # trainer.G is the selected generator
-
-    calibration = calibrate_gzsd(cfg, split, inputs.train, synthesize, unseen_att, inputs.seen_classifier,
-                                 cls_state, derive_seed(gan.seed, 5))
-    write_json(os.path.join(out_dir, CALIBRATION_FILE), calibration)
+    # the joint GZSD scoring's threshold, chosen without test data: the same function (and so the
+    # same file) as vldus calibrate-gzsd, on the files just written
+    calibration = calibrate_synth_dir(cfg, out_dir, inputs.detector_checkpoint,
+                                      options.features_dir or cfg.path("features"), device, quiet=True)
     save_torch({k: v.cpu() for k, v in critic_state.items()}, os.path.join(out_dir, "critic.pth"))
     from vldus.synthesis.models import UnseenClassifier
 
