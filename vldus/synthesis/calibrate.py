@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import numpy as np
 import torch
@@ -41,11 +42,11 @@ SOURCES = {
 }
 
 
-def seen_feature_file(cfg, features_dir: str, quiet: bool = False) -> tuple[FeatureFile, str]:
+def seen_feature_file(cfg, features_dir: str, warn: bool = True) -> tuple[FeatureFile, str]:
     """(the feature file calibration reads its seen rows from, ``"val"`` | ``"train"``).
 
     ``data.val`` set: the validation features, InputError when they are missing. No ``data.val``:
-    the training features, with a warning."""
+    the training features, with a warning on stderr (``warn``)."""
     split_name = "val" if cfg.data.val is not None else "train"
     feats, labels = feature_file_paths(features_dir, split_name, cfg.features.fg_iou, cfg.features.bg_iou)
     if split_name == "val":
@@ -54,10 +55,10 @@ def seen_feature_file(cfg, features_dir: str, quiet: bool = False) -> tuple[Feat
                 raise InputError(path, "validation RoI features not found (the GZSD calibration uses "
                                        f"held-out images): run vldus extract-features --config "
                                        f"{cfg.source_file or 'CONFIG'} --data-split val")
-    elif not quiet:
+    elif warn:
         print("warning: the config has no validation split (data.val): the GZSD scoring is calibrated "
               "on the detector's TRAINING images' RoI features (over-confident); add data.val and run "
-              "vldus extract-features --data-split val", flush=True)
+              "vldus extract-features --data-split val", file=sys.stderr, flush=True)
     return FeatureFile.open(feats, labels, cfg.features.dim, cfg.load_split().num_classes), split_name
 
 
@@ -87,7 +88,7 @@ def calibrate_generator(seen: torch.Tensor, generator: torch.nn.Module, unseen_a
 
 
 def calibrate_synth_dir(cfg, synth_dir: str, detector_checkpoint: str, features_dir: str,
-                        device: str | torch.device = "cpu", quiet: bool = False) -> dict:
+                        device: str | torch.device = "cpu", warn: bool = True) -> dict:
     """Calibrate a synthesizer folder (``generator.pth`` + ``classifier_best.pth``), write
     ``SYNTH_DIR/gzsd_calibration.json`` and return its dict (see :mod:`vldus.detection.gzsd`)."""
     split = cfg.load_split()
@@ -98,7 +99,7 @@ def calibrate_synth_dir(cfg, synth_dir: str, detector_checkpoint: str, features_
     emb = torch.from_numpy(load_class_embeddings(cfg.embeddings.file, split, cfg.embeddings.spectral_norm))
     G = load_generator(gen_path, cfg.gan.nz, emb.shape[1], cfg.gan.ngh, dim).to(device)
     seen_classifier = seen_classifier_from_detector(detector_checkpoint, split.num_classes, dim)
-    features, source = seen_feature_file(cfg, features_dir, quiet)
+    features, source = seen_feature_file(cfg, features_dir, warn)
 
     seed = derive_seed(cfg.gan.seed, SEED_KEY)
     pick = pick_seen_rows(features.labels, split, seed)
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     checkpoint = args.checkpoint or default_detector_checkpoint(cfg)
     calibrate_synth_dir(cfg, args.synth_dir, checkpoint, args.features_dir or cfg.path("features"),
-                        args.device, args.quiet)
+                        args.device)
     out = os.path.join(args.synth_dir, CALIBRATION_FILE)
     with open(out) as f:
         print(f"calibrate-gzsd: {f.read().strip()} -> {out}")

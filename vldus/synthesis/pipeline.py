@@ -104,7 +104,7 @@ class _Inputs:
         self.train = FeatureFile.open(*feature_file_paths(features_dir, "train", cfg.features.fg_iou,
                                                           cfg.features.bg_iou), dim, split.num_classes)
         check_training_labels(self.train, split)
-        seen_feature_file(cfg, features_dir, options.quiet)  # the GZSD calibration's, checked up front
+        seen_feature_file(cfg, features_dir)  # the GZSD calibration's, checked up front
         test_paths = feature_file_paths(features_dir, "test", cfg.features.fg_iou, cfg.features.bg_iou)
         self.test = None
         if os.path.isfile(test_paths[0]) and os.path.isfile(test_paths[1]):
@@ -272,7 +272,7 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
     # the joint GZSD scoring's threshold, chosen without test data: the same function (and so the
     # same file) as vldus calibrate-gzsd, on the files just written
     calibration = calibrate_synth_dir(cfg, out_dir, inputs.detector_checkpoint,
-                                      options.features_dir or cfg.path("features"), device, quiet=True)
+                                      options.features_dir or cfg.path("features"), device, warn=False)
     save_torch({k: v.cpu() for k, v in critic_state.items()}, os.path.join(out_dir, "critic.pth"))
     from vldus.synthesis.models import UnseenClassifier
 
