@@ -9,11 +9,16 @@ write
   "score"}]``, at most ``detector.detections_per_img`` per image, boxes in original image pixels;
 - ``DETS.gt.json`` next to it: the ground truth of the chosen images (only unseen annotations in
   ZSD) in COCO format, so ``vldus evaluate --ann DETS.gt.json --dets DETS.json`` re-scores them;
-- ``--metrics M.json`` (INTERFACES metrics layout) and the printed table;
+- ``--metrics M.json`` (INTERFACES metrics layout; with ``--gzsd`` also ``"gzsd_scoring":
+  {"scoring": "joint" | "published", "threshold": float | null, "source": str}``, the scoring
+  that ran) and the printed table;
 - ``--show-dir DIR``: one PNG per image with the detections above a display threshold.
 
 ``--gzsd-scoring joint`` (default) drops a box's seen scores when an unseen class explains it
-better (:mod:`vldus.detection.gzsd`); ``published`` is the released scoring. ``--cache DIR``
+better, with the threshold of ``gzsd_calibration.json`` next to ``--syn-weights`` (refused when
+made for another checkpoint, classifier or ``bg_blend``; :func:`vldus.detection.gzsd.resolve_scoring`);
+``published`` is the released scoring. Detection runs :func:`score_image` on
+:func:`vldus.detection.cache.box_inputs`, the path the Python API runs too. ``--cache DIR``
 stores the detector's per-image outputs before its classification layer and re-scores them in
 later runs (:mod:`vldus.detection.cache`).
 
