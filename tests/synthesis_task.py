@@ -3,7 +3,8 @@
 Features of class k are ``2 + e_k @ P + noise`` (clipped at 0 like post-ReLU RoI features),
 where e_k is class k's embedding row: the embeddings are informative of the means through a
 linear map, so a generator trained on seen classes can place unseen classes correctly.
-Writes, under ``root``: split.json, se.npy, features/{train,test}_0.6_0.3_{feats,labels}.npy,
+Writes, under ``root``: split.json, se.npy, features/{train,test,val}_0.6_0.3_{feats,labels}.npy
+(val: seen classes only, as ``extract-features --data-split val`` of a seen-only validation split),
 detector/epoch_1.pth (C_s = nearest-mean classifier), and a config YAML.
 """
 from __future__ import annotations
@@ -66,6 +67,10 @@ def make_task(root, dim: int = 32, att_dim: int = 6, seen: int = 10, unseen: int
     x, y = sample([0] + unseen_ids, [per_class] + [per_class // 2] * len(unseen_ids))
     np.save(os.path.join(fdir, "test_0.6_0.3_feats.npy"), x)
     np.save(os.path.join(fdir, "test_0.6_0.3_labels.npy"), y)
+    # held-out seen-only validation images (the GZSD calibration's seen rows)
+    x, y = sample([0] + seen_ids, [per_class] + [per_class // 4] * len(seen_ids))
+    np.save(os.path.join(fdir, "val_0.6_0.3_feats.npy"), x)
+    np.save(os.path.join(fdir, "val_0.6_0.3_labels.npy"), y)
 
     # C_s: the nearest-mean classifier (argmin |x - mean|), as the detector's cls_score layer
     os.makedirs(os.path.join(root, "detector"))
@@ -77,6 +82,7 @@ def make_task(root, dim: int = 32, att_dim: int = 6, seen: int = 10, unseen: int
 
     cfg = {
         "name": "toy", "split": split, "work_dir": root,
+        "data": {"val": {"format": "coco", "ann_file": os.path.join(root, "instances_val.json")}},
         "features": {"dim": dim},
         "embeddings": {"file": se, "spectral_norm": False},
         "compat": {"epochs": 4, "batch_size": 64, "val_batch_size": 256, "lr": 1.0, "momentum": 0.9,

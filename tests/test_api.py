@@ -162,3 +162,57 @@ def test_folder_input_and_unique_output_names(bundle, test_records, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{os.path.splitext(os.path.basename(r.path))[0]}.{ext}" for r in records[:2] for ext in ("json", "png"))
     assert output_stems(["a/x.png", "b/x.png", "x.jpg"]) == ["x", "x_2", "x_3"]
+
+
+def test_gzsd_scores_as_vldus_test(bundle, tmp_path):
+    """Given vldus test's own classifier (put in the API's classifier cache), GZSD through the API
+    runs the same scoring as `vldus test --gzsd` (default scoring, threshold calibrated on the
+    same seen features against the same generator) and the same inference path: same boxes,
+    scores and labels. With inference.gzsd_scoring: published both drop the joint rule."""
+    from safetensors.torch import save_file
+
+    from vldus.config import load_config
+    from vldus.detection.zsd import load_syn_classifier
+    from vldus.data.readers import load_records, select_test
+
+    run = quick_demo()
+    cfg = load_config(run.config)
+    split = cfg.load_split()
+    weight, bias = load_syn_classifier(os.path.join(run.synth_dir, "classifier_best.pth"), split, cfg.features.dim)
+    names = [split.classes[i - 1] for i in split.unseen_ids]  # classifier rows 1.. in this order
+    cache = tmp_path / "cache"
+    det = ZeroShotDetector.load(bundle, cache_dir=str(cache))
+    order = sorted(names)
+    rows = [0] + [1 + names.index(n) for n in order]
+    cache.mkdir()
+    save_file({"weight": weight[rows].contiguous(), "bias": bias[rows].contiguous()},
+              str(cache / f"classifier_{det._cache_key(order)}.safetensors"))
+    det.set_classes(names, gzsd=True)
+    assert det.classifier_source == "cache"
+
+    out = tmp_path / "dets.json"
+    assert cli.main(["test", "--config", run.config, "--checkpoint", run.checkpoint, "--syn-weights",
+                     os.path.join(run.synth_dir, "classifier_best.pth"), "--gzsd", "--out", str(out),
+                     "--metrics", str(tmp_path / "m.json"), "--max-images", "4", "--quiet"]) == 0
+    with open(tmp_path / "m.json") as f:
+        ran = json.load(f)["gzsd_scoring"]
+    assert det.gzsd_scoring["scoring"] == ran["scoring"]
+    if ran["scoring"] == "joint":
+        assert det.gzsd_scoring["threshold"] == pytest.approx(ran["threshold"], abs=1e-3)
+        assert det.head.gzsd_threshold == det.gzsd_scoring["threshold"]
+    with open(out) as f:
+        tested = json.load(f)
+    with open(str(out)[:-5] + ".gt.json") as f:
+        category = {c["id"]: c["name"] for c in json.load(f)["categories"]}
+    records = select_test(load_records(cfg.data.test, split), split, "gzsd", cfg.data.test_rule)[:4]
+    for record, result in zip(records, det([r.path for r in records], score_thresh=0.0)):
+        expected = sorted((category[d["category_id"]], round(d["score"], 4)) for d in tested
+                          if d["image_id"] == record.image_id)
+        got = sorted(zip(result["labels"], np.round(result["scores"], 4).tolist()))
+        assert len(got) == len(expected) > 0
+        assert [n for n, _ in got] == [n for n, _ in expected]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=2e-4)
+
+    det.cfg.inference.gzsd_scoring = "published"
+    det.set_classes(names, gzsd=True)
+    assert det.gzsd_scoring["scoring"] == "published" and det.head.gzsd_threshold is None

@@ -50,6 +50,57 @@ def test_cached_runs_give_the_same_detections(project, tmp_path, capsys, monkeyp
     assert "score_thresh" not in key["detector"] and key["detector"]["min_size"] == 64
 
 
+@pytest.mark.parametrize("setting", ["plain", "seen", "zsd", "gzsd"])
+def test_cached_rescoring_equals_torchvision_forward(project, tmp_path, setting):
+    """On a real picture (the shapes generator's), the cache's two halves (box_inputs, stored and
+    read back, then score_image: what vldus test and the API run) give torchvision's own
+    ``model([image])`` in eval mode, with the detector's own predictor ("plain") or a ZSD head
+    installed as its box_predictor: same boxes, scores and labels."""
+    import numpy as np
+    from PIL import Image
+
+    from vldus.config import load_config
+    from vldus.data.images import read_rgb, to_float
+    from vldus.data.shapes import render_image
+    from vldus.detection.cache import DetectorCache, box_inputs, score_boxes
+    from vldus.detection.inference import score_image
+    from vldus.detection.model import load_detector
+    from vldus.detection.zsd import install_zsd_head, load_syn_classifier, rescale_scores
+
+    pixels, _, _ = render_image(np.random.default_rng(3), [0, 5, 9, 12], 96)
+    path = tmp_path / "shapes.png"
+    Image.fromarray(pixels).save(path)
+    image = to_float(read_rgb(str(path)))
+    cfg = load_config(str(project / "tiny.yaml"))
+    split = cfg.load_split()
+    model = load_detector(cfg, split, str(project / "det.pth"), "cpu").eval()
+    head = None
+    if setting != "plain":
+        classifier = load_syn_classifier(str(project / "cls.pth"), split, 1024)
+        head = install_zsd_head(model, split, setting, classifier, bg_blend=0.35,
+                                gzsd_threshold=-2.0 if setting == "gzsd" else None)
+    with torch.inference_mode():
+        expected = model([image])[0]
+    if head is not None:
+        expected = rescale_scores([expected], head)[0]
+
+    cache = DetectorCache(str(tmp_path / "cache"), cfg.detector, str(project / "det.pth"))
+    cache.prepare()
+    entry = cache.entry_path(str(path))
+    cache.store(entry, box_inputs(model, image))
+    stored = cache.load(entry)
+    if head is None:
+        out = score_boxes(model, stored)
+        got = {k: v.numpy() for k, v in out.items()}
+    else:
+        got = score_image(model, head, stored)
+    assert len(expected["boxes"]) > 10  # a random detector still finds boxes: the test compares something
+    assert len(got["boxes"]) == len(expected["boxes"])
+    np.testing.assert_array_equal(got["labels"], expected["labels"].numpy())
+    np.testing.assert_allclose(got["boxes"], expected["boxes"].numpy(), atol=1e-3)
+    np.testing.assert_allclose(got["scores"], expected["scores"].numpy(), atol=1e-5)
+
+
 def test_other_classifier_and_postprocess_reuse_the_cache(project, tmp_path, capsys, monkeypatch):
     """One cache serves any synthesized classifier and the post-classification settings."""
     g = torch.Generator().manual_seed(5)

@@ -140,27 +140,26 @@ def test_unseen_classifier_on_another_device(task, monkeypatch):
 
 
 def test_gzsd_calibration_on_another_device(task, monkeypatch):
-    """The calibration's synthesized unseen features come from the trainer's generator on the
-    device, drawn with a generator there."""
-    from vldus.synthesis.calibrate import calibrate_gzsd
+    """The calibration's synthesized unseen features come from the generator on the device
+    (vldus.synthesis.models.synthesize), drawn with a generator there, and the calibration itself
+    reads nothing back from the device."""
+    from vldus.synthesis.calibrate import calibrate_generator
 
     cfg, split, train = _features(task)
+    seen_rows = np.flatnonzero(np.isin(train.labels, split.seen_ids))[:64]
+    seen = train.gather(torch.from_numpy(seen_rows))
     with meta_generators(monkeypatch):
         trainer = _gan_trainer_for(cfg, split)
-
-        def synthesize(att, num, g):
-            noise = torch.Generator(META).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-            return trainer.synthesize(att, num, noise).cpu()
-
         emb = torch.from_numpy(load_class_embeddings(task.embeddings, split, False))
         dim, rows = cfg.features.dim, 1 + len(split.unseen_ids)
-        seen = torch.nn.Linear(dim, split.num_classes + 1)
-        state = {"fc.weight": torch.zeros(rows, dim), "fc.bias": torch.zeros(rows)}
+        detector_cls = (torch.zeros(split.num_classes + 1, dim), torch.zeros(split.num_classes + 1))
         audit = DeviceAudit()
         with audit:
-            result = calibrate_gzsd(cfg, split, train, synthesize, emb[split.unseen_ids], seen, state, 0)
+            result = calibrate_generator(seen, trainer.G, emb[split.unseen_ids], detector_cls,
+                                         (torch.zeros(rows, dim), torch.zeros(rows)), split, cfg.inference, 0,
+                                         "validation")
     assert audit.generator_mismatches == [], audit.generator_mismatches
-    assert audit.count(audit.syncs, file="vldus/synthesis/trainer.py") == 0
+    assert audit.count(audit.syncs, file="vldus/synthesis/models.py") == 0
     assert isinstance(result, dict)
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from vldus.data.splits import split_from_names
-from vldus.detection.gzsd import best_threshold, calibrate, group_evidence, resolve_threshold, unseen_wins
+from vldus.config import InferenceConfig
+from vldus.detection.gzsd import best_threshold, calibrate, group_evidence, resolve_scoring, unseen_wins
+from vldus.files import sha256_file
 from vldus.detection.zsd import gzsd_probs
 from vldus.errors import InputError
 
@@ -86,7 +88,9 @@ def test_best_threshold_separates_and_reports_accuracy():
     seen = torch.tensor([-5.0, -4.0, -3.0, 1.5])  # one seen row on the wrong side
     unseen = torch.tensor([1.0, 2.0, 3.0, 4.0])
     t, acc = best_threshold(seen, unseen)
-    assert -3.0 < t < 1.0 and acc == pytest.approx((3 / 4 + 1) / 2)
+    # cutting after -3 (one seen row wrong) and after 1.5 (one unseen row wrong) tie at 0.875:
+    # the higher cut wins (it removes fewer seen detections)
+    assert t == pytest.approx(1.75) and acc == pytest.approx((3 / 4 + 1) / 2)
     t, acc = best_threshold(torch.tensor([0.0, 1.0]), torch.tensor([5.0]))
     assert t == pytest.approx(3.0) and acc == 1.0
     with pytest.raises(ValueError):
@@ -122,18 +126,71 @@ def test_calibration_without_separation_keeps_the_published_scoring(tmp_path):
     out = calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="hand-made",
                     min_separation=0.75)
     assert out["balanced_accuracy"] < 0.75 and out["scoring"] == "published"
-    (tmp_path / "gzsd_calibration.json").write_text(json.dumps(out))
-    threshold, why = resolve_threshold(str(tmp_path / "classifier_best.pth"), None)
-    assert threshold is None and "balanced accuracy" in why
+    ckpt, cls = _made_for(tmp_path, out)
+    scoring = resolve_scoring(InferenceConfig(bg_blend=0.35), ckpt, cls)
+    assert scoring["scoring"] == "published" and scoring["threshold"] is None
+    assert "balanced accuracy" in scoring["source"]
 
 
-def test_resolve_threshold_order(tmp_path):
-    cls = tmp_path / "classifier_best.pth"
-    threshold, why = resolve_threshold(str(cls), None)
-    assert threshold is None and "calibrate-gzsd" in why  # no file: the published scoring
-    (tmp_path / "gzsd_calibration.json").write_text(json.dumps({"scoring": "joint", "threshold": -1.25}))
-    assert resolve_threshold(str(cls), None) == (-1.25, str(tmp_path / "gzsd_calibration.json"))
-    assert resolve_threshold(str(cls), 2.0) == (2.0, "inference.gzsd_threshold")
+def _made_for(tmp_path, calibration: dict, bg_blend: float = 0.35) -> tuple[str, str]:
+    """A detector checkpoint and classifier file with ``calibration`` written for them."""
+    ckpt, cls = tmp_path / "epoch_1.pth", tmp_path / "classifier_best.pth"
+    ckpt.write_bytes(b"detector")
+    cls.write_bytes(b"classifier")
+    calibration = dict(calibration, bg_blend=bg_blend, detector_sha256=sha256_file(str(ckpt)),
+                       classifier_sha256=sha256_file(str(cls)))
+    (tmp_path / "gzsd_calibration.json").write_text(json.dumps(calibration))
+    return str(ckpt), str(cls)
+
+
+JOINT = {"scoring": "joint", "threshold": -1.25, "balanced_accuracy": 0.9, "min_separation": 0.75}
+
+
+def test_resolve_scoring_order(tmp_path):
+    ckpt, cls = tmp_path / "epoch_1.pth", tmp_path / "classifier_best.pth"
+    scoring = resolve_scoring(InferenceConfig(), str(ckpt), str(cls))
+    assert scoring["scoring"] == "published" and "calibrate-gzsd" in scoring["source"]  # no file
+    ckpt, cls = _made_for(tmp_path, JOINT)
+    path = str(tmp_path / "gzsd_calibration.json")
+    assert resolve_scoring(InferenceConfig(), ckpt, cls) == {"scoring": "joint", "threshold": -1.25, "source": path}
+    assert resolve_scoring(InferenceConfig(gzsd_threshold=2.0), ckpt, cls) == {
+        "scoring": "joint", "threshold": 2.0, "source": "inference.gzsd_threshold"}
+    assert resolve_scoring(InferenceConfig(gzsd_scoring="published"), ckpt, cls)["scoring"] == "published"
     (tmp_path / "gzsd_calibration.json").write_text("{")
-    with pytest.raises(InputError, match="unreadable GZSD calibration"):
-        resolve_threshold(str(cls), None)
+    with pytest.raises(InputError, match="unreadable GZSD calibration.*calibrate-gzsd"):
+        resolve_scoring(InferenceConfig(), ckpt, cls)
+
+
+@pytest.mark.parametrize("change", ["classifier", "detector", "bg_blend", "no scoring key", "no sha256"])
+def test_calibration_made_for_other_files_is_refused(tmp_path, change):
+    """A gzsd_calibration.json is trusted only for the checkpoint, classifier and bg_blend it
+    was made for, and only with every key (a missing 'scoring' does not mean joint)."""
+    ckpt, cls = _made_for(tmp_path, JOINT)
+    path = tmp_path / "gzsd_calibration.json"
+    inference = InferenceConfig(bg_blend=0.35)
+    if change == "classifier":
+        (tmp_path / "classifier_best.pth").write_bytes(b"another classifier")
+    elif change == "detector":
+        (tmp_path / "epoch_1.pth").write_bytes(b"another detector")
+    elif change == "bg_blend":
+        inference = InferenceConfig(bg_blend=0.5)
+    else:
+        data = json.loads(path.read_text())
+        del data["scoring" if change == "no scoring key" else "classifier_sha256"]
+        path.write_text(json.dumps(data))
+    with pytest.raises(InputError) as e:
+        resolve_scoring(inference, ckpt, cls, "configs/toy.yaml")
+    assert e.value.source == str(path)
+    assert (f"vldus calibrate-gzsd --config configs/toy.yaml --synth-dir {tmp_path} --checkpoint {ckpt}"
+            in e.value.message)
+
+
+def test_ties_keep_the_threshold_that_removes_fewest_seen_boxes():
+    """Seen margins 0, 2; unseen 1, 3. Cut after 0: seen 1/2 right, unseen 2/2 -> 0.75; after 1:
+    1/2, 1/2 -> 0.5; after 2: 2/2, 1/2 -> 0.75. The tie goes to the cut after 2 (t = 2.5): only
+    boxes with margin > 2.5 lose their seen scores, fewer than with t = 0.5."""
+    t, acc = best_threshold(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 3.0]))
+    assert acc == pytest.approx(0.75) and t == pytest.approx(2.5)
+    # rows in another order, repeated values
+    t, acc = best_threshold(torch.tensor([2.0, 0.0, 2.0, 0.0]), torch.tensor([3.0, 1.0, 3.0, 1.0]))
+    assert acc == pytest.approx(0.75) and t == pytest.approx(2.5)

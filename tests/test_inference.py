@@ -269,3 +269,31 @@ def test_two_processes_give_the_same_detections(project, tmp_path):
     np.testing.assert_allclose([d["bbox"] + [d["score"]] for d in a], [d["bbox"] + [d["score"]] for d in b],
                                rtol=0, atol=1e-4)
     assert _read(tmp_path / "one.gt.json") == _read(tmp_path / "two.gt.json")
+
+
+def test_calibration_file_is_used_recorded_and_refused_for_another_classifier(project, tmp_path, capsys, cli_error):
+    """gzsd_calibration.json next to --syn-weights: used when made for this checkpoint,
+    classifier and bg_blend, its scoring and threshold written to --metrics; refused (one line,
+    exit 2, how to recalibrate) once the classifier file is another one."""
+    import shutil
+
+    from vldus.files import sha256_file
+
+    cls = tmp_path / "classifier_best.pth"
+    shutil.copy(project / "cls.pth", cls)
+    calibration = {"scoring": "joint", "threshold": -2.0, "balanced_accuracy": 0.9, "min_separation": 0.75,
+                   "bg_blend": load_config(str(project / "tiny.yaml")).inference.bg_blend,
+                   "detector_sha256": sha256_file(str(project / "det.pth")),
+                   "classifier_sha256": sha256_file(str(cls))}
+    (tmp_path / "gzsd_calibration.json").write_text(json.dumps(calibration))
+    args = cli_args(project, "--syn-weights", str(cls), "--gzsd", "--out", str(tmp_path / "d.json"),
+                    "--metrics", str(tmp_path / "m.json"))
+    assert main(args) == 0
+    assert _read(tmp_path / "m.json")["gzsd_scoring"] == {
+        "scoring": "joint", "threshold": -2.0, "source": str(tmp_path / "gzsd_calibration.json")}
+    assert main(args + ["--gzsd-scoring", "published"]) == 0
+    assert _read(tmp_path / "m.json")["gzsd_scoring"]["scoring"] == "published"
+    torch.save({"fc.weight": torch.zeros(3, 1024), "fc.bias": torch.zeros(3)}, cls)  # another classifier
+    err = cli_error(args)
+    assert "gzsd_calibration.json" in err and "made for another classifier" in err
+    assert f"vldus calibrate-gzsd --config {project / 'tiny.yaml'} --synth-dir {tmp_path}" in err

@@ -69,10 +69,16 @@ def test_synthesized_classifier_recognises_real_unseen_features(task, tmp_path, 
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["epoch"] for r in log] == list(range(1, 51))
     assert all(r["iterations"] == 20 and np.isfinite(r["loss_g"]) for r in log)
-    # the joint GZSD scoring's threshold, chosen on training features + the generator
+    # the joint GZSD scoring's threshold, chosen on validation features + the generator
     calib = json.load(open(out / "gzsd_calibration.json"))
     assert calib == meta["gzsd_calibration"] and calib["scoring"] == "joint"
+    assert calib["calibration_source"] == "val" and calib["seen_features"].endswith("val_0.6_0.3_feats.npy")
     assert calib["balanced_accuracy"] > 0.7  # well above chance (0.5): the groups are apart
+    # calibrate-gzsd on the same inputs rewrites exactly the file train-generator wrote
+    os.remove(out / "gzsd_calibration.json")
+    assert main(["calibrate-gzsd", "--config", task.config, "--synth-dir", str(out), "--quiet",
+                 "--set", "gan.epochs=50"]) == 0
+    assert json.load(open(out / "gzsd_calibration.json")) == calib
 
 
 @pytest.mark.usefixtures("cpu_only")

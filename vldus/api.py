@@ -20,7 +20,11 @@ How new names are detected (:meth:`ZeroShotDetector.set_classes`):
    rows receive the synthesized classifier (:func:`vldus.detection.zsd.install_zsd_head`). The
    detector's own unseen classes (never trained) are masked out; ZSD scores only the new names,
    GZSD (``gzsd=True``) the seen classes and the new names (§8.3). A new name equal to a seen
-   class takes that class's place in GZSD (the seen row is masked).
+   class takes that class's place in GZSD (the seen row is masked). GZSD scores as ``vldus
+   test --gzsd`` (default joint scoring, its threshold calibrated for the new names on the
+   bundle's seen validation features; :meth:`ZeroShotDetector.set_classes`);
+4. images go through the one inference path of ``vldus test``
+   (:func:`vldus.detection.inference.score_image`).
 """
 from __future__ import annotations
 
@@ -129,6 +133,7 @@ class ZeroShotDetector:
         self.classifier_path: Optional[str] = None
         self.model = None
         self.head = None
+        self.gzsd_scoring: Optional[dict] = None  # GZSD: {"scoring", "threshold", "source"} that runs
 
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu", cache_dir: Optional[str] = None) -> "ZeroShotDetector":
@@ -147,7 +152,13 @@ class ZeroShotDetector:
 
     # --- classes ------------------------------------------------------------------------
     def set_classes(self, names: Union[str, Sequence[str]], gzsd: bool = False) -> None:
-        """Detect ``names`` from now on (and, with ``gzsd``, the bundle's seen classes too)."""
+        """Detect ``names`` from now on (and, with ``gzsd``, the bundle's seen classes too).
+
+        GZSD scores as ``vldus test --gzsd`` does (``inference.gzsd_scoring`` of the bundle's
+        config): the joint scoring with ``inference.gzsd_threshold`` when set, else a threshold
+        calibrated here on the bundle's real seen validation features against features of the
+        new names synthesized by the generator (:func:`vldus.synthesis.calibrate.calibrate_generator`,
+        the calibration train-generator runs); ``self.gzsd_scoring`` says what runs."""
         from vldus.data.splits import Split, normalize_name
         from vldus.detection.model import build_detector
         from vldus.detection.zsd import install_zsd_head
@@ -166,11 +177,48 @@ class ZeroShotDetector:
         model.load_state_dict(self._detector_state)
         model.roi_heads.box_predictor = _extend_predictor(model.roi_heads.box_predictor, len(names))
         model.to(self.device).eval()
+        scoring = self._gzsd_scoring(model, ext, names, weight, bias) if gzsd else None
         inf = self.cfg.inference
         self.head = install_zsd_head(model, ext, "gzsd" if gzsd else "zsd", (weight, bias), bg_blend=inf.bg_blend,
-                                     seen_score_cut=inf.seen_score_cut, excluded="mask")
+                                     seen_score_cut=inf.seen_score_cut, excluded="mask",
+                                     gzsd_threshold=scoring["threshold"] if scoring else None)
         self.model, self.classes, self.gzsd, self.ext_split = model, names, gzsd, ext
+        self.gzsd_scoring = scoring
         self.label_names = list(split.classes) + names  # detector index k -> label_names[k - 1]
+
+    def _gzsd_scoring(self, model, ext, names: list[str], weight: torch.Tensor, bias: torch.Tensor) -> dict:
+        """``{"scoring", "threshold", "source"}`` as :func:`vldus.detection.gzsd.resolve_scoring`,
+        with the calibration computed for the new names (see :meth:`set_classes`)."""
+        from vldus.synthesis.calibrate import SEED_KEY, calibrate_generator
+        from vldus.synthesis.data import derive_seed
+
+        inf = self.cfg.inference
+        if inf.gzsd_scoring == "published":
+            return {"scoring": "published", "threshold": None, "source": "inference.gzsd_scoring"}
+        if inf.gzsd_threshold is not None:
+            return {"scoring": "joint", "threshold": float(inf.gzsd_threshold), "source": "inference.gzsd_threshold"}
+        stored = self.bundle.tensors(BACKGROUND_FILE)
+        if "seen_features" not in stored:
+            return {"scoring": "published", "threshold": None,
+                    "source": "the bundle has no seen features to calibrate on (export it again)"}
+        keep = torch.isin(stored["seen_labels"], torch.tensor(ext.seen_ids))
+        cls = model.roi_heads.box_predictor.cls_score
+        calibration = calibrate_generator(
+            stored["seen_features"][keep], self._generator(), torch.from_numpy(embed_names(self.bundle.encoder, names)),
+            (cls.weight.cpu(), cls.bias.cpu()), (weight, bias), ext, inf, derive_seed(self.cfg.gan.seed, SEED_KEY),
+            "the bundle's seen features vs synthesized features of the new names", GENERATOR_FILE)
+        source = (f"calibrated for these names on {int(keep.sum())} seen features of the bundle, balanced "
+                  f"accuracy {calibration['balanced_accuracy']:.2f}")
+        if calibration["scoring"] == "published":
+            return {"scoring": "published", "threshold": None, "source": f"{source} < {inf.gzsd_min_separation}"}
+        return {"scoring": "joint", "threshold": calibration["threshold"], "source": source}
+
+    def _generator(self):
+        from vldus.synthesis.models import load_generator
+
+        cfg = self.cfg
+        return load_generator(self.bundle.tensors(GENERATOR_FILE), cfg.gan.nz, int(self.bundle.encoder["dim"]),
+                              cfg.gan.ngh, cfg.features.dim, self.bundle.file(GENERATOR_FILE))
 
     def _cache_key(self, sorted_names: list[str]) -> str:
         blob = json.dumps({"bundle": self.bundle.digest, "names": sorted_names}, sort_keys=True)
@@ -204,19 +252,14 @@ class ZeroShotDetector:
 
     def _train_classifier(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Synthesize syn_num features per name, add real background, train the classifier."""
-        from vldus.synthesis.models import Generator
+        from vldus.synthesis.models import synthesize
         from vldus.synthesis.unseen_classifier import train_unseen_classifier
 
         cfg, uc = self.cfg, self.cfg.unseen_classifier
         att = torch.from_numpy(embed_names(self.bundle.encoder, names))
-        generator = Generator(cfg.gan.nz, att.shape[1], cfg.gan.ngh, cfg.features.dim)
-        generator.load_state_dict(self.bundle.tensors(GENERATOR_FILE))
-        generator.eval()
         g = torch.Generator().manual_seed(cfg.gan.seed)
-        with torch.no_grad():
-            index = torch.arange(len(names)).repeat_interleave(uc.syn_num)
-            z = torch.randn(len(index), cfg.gan.nz, generator=g)
-            syn = generator(z, att, index)
+        syn = synthesize(self._generator(), att, uc.syn_num, g)
+        index = torch.arange(len(names)).repeat_interleave(uc.syn_num)
         background = self.bundle.tensors(BACKGROUND_FILE)["features"]
         n_bg = min(uc.bg_multiplier * uc.syn_num, len(background))
         bg = background[torch.randperm(len(background), generator=g)[:n_bg]]
@@ -230,16 +273,16 @@ class ZeroShotDetector:
     def detect_tensor(self, image: torch.Tensor, score_thresh: float = 0.3) -> dict:
         """One image float32 (3, H, W) in 0..1 -> {"boxes" (K,4), "labels" [names], "scores" (K,),
         "label_ids" (K,) detector index of the extended head}, scores >= score_thresh, best first."""
-        from vldus.detection.zsd import rescale_scores
+        from vldus.detection.cache import box_inputs
+        from vldus.detection.inference import score_image
 
         if self.model is None:
             raise InputError("set_classes", "call set_classes(names) before detecting")
-        out = rescale_scores(self.model([image.to(self.device)]), self.head)[0]
-        keep = out["scores"] >= score_thresh
-        scores = out["scores"][keep].float().cpu()
-        order = torch.argsort(scores, descending=True, stable=True)
-        ids = out["labels"][keep].cpu()[order].numpy().astype(np.int64)
-        return {"boxes": out["boxes"][keep].float().cpu()[order].numpy(), "scores": scores[order].numpy(),
+        det = score_image(self.model, self.head, box_inputs(self.model, image.to(self.device)))
+        keep = np.flatnonzero(det["scores"] >= score_thresh)
+        keep = keep[np.argsort(-det["scores"][keep], kind="stable")]
+        ids = det["labels"][keep]
+        return {"boxes": det["boxes"][keep], "scores": det["scores"][keep],
                 "labels": [self.label_names[int(i) - 1] for i in ids], "label_ids": ids}
 
     def __call__(self, images: Union[ImageLike, Sequence[ImageLike]], score_thresh: float = 0.3) -> list[dict]:

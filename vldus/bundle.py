@@ -7,7 +7,10 @@ Bundle layout (format version :data:`FORMAT_VERSION`; safetensors + JSON/YAML on
     BUNDLE/background.safetensors  "features" (N, dim) real background RoI features sampled from the
                                    training features (the unseen classifier's background class),
                                    "detector_bg_weight" (dim,), "detector_bg_bias" (1,): the
-                                   detector's own background row
+                                   detector's own background row; "seen_features" (M, dim) and
+                                   "seen_labels" (M,) int64: up to 4000 real seen RoI features of
+                                   the validation images (training images without ``data.val``),
+                                   on which the API calibrates its GZSD scoring
     BUNDLE/encoder.json            how class names become embeddings: {"encoder": "attributes" |
                                    "clip" | "minilm", encoder settings (attribute vocabulary; CLIP
                                    arch + weights + sha256, paths relative to BUNDLE; MiniLM folder;
@@ -166,7 +169,9 @@ def export_bundle(cfg, out: str, checkpoint: Optional[str] = None, synth_dir: Op
     from vldus.data.embeddings import load_class_embeddings
     from vldus.detection.model import load_detector, resolve_norm
     from vldus.detection.train import latest_checkpoint
-    from vldus.synthesis.models import Generator
+    from vldus.synthesis.calibrate import SEED_KEY, pick_seen_rows, seen_feature_file
+    from vldus.synthesis.data import derive_seed
+    from vldus.synthesis.models import load_generator
 
     if background_rows < 1:
         raise InputError("--background-rows", f"must be positive, got {background_rows}")
@@ -186,23 +191,23 @@ def export_bundle(cfg, out: str, checkpoint: Optional[str] = None, synth_dir: Op
     gen_path = os.path.join(synth_dir, "generator.pth")
     if not os.path.isfile(gen_path):
         raise InputError(gen_path, "generator not found (run vldus train-generator first)")
-    try:
-        gen_state = torch.load(gen_path, map_location="cpu", weights_only=True)
-        generator = Generator(cfg.gan.nz, raw.shape[1], cfg.gan.ngh, cfg.features.dim)
-        generator.load_state_dict(gen_state)
-    except InputError:
-        raise
-    except Exception as e:  # unreadable file or a generator of other sizes
-        raise InputError(gen_path, f"does not fit the config's generator ({str(e).splitlines()[0]})") from None
+    generator = load_generator(gen_path, cfg.gan.nz, raw.shape[1], cfg.gan.ngh, cfg.features.dim)
 
     background = _sample_background(cfg, background_rows)
+    seen_file, seen_source = seen_feature_file(cfg, cfg.path("features"))  # the API's GZSD calibration
+    seen_rows = np.sort(pick_seen_rows(seen_file.labels, split, derive_seed(cfg.gan.seed, SEED_KEY)))
+    seen = seen_file.gather(seen_rows)
+    if not torch.isfinite(seen).all():
+        raise InputError(seen_file.feats_path, "seen features contain NaN or infinite values")
     cls = det_state["roi_heads.box_predictor.cls_score.weight"], det_state["roi_heads.box_predictor.cls_score.bias"]
 
     os.makedirs(out, exist_ok=True)
     save_file(det_state, os.path.join(out, DETECTOR_FILE))
     save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, os.path.join(out, GENERATOR_FILE))
     save_file({"features": torch.from_numpy(background), "detector_bg_weight": cls[0][0].clone(),
-               "detector_bg_bias": cls[1][:1].clone()}, os.path.join(out, BACKGROUND_FILE))
+               "detector_bg_bias": cls[1][:1].clone(), "seen_features": seen.contiguous(),
+               "seen_labels": torch.from_numpy(seen_file.labels[seen_rows].astype(np.int64))},
+              os.path.join(out, BACKGROUND_FILE))
     clip_files = _copy_clip_files(enc, out)
     write_json(os.path.join(out, ENCODER_FILE), enc)
     write_json(os.path.join(out, SPLIT_FILE), {"name": split.name, "classes": list(split.classes),
@@ -218,7 +223,7 @@ def export_bundle(cfg, out: str, checkpoint: Optional[str] = None, synth_dir: Op
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "vldus_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": {"config": cfg.source_file, "checkpoint": os.path.abspath(checkpoint),
-                           "generator": os.path.abspath(gen_path)},
+                           "generator": os.path.abspath(gen_path), "seen_features": seen_source},
                 "files": files}
     write_json(os.path.join(out, MANIFEST), manifest)
     return manifest

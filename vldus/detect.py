@@ -5,7 +5,8 @@
 Writes, per image, ``DIR/<stem>.png`` (detections drawn; new names in the unseen colour) and
 ``DIR/<stem>.json`` = {"image": path, "width", "height", "classes": [names], "setting": "zsd" |
 "gzsd", "boxes": [[x1, y1, x2, y2], ...] (pixels), "labels": [name, ...], "scores": [...]},
-best first. Everything goes through :class:`vldus.api.ZeroShotDetector`, so the Python API
+best first, and with ``--gzsd`` "gzsd_scoring": {"scoring", "threshold", "source"} (scored as
+``vldus test --gzsd``: see :meth:`vldus.api.ZeroShotDetector.set_classes`). Everything goes through :class:`vldus.api.ZeroShotDetector`, so the Python API
 gives the same boxes.
 """
 from __future__ import annotations
@@ -52,6 +53,7 @@ def output_stems(paths: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from vldus.api import ZeroShotDetector, check_image_files, image_paths, read_image
+    from vldus.detection.gzsd import describe_scoring
 
     if not 0.0 <= args.score <= 1.0:
         raise InputError("--score", f"must be in [0, 1], got {args.score}")
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     how = "loaded from the cache" if det.classifier_source == "cache" else "trained"
     print(f"detect: classifier for {len(det.classes)} names {how} ({det.classifier_path}), "
           f"{time.time() - start:.1f} s")
+    if args.gzsd:
+        print(f"detect: gzsd scoring: {describe_scoring(det.gzsd_scoring)}")
     os.makedirs(args.out, exist_ok=True)
     count = 0
     for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="detect", unit="img", disable=args.quiet):
@@ -73,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
                   "classes": det.classes, "setting": "gzsd" if args.gzsd else "zsd",
                   "boxes": result["boxes"].tolist(), "labels": result["labels"],
                   "scores": result["scores"].tolist()}
+        if args.gzsd:
+            record["gzsd_scoring"] = det.gzsd_scoring
         write_json(os.path.join(args.out, f"{stem}.json"), record)
         count += len(result["labels"])
     print(f"detect: {len(paths)} images, {count} detections, {time.time() - start:.1f} s -> {args.out}")

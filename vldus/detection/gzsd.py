@@ -3,7 +3,8 @@
 The released GZSD scoring (:func:`vldus.detection.zsd.gzsd_probs`, ``--gzsd-scoring published``)
 keeps two independent softmaxes per box, so an unseen object that the detector takes for a seen
 look-alike (a blue circle scored as a blue square) yields a confident seen detection: a false
-positive for that seen class. ``joint`` compares, per box, the evidence of the two groups:
+positive for that seen class. ``joint`` compares, per box, the evidence of the two groups
+(:func:`vldus.detection.zsd.group_evidence`):
 
     e_s = log sum_{k in seen}   exp z_k - z_bg_det     (log-odds "a seen object" vs background,
                                                          detector's own classifier)
@@ -14,20 +15,25 @@ the seen group's background). Unseen scores are those of the published scoring, 
 detections do not change (except for places freed in the per-image budget).
 
 The one setting, ``threshold``, is chosen WITHOUT test data by :func:`calibrate`: on real seen
-RoI features of the detector's TRAINING images (stage-2 features, IoU >= features.fg_iou with a
-seen box) and unseen features synthesized by the trained generator, it is the value that best
-separates the two (highest balanced accuracy of "unseen wins"). ``vldus train-generator`` runs it
-after the classifier and writes ``gzsd_calibration.json`` next to ``classifier_best.pth``;
-``vldus calibrate-gzsd`` re-runs it for an existing synthesizer folder; ``vldus test --gzsd``
-reads the file next to ``--syn-weights``; ``inference.gzsd_threshold`` / ``--gzsd-threshold``
-override it. Without either, ``vldus test`` falls back to the published scoring and says so (an
+RoI features of held-out VALIDATION images (``val_{fg}_{bg}_feats.npy`` of ``vldus
+extract-features --data-split val``: rows with a seen label; a config without ``data.val`` falls
+back to the detector's training images' features, with a warning, ``"calibration_source":
+"train"``) and unseen features synthesized by the trained generator, it is the value that best
+separates the two (highest balanced accuracy of "unseen wins"; among equal ones the highest
+threshold, which removes the fewest seen detections). ``vldus train-generator`` writes
+``gzsd_calibration.json`` next to ``classifier_best.pth``; ``vldus calibrate-gzsd`` rewrites the
+same file (:mod:`vldus.synthesis.calibrate`). ``inference.gzsd_threshold`` / ``--gzsd-threshold``
+override it. Without either, ``vldus test`` uses the published scoring and says so (an
 uncalibrated threshold can cost more seen mAP than it saves).
 
 ``gzsd_calibration.json``: ``{"scoring": "joint" | "published", "threshold": float,
 "balanced_accuracy": float, "min_separation": float, "seen_rows": int, "unseen_rows": int,
-"source": str}``; "published" when the best threshold separates the two with a balanced accuracy
-below ``inference.gzsd_min_separation``: then the rule would remove real seen detections about as
-often as look-alikes, and ``vldus test`` keeps the published scoring.
+"bg_blend": float, "source": str, "calibration_source": "val" | "train", "seen_features": path,
+"detector_checkpoint": path, "detector_sha256": hex, "classifier": path, "classifier_sha256":
+hex}``. "published" when the best threshold separates the two with a balanced accuracy below
+``inference.gzsd_min_separation``: then the rule would remove real seen detections about as
+often as look-alikes. :func:`resolve_scoring` refuses (InputError, exit 2) a file made for
+another detector checkpoint, classifier file or ``bg_blend``, or one without these keys.
 """
 from __future__ import annotations
 
@@ -39,23 +45,15 @@ import torch
 from torch import Tensor, nn
 
 from vldus.data.splits import Split
+from vldus.detection.zsd import group_evidence, inject_classifier, unseen_wins  # noqa: F401 - the rule
 from vldus.errors import InputError
+from vldus.files import sha256_file
 
 SCORINGS = ("joint", "published")
 CALIBRATION_FILE = "gzsd_calibration.json"
-
-
-def group_evidence(logits: Tensor, detector_bg_logit: Tensor, split: Split) -> tuple[Tensor, Tensor]:
-    """logits (R, C+1) after injection, detector_bg_logit (R,) -> (e_s (R,), e_u (R,)), see module doc."""
-    e_s = torch.logsumexp(logits[:, split.seen_ids], dim=1) - detector_bg_logit
-    e_u = torch.logsumexp(logits[:, split.unseen_ids], dim=1) - logits[:, 0]
-    return e_s, e_u
-
-
-def unseen_wins(logits: Tensor, detector_bg_logit: Tensor, split: Split, threshold: float) -> Tensor:
-    """(R,) bool: boxes whose seen scores the joint scoring removes."""
-    e_s, e_u = group_evidence(logits, detector_bg_logit, split)
-    return (e_u - e_s) > threshold
+# keys vldus test needs to trust a calibration file
+CALIBRATION_KEYS = ("scoring", "threshold", "balanced_accuracy", "min_separation", "bg_blend",
+                    "detector_sha256", "classifier_sha256")
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,6 +64,8 @@ def best_threshold(seen_margin: Tensor, unseen_margin: Tensor) -> tuple[float, f
     "unseen iff margin > t" on seen rows (should be <= t) and unseen rows (should be > t).
 
     Returns (t, balanced accuracy); t is the midpoint between the two margins it falls between.
+    Among cuts with the same balanced accuracy the highest t wins: it removes the fewest seen
+    detections.
     """
     if len(seen_margin) == 0 or len(unseen_margin) == 0:
         raise ValueError("need seen and unseen rows to choose the GZSD threshold")
@@ -80,7 +80,8 @@ def best_threshold(seen_margin: Tensor, unseen_margin: Tensor) -> tuple[float, f
     distinct = torch.ones_like(values, dtype=torch.bool)
     distinct[:-1] = values[1:] > values[:-1]  # cut only between different values
     balanced = balanced.masked_fill(~distinct, -1.0)
-    i = int(torch.argmax(balanced))
+    # ties: the LAST best cut, i.e. the highest threshold, which removes the fewest seen boxes
+    i = len(balanced) - 1 - int(torch.argmax(balanced.flip(0)))
     upper = values[i + 1] if i + 1 < len(values) else values[i] + 1.0
     return float((values[i] + upper) / 2), float(balanced[i])
 
@@ -90,8 +91,6 @@ def margins(features: Tensor, cls_weight: Tensor, cls_bias: Tensor, syn_weight: 
             split: Split, bg_blend: float) -> Tensor:
     """``e_u - e_s`` (N,) of RoI features (N, F) under the detector's ``cls_score`` (C+1, F) with the
     synthesized classifier (1+U, F) injected as ``vldus test`` does."""
-    from vldus.detection.zsd import inject_classifier
-
     pred = nn.Module()
     pred.cls_score = nn.Linear(cls_weight.shape[1], cls_weight.shape[0])
     pred.cls_score.weight.copy_(cls_weight)
@@ -123,23 +122,66 @@ def calibration_path(syn_weights: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(syn_weights)), CALIBRATION_FILE)
 
 
-def resolve_threshold(syn_weights: Optional[str], configured: Optional[float]) -> tuple[Optional[float], str]:
-    """(threshold, where it came from): ``configured`` (inference.gzsd_threshold / --gzsd-threshold)
-    if set, else ``gzsd_calibration.json`` next to ``syn_weights``, else (None, why): no
-    calibrated threshold, the caller uses the published scoring."""
-    if configured is not None:
-        return float(configured), "inference.gzsd_threshold"
-    path = calibration_path(syn_weights) if syn_weights else None
-    if path is None or not os.path.isfile(path):
-        return None, (f"no {CALIBRATION_FILE} next to the classifier: run vldus calibrate-gzsd "
-                      "or set --gzsd-threshold")
+def read_calibration(path: str, hint: str = "re-run vldus calibrate-gzsd") -> dict:
+    """A ``gzsd_calibration.json`` with every key :func:`resolve_scoring` needs; InputError
+    (ending with ``hint``) otherwise."""
     try:
         with open(path) as f:
             calibration = json.load(f)
-        if calibration.get("scoring", "joint") == "published":
-            return None, (f"{path}: the calibration separates seen from unseen boxes with balanced "
-                          f"accuracy {calibration['balanced_accuracy']:.2f} < {calibration['min_separation']}")
-        return float(calibration["threshold"]), path
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(path, f"unreadable GZSD calibration ({type(e).__name__}: {e}); delete it or "
-                               "re-run vldus calibrate-gzsd") from None
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"unreadable GZSD calibration ({type(e).__name__}: {e}); {hint}") from None
+    missing = [k for k in CALIBRATION_KEYS if not isinstance(calibration, dict) or k not in calibration]
+    if missing:
+        raise InputError(path, f"GZSD calibration without {', '.join(missing)} (an older vldus wrote it); {hint}")
+    if calibration["scoring"] not in SCORINGS:
+        raise InputError(path, f"scoring {calibration['scoring']!r} is not one of {', '.join(SCORINGS)}; {hint}")
+    return calibration
+
+
+def recalibrate_hint(syn_weights: str, checkpoint: str, config: Optional[str]) -> str:
+    return (f"recalibrate: vldus calibrate-gzsd --config {config or 'CONFIG'} --synth-dir "
+            f"{os.path.dirname(os.path.abspath(syn_weights))} --checkpoint {checkpoint}")
+
+
+def resolve_scoring(inference, checkpoint: str, syn_weights: Optional[str],
+                    config: Optional[str] = None) -> dict:
+    """The GZSD scoring ``vldus test`` runs: ``{"scoring": "joint" | "published", "threshold":
+    float | None, "source": str}`` (also written to ``--metrics`` as ``gzsd_scoring``).
+
+    ``inference``: the config's section (``gzsd_scoring``, ``gzsd_threshold``, ``bg_blend``).
+    Order: ``gzsd_scoring: published``; a configured ``gzsd_threshold``; ``gzsd_calibration.json``
+    next to ``syn_weights``, which must have been made for this ``checkpoint``, this classifier
+    file and this ``bg_blend`` (InputError naming the file and the recalibration command
+    otherwise); no file: the published scoring, with the reason as ``source``.
+    """
+    if inference.gzsd_scoring == "published":
+        return {"scoring": "published", "threshold": None, "source": "inference.gzsd_scoring"}
+    if inference.gzsd_threshold is not None:
+        return {"scoring": "joint", "threshold": float(inference.gzsd_threshold),
+                "source": "inference.gzsd_threshold"}
+    path = calibration_path(syn_weights) if syn_weights else None
+    if path is None or not os.path.isfile(path):
+        return {"scoring": "published", "threshold": None,
+                "source": f"no {CALIBRATION_FILE} next to the classifier: run vldus calibrate-gzsd "
+                          "or set --gzsd-threshold"}
+    hint = recalibrate_hint(syn_weights, checkpoint, config)
+    calibration = read_calibration(path, hint)
+    if calibration["bg_blend"] != inference.bg_blend:
+        raise InputError(path, f"made for bg_blend {calibration['bg_blend']}, this run uses "
+                               f"{inference.bg_blend}; {hint}")
+    for key, name, file in (("detector_sha256", "detector checkpoint", checkpoint),
+                            ("classifier_sha256", "classifier", syn_weights)):
+        if calibration[key] != sha256_file(file):
+            raise InputError(path, f"made for another {name} than {file} (sha256 differs); {hint}")
+    if calibration["scoring"] == "published":
+        return {"scoring": "published", "threshold": None,
+                "source": f"{path}: the calibration separates seen from unseen boxes with balanced "
+                          f"accuracy {calibration['balanced_accuracy']:.2f} < {calibration['min_separation']}"}
+    return {"scoring": "joint", "threshold": float(calibration["threshold"]), "source": path}
+
+
+def describe_scoring(scoring: dict) -> str:
+    """One line for a :func:`resolve_scoring` dict, e.g. ``joint, threshold 1.5 (PATH)``."""
+    if scoring["scoring"] == "joint":
+        return f"joint, threshold {scoring['threshold']:g} ({scoring['source']})"
+    return f"published ({scoring['source']})"

@@ -9,11 +9,16 @@ write
   "score"}]``, at most ``detector.detections_per_img`` per image, boxes in original image pixels;
 - ``DETS.gt.json`` next to it: the ground truth of the chosen images (only unseen annotations in
   ZSD) in COCO format, so ``vldus evaluate --ann DETS.gt.json --dets DETS.json`` re-scores them;
-- ``--metrics M.json`` (docs/formats.md metrics layout) and the printed table;
+- ``--metrics M.json`` (docs/formats.md metrics layout; with ``--gzsd`` also ``"gzsd_scoring":
+  {"scoring": "joint" | "published", "threshold": float | null, "source": str}``, the scoring
+  that ran) and the printed table;
 - ``--show-dir DIR``: one PNG per image with the detections above a display threshold.
 
 ``--gzsd-scoring joint`` (default) drops a box's seen scores when an unseen class explains it
-better (:mod:`vldus.detection.gzsd`); ``published`` is the released scoring. ``--cache DIR``
+better, with the threshold of ``gzsd_calibration.json`` next to ``--syn-weights`` (refused when
+made for another checkpoint, classifier or ``bg_blend``; :func:`vldus.detection.gzsd.resolve_scoring`);
+``published`` is the released scoring. Detection runs :func:`score_image` on
+:func:`vldus.detection.cache.box_inputs`, the path the Python API runs too. ``--cache DIR``
 stores the detector's per-image outputs before its classification layer and re-scores them in
 later runs (:mod:`vldus.detection.cache`).
 
@@ -45,7 +50,6 @@ from vldus.files import write_json
 
 if TYPE_CHECKING:
     from vldus.detection.cache import DetectorCache
-    from vldus.detection.gzsd import resolve_threshold
 
 SETTINGS = ("zsd", "gzsd", "seen")
 
@@ -77,6 +81,21 @@ class TestImages(Dataset):
 # Detection
 # --------------------------------------------------------------------------------------------
 @torch.inference_mode()
+def score_image(model: torch.nn.Module, head, inputs: BoxInputs) -> dict:
+    """One image's detections from its :class:`vldus.detection.cache.BoxInputs`: the ZSD head's
+    scoring, box decoding, NMS, rescaling to the image, scores in the released scale.
+    ``{"boxes" (K, 4) float32 xyxy, "scores" (K,) float32, "labels" (K,) int64}`` numpy arrays.
+    ``vldus test`` and :class:`vldus.api.ZeroShotDetector` both detect through here (equal to
+    torchvision's own ``model([image])``, tests/test_cache.py)."""
+    from vldus.detection.cache import score_boxes
+    from vldus.detection.zsd import rescale_scores
+
+    out = rescale_scores([score_boxes(model, inputs)], head)[0]
+    return {"boxes": out["boxes"].float().cpu().numpy(), "scores": out["scores"].float().cpu().numpy(),
+            "labels": out["labels"].cpu().numpy().astype(np.int64)}
+
+
+@torch.inference_mode()
 def detect(model: torch.nn.Module, head, records: Sequence[ImageRecord], device: str | torch.device,
            workers: int = 0, show: Optional[dict] = None, progress: bool = True,
            cache: Optional[DetectorCache] = None) -> list[dict]:
@@ -88,8 +107,7 @@ def detect(model: torch.nn.Module, head, records: Sequence[ImageRecord], device:
     with an entry skip the detector up to its classification layer; the others are computed
     and stored.
     """
-    from vldus.detection.cache import box_inputs, score_boxes
-    from vldus.detection.zsd import rescale_scores
+    from vldus.detection.cache import box_inputs
 
     entries = [cache.entry_path(r.path) for r in records] if cache is not None else [None] * len(records)
     todo = [i for i, e in enumerate(entries) if e is None or not os.path.isfile(e)]
@@ -111,9 +129,7 @@ def detect(model: torch.nn.Module, head, records: Sequence[ImageRecord], device:
                 inputs = cache.rounded(inputs)
         else:
             inputs = cache.load(entries[i])
-        out = rescale_scores([score_boxes(model, inputs)], head)[0]
-        det = {"boxes": out["boxes"].float().cpu().numpy(), "scores": out["scores"].float().cpu().numpy(),
-               "labels": out["labels"].cpu().numpy().astype(np.int64)}
+        det = score_image(model, head, inputs)
         results[i] = det
         if show is not None:
             _draw(image if image is not None else to_float(read_rgb(records[i].path)), records[i], det, show)
@@ -302,7 +318,7 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
     ``cache_dir``: :mod:`vldus.detection.cache` folder (each rank stores the entries of its images).
     """
     from vldus.detection.cache import DetectorCache
-    from vldus.detection.gzsd import resolve_threshold
+    from vldus.detection.gzsd import describe_scoring, resolve_scoring
     from vldus.data.readers import coco_category_ids, load_records, records_to_coco, select_test
     from vldus.detection.model import load_detector
     from vldus.detection.zsd import install_zsd_head, load_syn_classifier
@@ -337,15 +353,14 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         if setting != "seen":
             in_features = model.roi_heads.box_predictor.cls_score.in_features
             classifier = load_syn_classifier(syn_weights, split, in_features)
-        threshold = None
-        if setting == "gzsd" and cfg.inference.gzsd_scoring == "joint":
-            threshold, source = resolve_threshold(syn_weights, cfg.inference.gzsd_threshold)
+        scoring = None
+        if setting == "gzsd":
+            scoring = resolve_scoring(cfg.inference, checkpoint, syn_weights, cfg.source_file)
             if rank == 0:
-                print(f"gzsd scoring: joint, threshold {threshold:g} ({source})" if threshold is not None
-                      else f"gzsd scoring: published ({source})", file=sys.stdout)
+                print(f"gzsd scoring: {describe_scoring(scoring)}", file=sys.stdout)
         head = install_zsd_head(model, split, setting, classifier, bg_blend=cfg.inference.bg_blend,
                                 seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded,
-                                gzsd_threshold=threshold)
+                                gzsd_threshold=scoring["threshold"] if scoring else None)
 
         show = None
         if show_dir:
@@ -374,6 +389,8 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
     write_json(out, results, indent=None)
     write_json(gt_path(out), records_to_coco(records, split, category_ids), indent=None)
     metrics = evaluate(cfg, split, setting, records, detections)
+    if scoring is not None:
+        metrics["gzsd_scoring"] = scoring  # the scoring and threshold that ran
     if metrics_path:
         write_json(metrics_path, metrics, indent=None)
     print(format_metrics(metrics))

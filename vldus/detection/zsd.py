@@ -164,6 +164,21 @@ def seen_log_probs(logits: Tensor, split: Split, background_logit: Optional[Tens
     return F.log_softmax(masked, dim=1)
 
 
+def group_evidence(logits: Tensor, detector_bg_logit: Tensor, split: Split) -> tuple[Tensor, Tensor]:
+    """The joint GZSD scoring's evidence (:mod:`vldus.detection.gzsd`): logits (R, C+1) after
+    injection, detector_bg_logit (R,) -> (e_s (R,), e_u (R,)), the log-odds "a seen object" vs
+    the detector's background and "an unseen object" vs the blended background."""
+    e_s = torch.logsumexp(logits[:, split.seen_ids], dim=1) - detector_bg_logit
+    e_u = torch.logsumexp(logits[:, split.unseen_ids], dim=1) - logits[:, 0]
+    return e_s, e_u
+
+
+def unseen_wins(logits: Tensor, detector_bg_logit: Tensor, split: Split, threshold: float) -> Tensor:
+    """(R,) bool: boxes whose seen scores the joint scoring removes (``e_u - e_s > threshold``)."""
+    e_s, e_u = group_evidence(logits, detector_bg_logit, split)
+    return (e_u - e_s) > threshold
+
+
 def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
                seen_score_cut: Optional[float] = None, joint_threshold: Optional[float] = None) -> Tensor:
     """§8.3 as a distribution: (R, C+1) mixture ``(q_seen + q_unseen) / 2`` (see module doc).
@@ -182,8 +197,6 @@ def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
         moved = (q_s[:, 1:] * cut).sum(dim=1)
         q_s = torch.cat([q_s[:, :1] + moved[:, None], q_s[:, 1:].masked_fill(cut, 0.0)], dim=1)
     if joint_threshold is not None:
-        from vldus.detection.gzsd import unseen_wins
-
         wins = unseen_wins(logits, detector_bg_logit, split, joint_threshold)[:, None]
         q_s = torch.cat([torch.where(wins, torch.ones_like(q_s[:, :1]), q_s[:, :1]),
                          q_s[:, 1:].masked_fill(wins, 0.0)], dim=1)

@@ -225,3 +225,21 @@ def sample_batches(pool_size: int, batch_size: int, generator: torch.Generator) 
     for i in range(len(batches)):
         batches[i] = torch.randperm(pool_size, generator=generator)[:batch_size]
     return batches
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """An independent seed for a side stream (classifier of epoch k, plots ...)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+
+
+def default_detector_checkpoint(cfg) -> str:
+    """gan.detector_checkpoint, else the latest epoch_N.pth of WORK_DIR/detector."""
+    if cfg.gan.detector_checkpoint:
+        return cfg.gan.detector_checkpoint
+    from vldus.detection.train import latest_checkpoint
+
+    found = latest_checkpoint(cfg.path("detector"))
+    if not found:
+        raise InputError(cfg.path("detector"), "no detector checkpoint (epoch_N.pth) found; train the "
+                                               "detector or set gan.detector_checkpoint / --checkpoint")
+    return found

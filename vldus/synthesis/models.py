@@ -62,6 +62,48 @@ class Generator(nn.Module):
         return F.relu(self.fc2(F.leaky_relu(h, LEAKY_SLOPE)))
 
 
+@torch.no_grad()
+def synthesize(generator: Generator, att: torch.Tensor, num: int, noise: torch.Generator,
+               chunk: int = 8192) -> torch.Tensor:
+    """``num`` features per row of ``att`` (K, att_dim): float32 (K * num, out_dim), class-major
+    (rows ``k*num .. (k+1)*num - 1`` belong to ``att[k]``). Noise z ~ N(0, 1) comes from ``noise``,
+    a generator on the generator's device, ``chunk`` rows at a time (the one way vldus samples G:
+    classifier training, GZSD calibration and the bundle's new names draw the same rows from the
+    same seed). Leaves G's train/eval mode as it was."""
+    device = next(generator.parameters()).device
+    was_training = generator.training
+    generator.eval()
+    index = torch.arange(len(att), device=device).repeat_interleave(num)
+    att = att.to(device=device, dtype=torch.float32)
+    out = []
+    for start in range(0, len(index), chunk):
+        idx = index[start:start + chunk]
+        z = torch.randn(len(idx), generator.nz, device=device, generator=noise)
+        out.append(generator(z, att, idx).float())
+    generator.train(was_training)
+    return torch.cat(out) if out else att.new_zeros(0, generator.out_dim)
+
+
+def load_generator(state: dict | str, nz: int, att_dim: int, hidden: int, out_dim: int,
+                   where: str = "generator") -> Generator:
+    """A :class:`Generator` (eval mode, CPU) from a state dict or a ``generator.pth`` path;
+    InputError naming ``where`` (or the path) when the file is unreadable or the sizes differ
+    from the config's (gan.nz, gan.ngh, features.dim, the embedding width)."""
+    from vldus.errors import InputError, require_file
+
+    if isinstance(state, str):
+        where = state
+        require_file(state, "generator (train-generator output)")
+    generator = Generator(nz, att_dim, hidden, out_dim)
+    try:
+        if isinstance(state, str):
+            state = torch.load(state, map_location="cpu", weights_only=True)
+        generator.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - wrong file or other sizes
+        raise InputError(where, f"does not fit the config's generator ({str(e).splitlines()[0]})") from None
+    return generator.eval()
+
+
 class Critic(nn.Module):
     """D(x (N, x_dim), a (M, att_dim)) -> (feature (N, feat_dim), score (N,)).
 

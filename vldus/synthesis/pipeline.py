@@ -3,6 +3,8 @@
 
 Inputs (paths from the config unless overridden):
   WORK_DIR/features/train_{fg}_{bg}_{feats,labels}.npy   seen training features (stage 2)
+  WORK_DIR/features/val_{fg}_{bg}_{feats,labels}.npy     seen features of the validation images
+                                                          (with data.val: the GZSD calibration's)
   WORK_DIR/features/test_{fg}_{bg}_{feats,labels}.npy    real unseen test features (optional:
                                                           the 2-D plot, a reported accuracy, and
                                                           the leaky ``selection: test``)
@@ -17,6 +19,11 @@ generator.pth, critic.pth (state dicts), gzsd_calibration.json (the joint GZSD s
 :mod:`vldus.synthesis.calibrate`), meta.json, log.jsonl (one line per GAN epoch),
 losses.png, features_2d.png, and checkpoint_latest.pth (written atomically after every GAN epoch;
 ``resume=True`` continues from it and gives the same weights as an uninterrupted run).
+
+:func:`run_synthesis` reads top to bottom: check the inputs (:class:`_Inputs`), build the trainer,
+resume, train the GAN (:func:`train_gan`), choose the final classifier, write the weights,
+calibrate the GZSD scoring (:func:`vldus.synthesis.calibrate.calibrate_synth_dir`), measure,
+plot, write meta.json.
 """
 from __future__ import annotations
 
@@ -35,10 +42,12 @@ from vldus.classifier_files import write_linear
 from vldus.errors import InputError
 from vldus.files import save_torch, sha256_file, write_json
 from vldus.synthesis.compat import compat_classifier_path, load_compat_classifier
-from vldus.synthesis.data import (DeviceRows, FeatureFile, check_training_labels, feature_file_paths,
-                                  require_unseen, sample_batches, sample_epoch_pool)
+from vldus.synthesis.data import (DeviceRows, FeatureFile, check_training_labels, default_detector_checkpoint,
+                                  derive_seed, feature_file_paths, require_unseen, sample_batches,
+                                  sample_epoch_pool)
 from vldus.synthesis.models import Critic, Generator, init_weights, seen_classifier_from_detector
 from vldus.precision import resolve_precision
+from vldus.synthesis.calibrate import calibrate_synth_dir, seen_feature_file
 from vldus.synthesis.trainer import LOSS_NAMES, GANTrainer
 from vldus.synthesis.unseen_classifier import LabelledFeatures, train_unseen_classifier
 
@@ -69,24 +78,6 @@ class SynthesisOptions:
     on_epoch_end: Optional[Callable[[int], None]] = None  # called with the finished epoch (1-based)
     compat_classifier: Optional[str] = None  # C_u file (ours or the released unseen_Classifier*.pth)
     layout: str = "ours"  # classifier_best.pth layout: ours | published (released train_cls.py)
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """An independent seed for a side stream (classifier of epoch k, plots ...)."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
-
-
-def default_detector_checkpoint(cfg) -> str:
-    """gan.detector_checkpoint, else the latest epoch_N.pth of WORK_DIR/detector."""
-    if cfg.gan.detector_checkpoint:
-        return cfg.gan.detector_checkpoint
-    from vldus.detection.train import latest_checkpoint
-
-    found = latest_checkpoint(cfg.path("detector"))
-    if not found:
-        raise InputError(cfg.path("detector"), "no detector checkpoint (epoch_N.pth) found; train the "
-                                               "detector or set gan.detector_checkpoint / --checkpoint")
-    return found
 
 
 class _Inputs:
@@ -120,6 +111,7 @@ class _Inputs:
         self.train = FeatureFile.open(*feature_file_paths(features_dir, "train", cfg.features.fg_iou,
                                                           cfg.features.bg_iou), dim, split.num_classes)
         check_training_labels(self.train, split)
+        seen_feature_file(cfg, features_dir)  # the GZSD calibration's, checked up front
         test_paths = feature_file_paths(features_dir, "test", cfg.features.fg_iou, cfg.features.bg_iou)
         self.test = None
         if os.path.isfile(test_paths[0]) and os.path.isfile(test_paths[1]):
@@ -162,38 +154,47 @@ def _epoch_record(epoch: int, history: torch.Tensor, seconds: float, batch_size:
     return record
 
 
-def run_synthesis(cfg, options: SynthesisOptions) -> dict:
-    """Train G/D for gan.epochs (resumable), then the unseen classifier; write every output.
+@dataclass
+class _Progress:
+    """What the GAN loop carries from epoch to epoch (and checkpoint_latest.pth stores)."""
 
-    Returns the meta dict written to meta.json. Raises InputError for bad input and
-    :class:`vldus.synthesis.trainer.NonFiniteLoss` when training diverges (the last good
-    checkpoint stays in place).
-    """
-    t_start = time.time()
-    gan, uc = cfg.gan, cfg.unseen_classifier
-    device = torch.device(options.device)
-    precision = resolve_precision(gan.precision, device)
-    out_dir = options.out_dir or cfg.path("synth")
-    os.makedirs(out_dir, exist_ok=True)
-    inputs = _Inputs(cfg, options)
-    split = inputs.split
-    if uc.selection == "test":
-        print(LEAK_NOTICE, flush=True)
+    start_epoch: int = 0  # epochs done before this run (resume)
+    history: list = dataclasses.field(default_factory=list)  # one log record per epoch
+    best: Optional[dict] = None  # selection=test: the best classifier so far and its G, D
 
+
+@dataclass
+class _Final:
+    """The selected classifier, generator and critic, and the classifier's training data."""
+
+    classifier: dict
+    generator: dict
+    critic: dict
+    selected: dict
+    x: torch.Tensor  # (N, dim) the classifier's training features
+    y: torch.Tensor  # (N,) their targets (0 = background)
+
+
+def build_trainer(cfg, inputs: _Inputs, device: torch.device, precision: str) -> GANTrainer:
+    """G and D initialised from gan.seed, in a GANTrainer."""
+    gan = cfg.gan
     init_gen = torch.Generator().manual_seed(gan.seed)
     att_dim, dim = inputs.embeddings.shape[1], cfg.features.dim
     G = Generator(gan.nz, att_dim, gan.ngh, dim)
     D = Critic(dim, att_dim, gan.ndh, gan.d_feat)
     init_weights(G, init_gen)
     init_weights(D, init_gen)
-    trainer = GANTrainer(G, D, torch.from_numpy(inputs.embeddings), inputs.seen_classifier, inputs.compat,
-                         split.unseen_ids, gan, device, precision, inputs.distiller,
-                         seed=derive_seed(gan.seed, 1))
-    sampler = torch.Generator().manual_seed(gan.seed)  # epoch pools and batches
+    return GANTrainer(G, D, torch.from_numpy(inputs.embeddings), inputs.seen_classifier, inputs.compat,
+                      inputs.split.unseen_ids, gan, device, precision, inputs.distiller,
+                      seed=derive_seed(gan.seed, 1))
 
+
+def resume_progress(cfg, options: SynthesisOptions, out_dir: str, trainer: GANTrainer,
+                    sampler: torch.Generator) -> _Progress:
+    """With ``options.resume``: load checkpoint_latest.pth into the trainer and the sampler (same
+    settings required). Rewrites log.jsonl to match the epochs we continue from."""
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    log_path = os.path.join(out_dir, "log.jsonl")
-    start_epoch, history, best = 0, [], None
+    progress = _Progress()
     if options.resume and os.path.isfile(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         diff = _differences(ckpt["settings"], _settings_key(cfg))
@@ -202,35 +203,49 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
                              "); restore them or start without --resume")
         trainer.load_state_dict(ckpt["trainer"], ckpt_path)
         sampler.set_state(ckpt["sampler_rng"])
-        start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt.get("best")
-        print(f"resuming after GAN epoch {start_epoch} from {ckpt_path}", flush=True)
+        progress = _Progress(ckpt["epoch"], ckpt["history"], ckpt.get("best"))
+        print(f"resuming after GAN epoch {progress.start_epoch} from {ckpt_path}", flush=True)
     elif options.resume:
         print(f"no checkpoint in {out_dir}; starting from scratch", flush=True)
-    with open(log_path, "w") as f:  # the log matches the checkpoint we continue from
-        f.writelines(json.dumps(r) + "\n" for r in history)
+    with open(os.path.join(out_dir, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in progress.history)
+    return progress
 
+
+class ClassifierData:
+    """``data(epoch)`` -> (features (N, dim), targets (N,), generator): syn_num synthesized
+    features per unseen class + bg_multiplier * syn_num real background rows, drawn from seeds
+    of (gan.seed, epoch), and the generator that then trains the classifier."""
+
+    def __init__(self, cfg, inputs: _Inputs, trainer: GANTrainer, device: torch.device):
+        self.cfg, self.inputs, self.trainer, self.device = cfg, inputs, trainer, device
+        self.unseen_att = torch.from_numpy(inputs.embeddings[inputs.split.unseen_ids])
+        self.bg_rows = torch.nonzero(torch.from_numpy(inputs.train.labels) == 0).squeeze(1)
+
+    def __call__(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        seed, uc = self.cfg.gan.seed, self.cfg.unseen_classifier
+        g = torch.Generator().manual_seed(derive_seed(seed, 2, epoch))
+        syn = self.trainer.synthesize(self.unseen_att, uc.syn_num, torch.Generator(self.device).manual_seed(
+            derive_seed(seed, 3, epoch))).cpu()
+        n_bg = min(uc.bg_multiplier * uc.syn_num, len(self.bg_rows))
+        bg = self.inputs.train.gather(self.bg_rows[torch.randperm(len(self.bg_rows), generator=g)[:n_bg]])
+        targets = torch.cat([torch.arange(1, len(self.unseen_att) + 1).repeat_interleave(uc.syn_num),
+                             torch.zeros(n_bg, dtype=torch.int64)])
+        return torch.cat([syn, bg]), targets, g
+
+
+def train_gan(cfg, options: SynthesisOptions, inputs: _Inputs, trainer: GANTrainer, sampler: torch.Generator,
+              progress: _Progress, classifier_data: ClassifierData, out_dir: str, device: torch.device) -> None:
+    """GAN epochs ``progress.start_epoch + 1 .. gan.epochs``: train, log, (selection=test) keep the
+    best classifier, checkpoint atomically. Updates ``progress`` in place."""
+    gan, uc = cfg.gan, cfg.unseen_classifier
     labels = torch.from_numpy(inputs.train.labels)
     fg_rows = torch.nonzero(labels > 0).squeeze(1)
     bg_rows = torch.nonzero(labels == 0).squeeze(1)
-    unseen_att = torch.from_numpy(inputs.embeddings[split.unseen_ids])
-    num_unseen = len(split.unseen_ids)
-
-    def classifier_data(epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
-        """syn_num synthesized features per unseen class + bg_multiplier*syn_num real background."""
-        g = torch.Generator().manual_seed(derive_seed(gan.seed, 2, epoch))
-        syn = trainer.synthesize(unseen_att, uc.syn_num, torch.Generator(device).manual_seed(
-            derive_seed(gan.seed, 3, epoch))).cpu()
-        n_bg = min(uc.bg_multiplier * uc.syn_num, len(bg_rows))
-        bg = inputs.train.gather(bg_rows[torch.randperm(len(bg_rows), generator=g)[:n_bg]])
-        feats = torch.cat([syn, bg])
-        targets = torch.cat([torch.arange(1, num_unseen + 1).repeat_interleave(uc.syn_num),
-                             torch.zeros(n_bg, dtype=torch.int64)])
-        return feats, targets, g
-
     pool_rows = DeviceRows(inputs.train, device)  # on CUDA: the whole file on the device, if it fits
-    t_gan = time.time()
-    bar = tqdm(total=gan.epochs, initial=start_epoch, desc="GAN epochs", unit="epoch", disable=options.quiet)
-    for epoch in range(start_epoch + 1, gan.epochs + 1):
+    bar = tqdm(total=gan.epochs, initial=progress.start_epoch, desc="GAN epochs", unit="epoch",
+               disable=options.quiet)
+    for epoch in range(progress.start_epoch + 1, gan.epochs + 1):
         pool = sample_epoch_pool(labels, gan.epoch_budget, sampler, fg_rows, bg_rows)
         batches = sample_batches(len(pool), gan.batch_size, sampler)
         feats = pool_rows.gather(pool)
@@ -243,86 +258,144 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
         it_bar.close()
         del feats
         if uc.selection == "test":  # published: pick the classifier on real unseen test features
-            x, y, g = classifier_data(epoch)
-            def keep_best(cls_epoch, model, epoch=epoch):
-                nonlocal best
-                acc, _ = inputs.test_set.accuracy(model, device)
-                record.setdefault("test_accuracy", []).append(acc)
-                if best is None or acc >= best["accuracy"]:
-                    best = {"accuracy": acc, "epoch": epoch, "cls_epoch": cls_epoch,
-                            "classifier": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                            "generator": {k: v.detach().cpu().clone() for k, v in trainer.G.state_dict().items()},
-                            "critic": {k: v.detach().cpu().clone() for k, v in trainer.D.state_dict().items()}}
-            train_unseen_classifier(x.to(device), y.to(device), num_unseen, uc, g, keep_best)
-            record["best_test_accuracy"] = best["accuracy"]
-        history.append(record)
-        with open(log_path, "a") as f:
+            select_on_test(inputs, trainer, progress, classifier_data, record, epoch, uc, device)
+        progress.history.append(record)
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         save_torch({"epoch": epoch, "trainer": trainer.state_dict(), "sampler_rng": sampler.get_state(),
-                     "history": history, "best": best, "settings": _settings_key(cfg)}, ckpt_path)
+                    "history": progress.history, "best": progress.best, "settings": _settings_key(cfg)},
+                   os.path.join(out_dir, CHECKPOINT))
         bar.set_postfix(loss_d=f"{record['loss_d']:.3f}", loss_g=f"{record['loss_g']:.3f}",
                         samples_s=record["samples_per_s"])
         bar.update(1)
         if options.on_epoch_end is not None:
             options.on_epoch_end(epoch)
     bar.close()
-    gan_seconds = time.time() - t_gan
 
-    # --- the final classifier -----------------------------------------------------------
-    t_cls = time.time()
-    x, y, g = classifier_data(gan.epochs)
+
+def select_on_test(inputs: _Inputs, trainer: GANTrainer, progress: _Progress, classifier_data: ClassifierData,
+                   record: dict, epoch: int, uc, device: torch.device) -> None:
+    """The published (leaky) selection: train this epoch's classifier, keep it (with G and D) in
+    ``progress.best`` whenever its accuracy on the real unseen test features is the best so far."""
+    x, y, g = classifier_data(epoch)
+
+    def keep_best(cls_epoch, model):
+        acc, _ = inputs.test_set.accuracy(model, device)
+        record.setdefault("test_accuracy", []).append(acc)
+        if progress.best is None or acc >= progress.best["accuracy"]:
+            progress.best = {"accuracy": acc, "epoch": epoch, "cls_epoch": cls_epoch,
+                             "classifier": _cpu_copy(model.state_dict()),
+                             "generator": _cpu_copy(trainer.G.state_dict()),
+                             "critic": _cpu_copy(trainer.D.state_dict())}
+    train_unseen_classifier(x.to(device), y.to(device), len(inputs.split.unseen_ids), uc, g, keep_best)
+    record["best_test_accuracy"] = progress.best["accuracy"]
+
+
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def final_classifier(cfg, trainer: GANTrainer, progress: _Progress, classifier_data: ClassifierData,
+                     device: torch.device) -> _Final:
+    """selection=last: a classifier on the last generator's features; selection=test: the best
+    one kept during training (and its generator, loaded into the trainer for the plots)."""
+    gan, uc = cfg.gan, cfg.unseen_classifier
+    best = progress.best
     if uc.selection == "last" or best is None:
-        classifier = train_unseen_classifier(x.to(device), y.to(device), num_unseen, uc, g)
-        cls_state = {k: v.detach().cpu() for k, v in classifier.state_dict().items()}
-        gen_state, critic_state = trainer.G.state_dict(), trainer.D.state_dict()
-        selected = {"epoch": gan.epochs, "cls_epoch": uc.epochs, "rule": "last"}
-    else:
-        cls_state, gen_state, critic_state = best["classifier"], best["generator"], best["critic"]
-        selected = {"epoch": best["epoch"], "cls_epoch": best["cls_epoch"], "rule": "best test accuracy",
-                    "test_accuracy": best["accuracy"]}
-        trainer.G.load_state_dict(gen_state)  # the plots show the selected generator
-        x, y, g = classifier_data(best["epoch"])
-    write_linear(cls_state["fc.weight"], cls_state["fc.bias"], os.path.join(out_dir, "classifier_best.pth"),
-                 options.layout, kind="synthesized", epoch=selected["cls_epoch"] - 1)
-    save_torch({k: v.cpu() for k, v in gen_state.items()}, os.path.join(out_dir, "generator.pth"))
-    # the joint GZSD scoring's threshold, chosen without test data (vldus.synthesis.calibrate)
-    from vldus.detection.gzsd import CALIBRATION_FILE
-    from vldus.synthesis.calibrate import calibrate_gzsd
+        x, y, g = classifier_data(gan.epochs)
+        classifier = train_unseen_classifier(x.to(device), y.to(device), len(classifier_data.unseen_att), uc, g)
+        return _Final({k: v.detach().cpu() for k, v in classifier.state_dict().items()}, trainer.G.state_dict(),
+                      trainer.D.state_dict(), {"epoch": gan.epochs, "cls_epoch": uc.epochs, "rule": "last"}, x, y)
+    trainer.G.load_state_dict(best["generator"])
+    x, y, _ = classifier_data(best["epoch"])
+    return _Final(best["classifier"], best["generator"], best["critic"],
+                  {"epoch": best["epoch"], "cls_epoch": best["cls_epoch"], "rule": "best test accuracy",
+                   "test_accuracy": best["accuracy"]}, x, y)
 
-    def synthesize(att: torch.Tensor, num: int, g: torch.Generator) -> torch.Tensor:
-        noise = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-        return trainer.synthesize(att, num, noise).cpu()  # trainer.G is the selected generator
 
-    calibration = calibrate_gzsd(cfg, split, inputs.train, synthesize, unseen_att, inputs.seen_classifier,
-                                 cls_state, derive_seed(gan.seed, 5))
-    write_json(os.path.join(out_dir, CALIBRATION_FILE), calibration)
-    save_torch({k: v.cpu() for k, v in critic_state.items()}, os.path.join(out_dir, "critic.pth"))
+def classifier_results(cfg, inputs: _Inputs, final: _Final) -> dict:
+    """Accuracy of the final classifier on its training data and (when present, reported only
+    unless selection=test) on the real unseen test features."""
     from vldus.synthesis.models import UnseenClassifier
 
-    final = UnseenClassifier(dim, num_unseen)
-    final.load_state_dict(cls_state)
-    final.eval()
+    split = inputs.split
+    model = UnseenClassifier(cfg.features.dim, len(split.unseen_ids))
+    model.load_state_dict(final.classifier)
+    model.eval()
     with torch.no_grad():
-        train_acc = float((final(x).argmax(1) == y).float().mean())
-    results = {"classifier_train_accuracy": train_acc}
+        results = {"classifier_train_accuracy": float((model(final.x).argmax(1) == final.y).float().mean())}
     if inputs.test_set is not None:
-        acc, per_class = inputs.test_set.accuracy(final)
+        acc, per_class = inputs.test_set.accuracy(model)
         names = ["background"] + list(split.classes[i - 1] for i in split.unseen_ids)
         results["test_mean_class_accuracy"] = acc
         results["test_class_accuracy"] = {names[k]: v for k, v in per_class.items()}
         results["test_rows"] = len(inputs.test_set)
-        results["test_used_for_selection"] = uc.selection == "test"
+        results["test_used_for_selection"] = cfg.unseen_classifier.selection == "test"
+    return results
+
+
+def run_synthesis(cfg, options: SynthesisOptions) -> dict:
+    """Train G/D for gan.epochs (resumable), then the unseen classifier; write every output.
+
+    Returns the meta dict written to meta.json. Raises InputError for bad input and
+    :class:`vldus.synthesis.trainer.NonFiniteLoss` when training diverges (the last good
+    checkpoint stays in place).
+    """
+    t_start = time.time()
+    gan = cfg.gan
+    device = torch.device(options.device)
+    precision = resolve_precision(gan.precision, device)
+    out_dir = options.out_dir or cfg.path("synth")
+    os.makedirs(out_dir, exist_ok=True)
+    inputs = _Inputs(cfg, options)
+    if cfg.unseen_classifier.selection == "test":
+        print(LEAK_NOTICE, flush=True)
+
+    trainer = build_trainer(cfg, inputs, device, precision)
+    sampler = torch.Generator().manual_seed(gan.seed)  # epoch pools and batches
+    progress = resume_progress(cfg, options, out_dir, trainer, sampler)
+    classifier_data = ClassifierData(cfg, inputs, trainer, device)
+    t_gan = time.time()
+    train_gan(cfg, options, inputs, trainer, sampler, progress, classifier_data, out_dir, device)
+    gan_seconds = time.time() - t_gan
+
+    t_cls = time.time()
+    final = final_classifier(cfg, trainer, progress, classifier_data, device)
+    write_linear(final.classifier["fc.weight"], final.classifier["fc.bias"],
+                 os.path.join(out_dir, "classifier_best.pth"), options.layout, kind="synthesized",
+                 epoch=final.selected["cls_epoch"] - 1)
+    save_torch({k: v.cpu() for k, v in final.generator.items()}, os.path.join(out_dir, "generator.pth"))
+    save_torch({k: v.cpu() for k, v in final.critic.items()}, os.path.join(out_dir, "critic.pth"))
+    # the joint GZSD scoring's threshold, chosen without test data: the same function (and so the
+    # same file) as vldus calibrate-gzsd, on the files just written
+    calibration = calibrate_synth_dir(cfg, out_dir, inputs.detector_checkpoint,
+                                      options.features_dir or cfg.path("features"), device, warn=False)
+    results = classifier_results(cfg, inputs, final)
     cls_seconds = time.time() - t_cls
 
     if options.plots:
         from vldus.synthesis.plots import plot_features_2d, plot_losses
 
-        plot_losses(history, os.path.join(out_dir, "losses.png"))
-        plot_features_2d(inputs, x[y > 0], y[y > 0], os.path.join(out_dir, "features_2d.png"),
+        plot_losses(progress.history, os.path.join(out_dir, "losses.png"))
+        labelled = final.y > 0
+        plot_features_2d(inputs, final.x[labelled], final.y[labelled], os.path.join(out_dir, "features_2d.png"),
                          PLOT_POINTS, derive_seed(gan.seed, 4))
 
-    epochs_run = [r for r in history if r.get("iterations")]
-    meta = {
+    timings = {"gan": round(gan_seconds, 2), "classifier": round(cls_seconds, 2),
+               "total": round(time.time() - t_start, 2)}
+    meta = build_meta(cfg, options, inputs, progress, final, results, calibration, timings, device, precision)
+    write_json(os.path.join(out_dir, "meta.json"), meta)
+    return meta
+
+
+def build_meta(cfg, options: SynthesisOptions, inputs: _Inputs, progress: _Progress, final: _Final,
+               results: dict, calibration: dict, timings: dict, device: torch.device, precision: str) -> dict:
+    """meta.json: what was trained from what, the selection, results, calibration and timings."""
+    gan, uc, split = cfg.gan, cfg.unseen_classifier, inputs.split
+    epochs_run = [r for r in progress.history if r.get("iterations")]
+    timings["gan_epoch_mean"] = (round(float(np.mean([r["seconds"] for r in epochs_run])), 3)
+                                 if epochs_run else None)
+    return {
         "split": split.name,
         "classes": {"seen": [{"id": i, "name": split.classes[i - 1]} for i in split.seen_ids],
                     "unseen": [{"id": i, "name": split.classes[i - 1]} for i in split.unseen_ids]},
@@ -338,17 +411,12 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
                      "layout": options.layout,
                      "legacy_unseen_loss": gan.legacy_unseen_loss, "selection": uc.selection,
                      "uses_test_data_for_selection": uc.selection == "test",
-                     "resumed": bool(options.resume and start_epoch > 0)},
-        "selected": selected,
+                     "resumed": bool(options.resume and progress.start_epoch > 0)},
+        "selected": final.selected,
         "results": results,
         "gzsd_calibration": calibration,
-        "timings_s": {"gan": round(gan_seconds, 2), "classifier": round(cls_seconds, 2),
-                      "total": round(time.time() - t_start, 2),
-                      "gan_epoch_mean": round(float(np.mean([r["seconds"] for r in epochs_run])), 3)
-                      if epochs_run else None},
+        "timings_s": timings,
         "samples_per_s": round(float(np.mean([r["samples_per_s"] for r in epochs_run])), 1)
         if epochs_run else None,
         "config": cfg.to_dict(),
     }
-    write_json(os.path.join(out_dir, "meta.json"), meta)
-    return meta

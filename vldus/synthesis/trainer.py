@@ -43,7 +43,7 @@ from torch import nn
 from vldus.errors import InputError
 from vldus.precision import resolve_precision  # noqa: F401  (re-exported for the benchmarks)
 from vldus.synthesis.critic_step import CriticUpdate
-from vldus.synthesis.models import CompatClassifier, ComputeWeights, Critic, Generator
+from vldus.synthesis.models import CompatClassifier, ComputeWeights, Critic, Generator, synthesize
 
 # The loss values recorded for every iteration (columns of the history tensor).
 LOSS_NAMES = ("loss_d", "wasserstein", "gp", "distill_d", "loss_g", "adversarial", "cls_seen",
@@ -307,20 +307,10 @@ class GANTrainer:
                                              parts["l_ra_div"])]
 
     # --- synthesis ----------------------------------------------------------------------
-    @torch.no_grad()
-    def synthesize(self, att: torch.Tensor, num: int, generator: torch.Generator,
-                   chunk: int = 8192) -> torch.Tensor:
-        """``num`` features per row of ``att`` (K, att_dim), float32 (K * num, dim), class-major.
-        Noise comes from ``generator`` (so synthesis does not disturb the training streams)."""
-        self.G.eval()
-        index = torch.arange(len(att), device=self.device).repeat_interleave(num)
-        out = []
-        for start in range(0, len(index), chunk):
-            idx = index[start:start + chunk]
-            z = torch.randn(len(idx), self.cfg.nz, device=self.device, generator=generator)
-            out.append(self.G(z, att.to(self.device), idx).float())
-        self.G.train()
-        return torch.cat(out)
+    def synthesize(self, att: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
+        """:func:`vldus.synthesis.models.synthesize` with the current G (noise from ``generator``,
+        so synthesis does not disturb the training streams)."""
+        return synthesize(self.G, att, num, generator)
 
     # --- checkpoint state ---------------------------------------------------------------
     def state_dict(self) -> dict:
