@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from vldus.config import EvalConfig
-from vldus.data.readers import _check_coco_items, _parse_categories, _read_coco_json
+from vldus.data.readers import check_coco_items, parse_categories, read_coco_json
 from vldus.data.records import ImageRecord
 from vldus.data.splits import normalize_name
 from vldus.errors import InputError, require_file
@@ -110,9 +110,9 @@ def read_ground_truth(path: str, drop_small: bool) -> tuple[list[str], list[int]
     ``drop_small``: skip boxes under 1 px wide or high, or with ``area`` <= 0 (mmdet 1.x).
     No image file is opened.
     """
-    data = _read_coco_json(path)
-    categories = sorted(_parse_categories(path, data["categories"]))
-    _check_coco_items(path, data)
+    data = read_coco_json(path)
+    categories = sorted(parse_categories(path, data["categories"]))
+    check_coco_items(path, data)
     label_of = {cid: i + 1 for i, (cid, _) in enumerate(categories)}
     per_image: dict[int, list] = {img["id"]: [] for img in data["images"]}
     dropped = 0
