@@ -10,7 +10,8 @@ Detections (``--dets``): the COCO results format, a JSON list of
 ``{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}``.
 
 Prints the table of :func:`vldus.evaluation.format_table`; ``--out`` writes the metrics JSON
-(INTERFACES.md "Metrics file").
+(INTERFACES.md "Metrics file"). ``--breakdown`` adds the error breakdown of
+:mod:`vldus.evaluation.breakdown` (table and the metrics' "breakdown" entry).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from vldus.data.readers import check_coco_items, parse_categories, read_coco_jso
 from vldus.data.records import ImageRecord
 from vldus.data.splits import normalize_name
 from vldus.errors import InputError, require_file
+from vldus.evaluation.breakdown import error_breakdown, format_breakdown
 from vldus.evaluation.common import check_thresholds
 from vldus.evaluation.evaluator import MAX_DETS_PER_IMAGE, PROTOCOLS, ZSDEvaluator, format_table
 from vldus.files import write_json
@@ -56,6 +58,12 @@ def add_parser(sub, common) -> None:
     p.add_argument("--excluded", default="", metavar="A,B,...",
                    help="comma-separated classes never evaluated (COCO 48/17's 15)")
     p.add_argument("--out", metavar="M.json", help="write the metrics JSON here")
+    p.add_argument("--breakdown", type=float, nargs="?", const=0.5, default=None, metavar="IOU",
+                   help="also split each class's false positives and misses into kinds (seen-class "
+                        "confusion, unseen-class confusion, localisation, both, duplicate, background, "
+                        "missed) with the mAP gained if each were fixed, at IoU IOU (default 0.5); "
+                        "printed and written into --out as 'breakdown'. --ann must hold the seen "
+                        "objects too (mmdet-v1 only)")
     p.set_defaults(func=run)
 
 
@@ -73,10 +81,19 @@ def run(args) -> int:
         raise InputError(None, f"--iou: {e}") from None
     detections = read_detections(args.dets, records, category_ids, args.ann)
 
+    if args.breakdown is not None and args.protocol != "mmdet-v1":
+        raise InputError(None, "--breakdown: only with --protocol mmdet-v1")
+    if args.breakdown is not None and not 0.0 < args.breakdown <= 1.0:
+        raise InputError(None, f"--breakdown: IoU {args.breakdown} is not in (0, 1]")
+
     evaluator = ZSDEvaluator(classes, unseen, args.setting, thresholds, args.protocol, excluded)
     evaluator.process(records, detections)
     metrics = evaluator.evaluate()
     print(format_table(metrics))
+    if args.breakdown is not None:
+        metrics["breakdown"] = error_breakdown(records, detections, classes, unseen, args.setting,
+                                               args.breakdown, excluded=excluded)
+        print("\n" + format_breakdown(metrics["breakdown"]))
     if args.out:
         write_metrics(metrics, args.out)
     return 0
