@@ -22,8 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
-from vldus.config import EvalConfig
-from vldus.data.readers import check_coco_items, parse_categories, read_coco_json
+from vldus.config import Config, EvalConfig
+from vldus.data.readers import (check_coco_items, coco_category_ids, load_records, parse_categories,
+                                read_coco_json, select_test)
 from vldus.data.records import ImageRecord
 from vldus.data.splits import normalize_name
 from vldus.errors import InputError, require_file
@@ -97,6 +98,22 @@ def run(args) -> int:
     if args.out:
         write_metrics(metrics, args.out)
     return 0
+
+
+def test_output_breakdown(cfg: Config, dets_path: str, setting: str, iou: float = 0.5) -> dict:
+    """The error breakdown (:func:`error_breakdown`) of a ``vldus test --out`` detections file.
+
+    The images are those ``vldus test`` scores for ``setting`` ('zsd' | 'gzsd'; a run without
+    ``--max-images``), with every annotation of the config's test source, seen objects included.
+    """
+    split = cfg.load_split()
+    everything = load_records(cfg.data.test, split)
+    tested = {r.image_id for r in select_test(everything, split, setting, cfg.data.test_rule)}
+    records = [r for r in everything if r.image_id in tested]
+    detections = read_detections(dets_path, records, coco_category_ids(cfg.data.test, split),
+                                 cfg.data.test.ann_file or "the test images")
+    return error_breakdown(records, detections, split.classes, split.unseen, setting, iou,
+                           excluded=split.excluded, max_dets_per_image=cfg.detector.detections_per_img)
 
 
 def write_metrics(metrics: dict, path: str) -> None:
