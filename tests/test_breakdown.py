@@ -53,7 +53,7 @@ def test_one_error_of_each_kind():
     assert fox["tp"] == 1 and owl["tp"] == 0
     assert fox["errors"] == {**dict.fromkeys(KINDS, 1), "missed": 0}
     assert owl["errors"] == {**dict.fromkeys(KINDS, 0), "missed": 1}
-    assert b["seen_objects"] == 2 and set(b["classes"]) == {"fox", "owl"}
+    assert b["objects_not_evaluated"] == 2 and set(b["classes"]) == {"fox", "owl"}
 
 
 def test_map_if_fixed_by_hand():

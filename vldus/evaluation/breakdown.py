@@ -71,9 +71,11 @@ def error_breakdown(records: Sequence[ImageRecord], detections: Sequence[Mapping
     are what ``cls_seen`` is measured against); detections: one dict per record ("boxes"
     (K, 4) continuous xyxy, "scores" (K,), "labels" (K,) detector index 1..C); class sets and
     ``setting`` as in :class:`ZSDEvaluator`. Returns ``{"setting", "protocol", "iou",
-    "background_iou", "seen_objects", "map": {group: %}, "kinds": {kind: {"count",
+    "background_iou", "objects_not_evaluated", "map": {group: %}, "kinds": {kind: {"count",
     "before_last_tp", "map_gain": {group: points}}}, "classes": {name: {"group", "num_gt", "tp",
     "ap", "errors": {kind: count}, "ap_gain": {kind: points}}}}``; gzsd adds "hm" to the groups.
+    mAP and gains are percentages; ``objects_not_evaluated`` counts the annotations of classes the
+    setting does not score (0 in ZSD means ``cls_seen`` could not be measured).
     """
     evaluator = ZSDEvaluator(class_names, unseen, setting, (iou,), "mmdet-v1", excluded,
                              max_dets_per_image, inclusive_boxes)
@@ -240,7 +242,7 @@ def _summary(data: EvalData, evaluator: ZSDEvaluator, errors: dict, base: dict, 
                                      for n in KINDS}}
     not_evaluated = ~np.isin(data.gt_label, evaluator.eval_ids)
     return {"setting": evaluator.setting, "protocol": "mmdet-v1", "iou": float(iou),
-            "background_iou": float(background_iou), "seen_objects": int(not_evaluated.sum()),
+            "background_iou": float(background_iou), "objects_not_evaluated": int(not_evaluated.sum()),
             "map": base_map, "kinds": kinds, "classes": classes}
 
 
@@ -253,7 +255,7 @@ def format_breakdown(b: Mapping[str, Any], per_class: bool = True) -> str:
     groups = list(b["map"])
     lines = [f"error breakdown: setting {b['setting']}, IoU {b['iou']:g} (background < "
              f"{b['background_iou']:g}); mAP " + ", ".join(f"{g} {v:.2f}" for g, v in b["map"].items())]
-    if b["setting"] == "zsd" and not b["seen_objects"]:
+    if b["setting"] == "zsd" and not b["objects_not_evaluated"]:
         lines.append("note: the ground truth holds no object of a seen class, so cls_seen cannot be "
                      "told apart (such boxes count as loc, both or bkg)")
     head = f"{'kind':<11} {'count':>6} {'<last TP':>8} | " + " ".join(f"{'+mAP ' + g:>11}" for g in groups)
