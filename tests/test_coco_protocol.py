@@ -76,7 +76,7 @@ def test_agrees_with_pycocotools(seed, thresholds):
     E = cocoeval(records, dets, thresholds)
     ev = ZSDEvaluator(NAMES, ["c2", "c4"], "gzsd", iou_thresholds=thresholds, protocol="coco")
     ev.process(records, dets)
-    res = evaluate_coco(ev._collect(), ev.eval_ids, thresholds)
+    res = evaluate_coco(ev.collect(), ev.eval_ids, thresholds)
     for k in range(len(NAMES)):
         for t in range(len(thresholds)):
             precision = E.eval["precision"][t, :, k, 0, 0]

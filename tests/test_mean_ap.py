@@ -107,7 +107,7 @@ def test_bit_identical_to_reference_loop(seed):
     thresholds = (0.4, 0.5, 0.7)
     ev = ZSDEvaluator([f"c{i}" for i in range(1, C + 1)], ["c2"], "gzsd", iou_thresholds=thresholds)
     ev.process(records, dets)
-    res = evaluate_mmdet_v1(ev._collect(), ev.eval_ids, thresholds)
+    res = evaluate_mmdet_v1(ev.collect(), ev.eval_ids, thresholds)
     assert res.ap.dtype == np.float32
     for t, thr in enumerate(thresholds):
         for k, (ap, recall, num_gt) in enumerate(reference_eval_map(records, dets, thr)):
@@ -172,6 +172,6 @@ def test_score_ties_broken_like_the_reference():
         records, dets = crowded_ties_case(seed)
         ev = ZSDEvaluator([f"c{i}" for i in range(1, C + 1)], ["c2"], "gzsd", iou_thresholds=(0.5,))
         ev.process(records, dets)
-        res = evaluate_mmdet_v1(ev._collect(), ev.eval_ids, (0.5,))
+        res = evaluate_mmdet_v1(ev.collect(), ev.eval_ids, (0.5,))
         ap, recall, _ = reference_eval_map(records, dets, 0.5)[0]
         assert res.ap[0, 0] == ap and res.recall[0, 0] == recall, seed

@@ -289,6 +289,8 @@ def metrics_table(m: dict) -> str:
 
 
 def write_report(out: str, result: dict, pictures: list[str], size: DemoSize, args) -> str:
+    from vldus.evaluation.breakdown import KIND_TEXT, markdown_summary
+
     ablation = result["ablation"]
     clip = result["clip"]
     acc = clip.get("zero_shot_accuracy") or {}
@@ -310,6 +312,10 @@ def write_report(out: str, result: dict, pictures: list[str], size: DemoSize, ar
     for name, a in ablation.items():
         lines.append(f"| {name} | {a['description']} | {_fmt(a['zsd_map'])} | {_fmt(a['gzsd_hm'])} | "
                      f"{_fmt(a['gzsd_published_hm'])} | {a['status']} |")
+    lines += ["", "## Where ZSD loses its points (IoU 0.5)", "",
+              "False positives and missed objects by kind, each as count (mAP gained if that kind "
+              "were fixed): " + "; ".join(f"{k}: {v}" for k, v in KIND_TEXT.items()) + ".", "",
+              markdown_summary({k: a["zsd_breakdown"] for k, a in ablation.items() if "zsd_breakdown" in a})]
     for setting, title in (("zsd", "ZSD"), ("gzsd", "GZSD"), ("gzsd_published", "GZSD, published scoring")):
         lines += ["", f"## {title} ({result['method']})", "", metrics_table(result[setting])]
     lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---|"]
@@ -373,6 +379,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     stages.run("extract-features", ["extract-features"] + base + ["--checkpoint", ckpt, "--classes", "unseen",
                                                                   "--data-split", "test"])
     stages.run("compat-classifier", ["train-unseen-classifier"] + base)
+    from vldus.evaluation.cli import test_output_breakdown
 
     cache = cfg.path("test_cache")
     results: dict[str, dict] = {}
@@ -417,6 +424,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                           "status": "ok"}
         if variant.generator is not None:
             ablation[name]["distill"] = distill_means(synth_dir)
+        ablation[name]["zsd_breakdown"] = test_output_breakdown(cfg, cfg.path("results", f"{name}_zsd.json"), "zsd")
 
     for name in VARIANTS:
         if name not in ablation:

@@ -253,8 +253,10 @@ def _file_key(path: str) -> tuple:
     return os.path.abspath(path), st.st_mtime_ns, st.st_size
 
 
-def _read_coco_json(ann_file: str) -> dict:
-    """The JSON with its top-level layout checked (images / annotations / categories lists)."""
+def read_coco_json(ann_file: str) -> dict:
+    """A COCO instances JSON with its top-level layout checked (``images``, ``annotations``,
+    ``categories`` lists; a missing ``annotations`` becomes ``[]``). Public: ``vldus evaluate``
+    reads its ground truth with it. InputError names the file and the item."""
     if not ann_file:
         raise InputError(None, "data source: format coco/shapes needs 'ann_file'")
     try:
@@ -279,7 +281,9 @@ def _read_coco_json(ann_file: str) -> dict:
     return data
 
 
-def _parse_categories(ann_file: str, categories: list) -> list[tuple[int, str]]:
+def parse_categories(ann_file: str, categories: list) -> list[tuple[int, str]]:
+    """(id, name) of each entry of a COCO ``categories`` list, in file order; InputError on a
+    missing id or name or a duplicate id."""
     out, seen_ids = [], set()
     for k, c in enumerate(categories):
         if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
@@ -298,12 +302,14 @@ def _coco_categories(ann_file: str) -> list[tuple[int, str]]:
     except OSError:
         raise InputError(ann_file, "annotation file not found") from None
     if key not in _CATEGORY_CACHE:
-        _CATEGORY_CACHE[key] = _parse_categories(ann_file, _read_coco_json(ann_file)["categories"])
+        _CATEGORY_CACHE[key] = parse_categories(ann_file, read_coco_json(ann_file)["categories"])
     return _CATEGORY_CACHE[key]
 
 
-def _check_coco_items(ann_file: str, data: dict) -> None:
-    """Field types pycocotools relies on, so that bad files fail with a named item."""
+def check_coco_items(ann_file: str, data: dict) -> None:
+    """Check the field types pycocotools relies on (integer, unique image and annotation ids,
+    ``file_name``, ``image_id`` of a listed image, 4-number ``bbox``), so that a bad file fails
+    with one InputError naming the item."""
     image_ids = set()
     for k, img in enumerate(data["images"]):
         if not isinstance(img, dict) or not isinstance(img.get("id"), int):
@@ -341,10 +347,10 @@ def _index_coco(data: dict):
 
 
 def _load_coco(ann_file: str, img_dir: str, split: Split, drop: bool) -> list[ImageRecord]:
-    data = _read_coco_json(ann_file)
-    categories = _parse_categories(ann_file, data["categories"])
+    data = read_coco_json(ann_file)
+    categories = parse_categories(ann_file, data["categories"])
     _CATEGORY_CACHE[_file_key(ann_file)] = categories
-    _check_coco_items(ann_file, data)
+    check_coco_items(ann_file, data)
     coco = _index_coco(data)
 
     lookup = _class_lookup(split)

@@ -10,7 +10,8 @@ Detections (``--dets``): the COCO results format, a JSON list of
 ``{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}``.
 
 Prints the table of :func:`vldus.evaluation.format_table`; ``--out`` writes the metrics JSON
-(docs/formats.md \"Metrics file\").
+(docs/formats.md "Metrics file"). ``--breakdown`` adds the error breakdown of
+:mod:`vldus.evaluation.breakdown` (table and the metrics' "breakdown" entry).
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from typing import Sequence
 
 import numpy as np
 
-from vldus.config import EvalConfig
-from vldus.data.readers import _check_coco_items, _parse_categories, _read_coco_json
+from vldus.config import Config, EvalConfig
+from vldus.data.readers import (check_coco_items, coco_category_ids, load_records, parse_categories,
+                                read_coco_json, select_test)
 from vldus.data.records import ImageRecord
 from vldus.data.splits import normalize_name
 from vldus.errors import InputError, require_file
+from vldus.evaluation.breakdown import error_breakdown, format_breakdown
 from vldus.evaluation.common import check_thresholds
 from vldus.evaluation.evaluator import MAX_DETS_PER_IMAGE, PROTOCOLS, ZSDEvaluator, format_table
 from vldus.files import write_json
@@ -56,6 +59,12 @@ def add_parser(sub, common) -> None:
     p.add_argument("--excluded", default="", metavar="A,B,...",
                    help="comma-separated classes never evaluated (COCO 48/17's 15)")
     p.add_argument("--out", metavar="M.json", help="write the metrics JSON here")
+    p.add_argument("--breakdown", type=float, nargs="?", const=0.5, default=None, metavar="IOU",
+                   help="also split each class's false positives and misses into kinds (seen-class "
+                        "confusion, unseen-class confusion, localisation, both, duplicate, background, "
+                        "missed) with the mAP gained if each were fixed, at IoU IOU (default 0.5); "
+                        "printed and written into --out as 'breakdown'. --ann must hold the seen "
+                        "objects too (mmdet-v1 only)")
     p.set_defaults(func=run)
 
 
@@ -73,13 +82,38 @@ def run(args) -> int:
         raise InputError(None, f"--iou: {e}") from None
     detections = read_detections(args.dets, records, category_ids, args.ann)
 
+    if args.breakdown is not None and args.protocol != "mmdet-v1":
+        raise InputError(None, "--breakdown: only with --protocol mmdet-v1")
+    if args.breakdown is not None and not 0.0 < args.breakdown <= 1.0:
+        raise InputError(None, f"--breakdown: IoU {args.breakdown} is not in (0, 1]")
+
     evaluator = ZSDEvaluator(classes, unseen, args.setting, thresholds, args.protocol, excluded)
     evaluator.process(records, detections)
     metrics = evaluator.evaluate()
     print(format_table(metrics))
+    if args.breakdown is not None:
+        metrics["breakdown"] = error_breakdown(records, detections, classes, unseen, args.setting,
+                                               args.breakdown, excluded=excluded)
+        print("\n" + format_breakdown(metrics["breakdown"]))
     if args.out:
         write_metrics(metrics, args.out)
     return 0
+
+
+def test_output_breakdown(cfg: Config, dets_path: str, setting: str, iou: float = 0.5) -> dict:
+    """The error breakdown (:func:`error_breakdown`) of a ``vldus test --out`` detections file.
+
+    The images are those ``vldus test`` scores for ``setting`` ('zsd' | 'gzsd'; a run without
+    ``--max-images``), with every annotation of the config's test source, seen objects included.
+    """
+    split = cfg.load_split()
+    everything = load_records(cfg.data.test, split)
+    tested = {r.image_id for r in select_test(everything, split, setting, cfg.data.test_rule)}
+    records = [r for r in everything if r.image_id in tested]
+    detections = read_detections(dets_path, records, coco_category_ids(cfg.data.test, split),
+                                 cfg.data.test.ann_file or "the test images")
+    return error_breakdown(records, detections, split.classes, split.unseen, setting, iou,
+                           excluded=split.excluded, max_dets_per_image=cfg.detector.detections_per_img)
 
 
 def write_metrics(metrics: dict, path: str) -> None:
@@ -110,9 +144,9 @@ def read_ground_truth(path: str, drop_small: bool) -> tuple[list[str], list[int]
     ``drop_small``: skip boxes under 1 px wide or high, or with ``area`` <= 0 (mmdet 1.x).
     No image file is opened.
     """
-    data = _read_coco_json(path)
-    categories = sorted(_parse_categories(path, data["categories"]))
-    _check_coco_items(path, data)
+    data = read_coco_json(path)
+    categories = sorted(parse_categories(path, data["categories"]))
+    check_coco_items(path, data)
     label_of = {cid: i + 1 for i, (cid, _) in enumerate(categories)}
     per_image: dict[int, list] = {img["id"]: [] for img in data["images"]}
     dropped = 0

@@ -128,17 +128,19 @@ class ZSDEvaluator:
             d = np.isin(labels, keep_ids)
             self._det.append((boxes[d], scores[d], labels[d]))
 
-    def evaluate(self) -> dict:
-        """The metrics dict (docs/formats.md \"Metrics file\"), percentages."""
-        data = self._collect()
+    def evaluate(self, data: EvalData | None = None) -> dict:
+        """The metrics dict (docs/formats.md "Metrics file"), percentages, of the processed
+        images, or of ``data`` (boxes of other classes in it are left out, as in ``process``)."""
+        data = self.collect() if data is None else data
         if self.protocol == "mmdet-v1":
             res = evaluate_mmdet_v1(data, self.eval_ids, self.iou_thresholds, self.inclusive_boxes)
         else:
             res = evaluate_coco(data, self.eval_ids, self.iou_thresholds, self.max_dets_per_image)
         return self._metrics(res)
 
-    # --- internals ----------------------------------------------------------------------
-    def _collect(self) -> EvalData:
+    def collect(self) -> EvalData:
+        """Everything processed so far as one :class:`EvalData` (evaluated classes only; the
+        detections after the per-image budget)."""
         def cat(parts, dtype, shape=(0,)):
             return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(shape, dtype)
 
@@ -157,6 +159,7 @@ class ZSDEvaluator:
             det_scores=cat([d[1] for d in self._det], np.float64),
         )
 
+    # --- internals ----------------------------------------------------------------------
     def _metrics(self, res: ClassMetrics) -> dict:
         keys = [iou_key(t) for t in self.iou_thresholds]
 

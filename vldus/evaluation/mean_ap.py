@@ -27,6 +27,7 @@ image, in the order the detections were given; we make the same calls on the sam
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -93,22 +94,35 @@ def image_rank(key: np.ndarray, neg_scores: np.ndarray) -> np.ndarray:
     return rank
 
 
-def evaluate_mmdet_v1(data: EvalData, class_ids: Sequence[int], iou_thresholds: Sequence[float],
-                      inclusive_boxes: bool = False) -> ClassMetrics:
-    """Per-class AP and recall (fractions, float32) of ``class_ids`` at each threshold."""
+@dataclass
+class Matching:
+    """How the detections of the evaluated classes match the ground truth (mmdet-v1 rules).
+
+    ``det`` indexes ``EvalData.det_*``, ``best_gt`` indexes ``EvalData.gt_*``; the rest is per
+    entry of ``det``. A detection is TP, FP or neither (its best box is an ignore region).
+    """
+
+    det: np.ndarray  # (D,) int64, the detections of the evaluated classes
+    tp: np.ndarray  # (T, D) float32, 1 where a true positive at threshold t
+    fp: np.ndarray  # (T, D) float32, 1 where a false positive at threshold t
+    best_gt: np.ndarray  # (D,) int64, the ground truth of its class of highest IoU (-1: none)
+    best_iou: np.ndarray  # (D,) float32, that IoU (-inf: no ground truth of its class in the image)
+
+
+def match_mmdet_v1(data: EvalData, class_ids: Sequence[int], iou_thresholds: Sequence[float],
+                   inclusive_boxes: bool = False) -> Matching:
+    """Step 1 of the module docstring: TP / FP of every detection of ``class_ids``."""
     class_ids = np.asarray(class_ids, np.int64)
-    T, K = len(iou_thresholds), len(class_ids)
+    T = len(iou_thresholds)
 
-    g = np.isin(data.gt_label, class_ids)
-    gt_key = data.group_key(data.gt_image[g], data.gt_label[g])
-    gt_boxes, gt_ignore, gt_label = data.gt_boxes[g], data.gt_ignore[g], data.gt_label[g]
+    g = np.nonzero(np.isin(data.gt_label, class_ids))[0]
     # scan order inside a (class, image) group: non-ignored boxes, then ignored, each as given
-    order = np.lexsort((np.arange(len(gt_key)), gt_ignore, gt_key))
-    gt_key, gt_boxes, gt_ignore, gt_label = gt_key[order], gt_boxes[order], gt_ignore[order], gt_label[order]
+    g = g[np.lexsort((g, data.gt_ignore[g], data.group_key(data.gt_image[g], data.gt_label[g])))]
+    gt_key = data.group_key(data.gt_image[g], data.gt_label[g])
+    gt_boxes, gt_ignore = data.gt_boxes[g], data.gt_ignore[g]
 
-    d = np.isin(data.det_label, class_ids)
-    det_label = data.det_label[d]
-    det_key = data.group_key(data.det_image[d], det_label)
+    d = np.nonzero(np.isin(data.det_label, class_ids))[0]
+    det_key = data.group_key(data.det_image[d], data.det_label[d])
     det_boxes = data.det_boxes[d].astype(np.float32)
     neg_scores = -data.det_scores[d].astype(np.float32)
     gt_boxes = gt_boxes.astype(np.float32)
@@ -142,6 +156,21 @@ def evaluate_mmdet_v1(data: EvalData, class_ids: Sequence[int], iou_thresholds: 
         tp[t, cand[first_on_box]] = 1
         fp[t, cand[~first_on_box]] = 1
         fp[t, ~hit] = 1
+    best_gt = np.where(np.isfinite(best_iou), g[best_gt], -1) if len(g) else np.full(D, -1, np.int64)
+    return Matching(d, tp, fp, best_gt, best_iou)
+
+
+def evaluate_mmdet_v1(data: EvalData, class_ids: Sequence[int], iou_thresholds: Sequence[float],
+                      inclusive_boxes: bool = False) -> ClassMetrics:
+    """Per-class AP and recall (fractions, float32) of ``class_ids`` at each threshold."""
+    match = match_mmdet_v1(data, class_ids, iou_thresholds, inclusive_boxes)
+    class_ids = np.asarray(class_ids, np.int64)
+    T, K = len(iou_thresholds), len(class_ids)
+    g = np.isin(data.gt_label, class_ids)
+    gt_label, gt_ignore = data.gt_label[g], data.gt_ignore[g]
+    det_label = data.det_label[match.det]
+    neg_scores = -data.det_scores[match.det].astype(np.float32)
+    tp, fp = match.tp, match.fp
 
     ap = np.zeros((K, T), np.float32)
     recall = np.zeros((K, T), np.float32)
