@@ -50,6 +50,7 @@ from vldus.files import write_json
 
 if TYPE_CHECKING:
     from vldus.detection.cache import DetectorCache
+    from vldus.detection.clip_regions import RegionScorer
 
 SETTINGS = ("zsd", "gzsd", "seen")
 
@@ -98,14 +99,15 @@ def score_image(model: torch.nn.Module, head, inputs: BoxInputs) -> dict:
 @torch.inference_mode()
 def detect(model: torch.nn.Module, head, records: Sequence[ImageRecord], device: str | torch.device,
            workers: int = 0, show: Optional[dict] = None, progress: bool = True,
-           cache: Optional[DetectorCache] = None) -> list[dict]:
+           cache: Optional[DetectorCache] = None, regions: Optional[RegionScorer] = None) -> list[dict]:
     """Detections of each record, in order: ``{"boxes" (K,4) float32 xyxy, "scores" (K,), "labels"
     (K,) int64}`` numpy arrays, scores in the released scale (:func:`zsd.rescale_scores`).
 
     ``show``: ``{"dir", "class_names", "unseen_ids", "score_thresh"}`` draws each image to
     ``dir/<file stem>.png``. ``cache`` (:class:`vldus.detection.cache.DetectorCache`): images
     with an entry skip the detector up to its classification layer; the others are computed
-    and stored.
+    and stored. ``regions`` (:class:`vldus.detection.clip_regions.RegionScorer`): score with the
+    ``clip-regions`` / ``ensemble`` scoring instead of the head's own.
     """
     from vldus.detection.cache import box_inputs
 
@@ -129,7 +131,10 @@ def detect(model: torch.nn.Module, head, records: Sequence[ImageRecord], device:
                 inputs = cache.rounded(inputs)
         else:
             inputs = cache.load(entries[i])
-        det = score_image(model, head, inputs)
+        if regions is not None:
+            det = regions.score(model, head, inputs, image, records[i].path)
+        else:
+            det = score_image(model, head, inputs)
         results[i] = det
         if show is not None:
             _draw(image if image is not None else to_float(read_rgb(records[i].path)), records[i], det, show)
@@ -259,6 +264,22 @@ def add_parser(sub, common) -> None:
     p.add_argument("--cache-dtype", default="float32", choices=("float32", "float16"),
                    help="stored box features: float32 (same detections as without the cache) or "
                         "float16 (half the size; scores within ~1e-3)")
+    p.add_argument("--scoring", default="vldus", choices=("vldus", "clip-regions", "ensemble"),
+                   help="vldus: the injected classifier (default); clip-regions: a CLIP names each of "
+                        "the detector's boxes (crop -> image encoder -> class names), times the "
+                        "detector's object probability; ensemble: per class the weighted geometric "
+                        "mean of the two (docs/clip_regions.md). Both need --clip-weights")
+    p.add_argument("--clip-weights", default=None, metavar="FILE",
+                   help="CLIP weights for --scoring clip-regions / ensemble (a local open_clip / "
+                        "OpenAI file, or train-clip's open_clip_model.safetensors)")
+    p.add_argument("--clip-arch", default=None, metavar="NAME_OR_JSON",
+                   help="open_clip architecture of --clip-weights (default ViT-B-32)")
+    p.add_argument("--clip-margin", type=float, default=None,
+                   help="crop = box grown by this fraction of its width/height per side (default 0.1, "
+                        "as train-clip's crops)")
+    p.add_argument("--ensemble-weights", default=None, metavar="W_SEEN,W_UNSEEN",
+                   help="the CLIP's weight in --scoring ensemble for seen and unseen classes "
+                        "(default 1/3,2/3: ViLD's, fixed in advance)")
     p.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) if available, else cpu")
     add_set_argument(p)
     p.set_defaults(func=run)
@@ -278,6 +299,17 @@ def _check_args(args: argparse.Namespace, cfg: Config) -> None:
             if args.setting != "gzsd":
                 raise InputError(f"--{name.replace('_', '-')}", "applies to --gzsd only")
             setattr(cfg.inference, name, value)
+    if args.scoring != "vldus":
+        if args.setting not in ("zsd", "gzsd"):
+            raise InputError(f"--scoring {args.scoring}", "applies to --zsd / --gzsd only")
+        if not args.clip_weights:
+            raise InputError(f"--scoring {args.scoring}", "needs --clip-weights FILE (a local CLIP)")
+    else:
+        for name in ("clip_weights", "clip_arch", "clip_margin", "ensemble_weights"):
+            if getattr(args, name) is not None:
+                raise InputError(f"--{name.replace('_', '-')}", "applies to --scoring clip-regions / ensemble only")
+    if args.ensemble_weights is not None and args.scoring != "ensemble":
+        raise InputError("--ensemble-weights", "applies to --scoring ensemble only")
 
 
 def check_inference_config(cfg: Config) -> None:
@@ -303,19 +335,40 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args, cfg)
     run_test(cfg, args.setting, args.checkpoint, args.syn_weights, args.out, metrics_path=args.metrics,
              show_dir=args.show_dir, show_thresh=args.show_thresh, max_images=args.max_images,
-             device=args.device, quiet=args.quiet, cache_dir=args.cache, cache_dtype=args.cache_dtype)
+             device=args.device, quiet=args.quiet, cache_dir=args.cache, cache_dtype=args.cache_dtype,
+             scoring=args.scoring, clip_weights=args.clip_weights, clip_arch=args.clip_arch,
+             clip_margin=args.clip_margin, ensemble_weights=parse_ensemble_weights(args.ensemble_weights))
     return 0
+
+
+def parse_ensemble_weights(text: Optional[str]) -> Optional[dict]:
+    """``"W_SEEN,W_UNSEEN"`` -> ``{"seen", "unseen"}`` (each in [0, 1]); None stays None."""
+    if text is None:
+        return None
+    try:
+        seen, unseen = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError("--ensemble-weights", f"{text!r}: expected two numbers W_SEEN,W_UNSEEN") from None
+    if not (0.0 <= seen <= 1.0 and 0.0 <= unseen <= 1.0):
+        raise InputError("--ensemble-weights", f"{text!r}: weights must be in [0, 1]")
+    return {"seen": seen, "unseen": unseen}
 
 
 def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[str], out: str,
              metrics_path: Optional[str] = None, show_dir: Optional[str] = None,
              show_thresh: Optional[float] = None, max_images: Optional[int] = None,
              device: Optional[str] = None, quiet: bool = False, cache_dir: Optional[str] = None,
-             cache_dtype: str = "float32") -> Optional[dict]:
+             cache_dtype: str = "float32", scoring: str = "vldus", clip_weights: Optional[str] = None,
+             clip_arch: Optional[str] = None, clip_margin: Optional[float] = None,
+             ensemble_weights: Optional[dict] = None) -> Optional[dict]:
     """The whole ``vldus test`` (see the module docstring); returns the metrics on rank 0, else None.
 
     ``setting``: 'zsd' | 'gzsd' (need ``syn_weights``) | 'seen'. Under torchrun every rank calls it.
     ``cache_dir``: :mod:`vldus.detection.cache` folder (each rank stores the entries of its images).
+    ``scoring``: 'vldus' | 'clip-regions' (``syn_weights`` optional) | 'ensemble', with the CLIP
+    ``clip_weights`` / ``clip_arch``, crop margin ``clip_margin`` and the ensemble's CLIP weights
+    ``{"seen", "unseen"}`` (:mod:`vldus.detection.clip_regions`; written to ``--metrics`` as
+    ``"scoring"``, with the CLIP pass's time).
     """
     from vldus.detection.cache import DetectorCache
     from vldus.detection.gzsd import describe_scoring, resolve_scoring
@@ -328,7 +381,7 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
     check_inference_config(cfg)
     split = cfg.load_split()
     require_file(checkpoint, "detector checkpoint")
-    if setting != "seen":
+    if setting != "seen" and not (scoring == "clip-regions" and not syn_weights):
         if not syn_weights:
             raise InputError("--syn-weights", f"required with --{setting} (the synthesized classifier file)")
         require_file(syn_weights, "synthesized classifier")
@@ -350,17 +403,22 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         device = local_device(device)
         model = load_detector(cfg, split, checkpoint, device)
         classifier = None
-        if setting != "seen":
+        if setting != "seen" and syn_weights:
             in_features = model.roi_heads.box_predictor.cls_score.in_features
             classifier = load_syn_classifier(syn_weights, split, in_features)
-        scoring = None
-        if setting == "gzsd":
-            scoring = resolve_scoring(cfg.inference, checkpoint, syn_weights, cfg.source_file)
+        gzsd_scoring = None
+        if setting == "gzsd" and classifier:
+            gzsd_scoring = resolve_scoring(cfg.inference, checkpoint, syn_weights, cfg.source_file)
             if rank == 0:
-                print(f"gzsd scoring: {describe_scoring(scoring)}", file=sys.stdout)
-        head = install_zsd_head(model, split, setting, classifier, bg_blend=cfg.inference.bg_blend,
+                print(f"gzsd scoring: {describe_scoring(gzsd_scoring)}", file=sys.stdout)
+        head = install_zsd_head(model, split, setting if classifier else "seen", classifier,
+                                bg_blend=cfg.inference.bg_blend,
                                 seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded,
-                                gzsd_threshold=scoring["threshold"] if scoring else None)
+                                gzsd_threshold=gzsd_scoring["threshold"] if gzsd_scoring else None)
+        regions = None
+        if scoring != "vldus":
+            regions = region_scorer(scoring, split, setting, device, cache, clip_weights, clip_arch, clip_margin,
+                                    ensemble_weights)
 
         show = None
         if show_dir:
@@ -371,8 +429,9 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
             cache.prepare()
         mine = list(range(rank, len(records), world))
         dets = detect(model, head, [records[i] for i in mine], device, workers=cfg.data.workers, show=show,
-                      progress=not quiet and rank == 0, cache=cache)
-        gathered = _gather((list(zip(mine, dets)), cache.hits if cache else 0), rank, world)
+                      progress=not quiet and rank == 0, cache=cache, regions=regions)
+        clip_s = regions.clip_s if regions else 0.0
+        gathered = _gather((list(zip(mine, dets)), cache.hits if cache else 0, clip_s), rank, world)
     finally:
         if started:
             import torch.distributed as dist
@@ -382,22 +441,45 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         return None
 
     detections: list[Optional[dict]] = [None] * len(records)
-    for part, _ in gathered:
+    for part, _, _ in gathered:
         for i, det in part:
             detections[i] = det
     results = coco_results(records, detections, category_ids, cfg.detector.detections_per_img)
     write_json(out, results, indent=None)
     write_json(gt_path(out), records_to_coco(records, split, category_ids), indent=None)
     metrics = evaluate(cfg, split, setting, records, detections)
-    if scoring is not None:
-        metrics["gzsd_scoring"] = scoring  # the scoring and threshold that ran
+    if gzsd_scoring is not None:
+        metrics["gzsd_scoring"] = gzsd_scoring  # the scoring and threshold that ran
+    if regions is not None:
+        metrics["scoring"] = {**regions.describe(), "clip_time_s": round(sum(t for _, _, t in gathered), 2),
+                              "crop_cache_hits": regions.hits}
     if metrics_path:
         write_json(metrics_path, metrics, indent=None)
     print(format_metrics(metrics))
     if cache is not None:
-        hits = sum(h for _, h in gathered)
+        hits = sum(h for _, h, _ in gathered)
         print(f"cache: {hits} of {len(records)} images re-scored from {cache.dir}, "
               f"{len(records) - hits} computed and stored", file=sys.stdout)
+    if regions is not None:
+        print(f"scoring: {scoring} (CLIP {clip_weights}), CLIP pass {metrics['scoring']['clip_time_s']:.1f} s",
+              file=sys.stdout)
     print(f"test: {setting}: {len(records)} images, {len(results)} detections, "
           f"{time.time() - start:.1f} s -> {out}", file=sys.stdout)
     return metrics
+
+
+def region_scorer(scoring: str, split: Split, setting: str, device, cache: Optional[DetectorCache],
+                  clip_weights: Optional[str], clip_arch: Optional[str], clip_margin: Optional[float],
+                  ensemble_weights: Optional[dict]) -> RegionScorer:
+    """The :class:`vldus.detection.clip_regions.RegionScorer` of ``--scoring clip-regions | ensemble``,
+    its crop cache inside the detector cache's key folder when there is one."""
+    from vldus.detection.clip_regions import CROP_MARGIN, CropCache, RegionClip, RegionScorer
+
+    if not clip_weights:
+        raise InputError(f"--scoring {scoring}", "needs --clip-weights FILE (a local CLIP)")
+    clip = RegionClip(clip_weights, clip_arch, device, CROP_MARGIN if clip_margin is None else clip_margin)
+    crops = None
+    if cache is not None:
+        crops = CropCache(cache.dir, clip.key)
+        crops.prepare()
+    return RegionScorer(scoring, clip, split, setting, ensemble_weights, crops)
