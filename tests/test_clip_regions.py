@@ -191,3 +191,25 @@ def test_bad_options(project, tmp_path, cli_error, tiny_clip):
                                                      "ensemble", "--clip-weights", tiny_clip.weights_path,
                                                      "--ensemble-weights", "2,0"])
     assert "--syn-weights" in cli_error(base + ["--scoring", "ensemble", "--clip-weights", tiny_clip.weights_path])
+
+
+def test_boxes_the_detector_calls_background_are_not_asked(tiny_clip, monkeypatch):
+    """p_obj <= MIN_OBJECTNESS: no crop, probability 0 for every name, background 1 - p_obj."""
+    split = _split()
+    scorer = cr.RegionScorer("clip-regions", cr.RegionClip(tiny_clip.weights_path, tiny_clip.arch, "cpu"),
+                             split, "zsd")
+    # seen columns 1, 3; p_obj = sigmoid(logsumexp(z_seen) - z_bg): row 0 0.8, row 1 below the floor
+    logits = torch.tensor([[0.0, math.log(2.0), 0.0, math.log(2.0), 0.0],
+                           [0.0, -8.0, 5.0, -8.0, 5.0]])
+    boxes = torch.tensor([[1.0, 1.0, 20.0, 20.0], [5.0, 5.0, 30.0, 30.0]])
+    reg = cr.Regions(logits, torch.zeros(2), torch.zeros(2, 20), boxes)
+    monkeypatch.setattr(cr, "regions", lambda model, head, inputs: reg)
+    asked = []
+    embed = scorer.clip.embed_boxes
+    monkeypatch.setattr(scorer.clip, "embed_boxes", lambda image, b: asked.append(b.clone()) or embed(image, b))
+    _, probs, scale = scorer.class_scores(None, None, None, torch.zeros(3, 40, 40, dtype=torch.uint8), "x.png")
+    assert scale == 1.0 and len(asked) == 1 and torch.equal(asked[0], boxes[:1])
+    p_obj1 = torch.sigmoid(torch.tensor(-8.0 + math.log(2.0)))
+    assert probs[0, 0].item() == pytest.approx(0.2, abs=1e-6) and probs[0, [2, 4]].sum().item() == pytest.approx(0.8)
+    assert probs[1, 0].item() == pytest.approx(1 - p_obj1.item()) and probs[1, 1:].abs().sum().item() == 0.0
+    assert scorer.misses == 1 and scorer.clip_s > 0

@@ -13,7 +13,8 @@ so the same boxes the VLDUS head scores):
 3. **CLIP.** The image encoder embeds the crops of one image in one forward pass (L2-normalised);
    ``p_clip = softmax(logit_scale * emb @ T.T)`` over the class names of the setting (ZSD: the
    unseen names; GZSD: all names), T = the class text rows of ``vldus embed --encoder clip``
-   (:func:`vldus.data.embeddings.encode_texts_clip`, its 7-prompt ensemble).
+   (:func:`vldus.data.embeddings.encode_texts_clip`, its 7-prompt ensemble). Boxes with
+   ``p_obj <= MIN_OBJECTNESS`` (step 4) are not cropped and get ``p_clip = 0``.
 4. **Object vs background, from the detector.** ``p_obj = 1 - softmax([z_bg, z_seen])[bg]
    = sigmoid(logsumexp(z_seen) - z_bg)``: the plain detector's probability that the box holds
    an object (its own background row and seen rows, never the synthesized classifier). So
@@ -58,10 +59,15 @@ from vldus.errors import InputError
 from vldus.files import save_torch, sha256_file, write_json
 
 SCORINGS = ("vldus", "clip-regions", "ensemble")
-# The CLIP's weight w in the ensemble, per group: ViLD's lambda = 2/3 (Gu et al. 2022, §3.4:
+# The CLIP's weight w in the ensemble, per group: ViLD's lambda = 2/3 (Gu et al., ICLR 2022, ensemble:
 # p_text^(2/3) p_image^(1/3) for base classes, p_text^(1/3) p_image^(2/3) for novel ones).
 ENSEMBLE_WEIGHTS = {"seen": 1.0 / 3.0, "unseen": 2.0 / 3.0}
 CROP_MARGIN = 0.1  # train-clip's ClipTrainConfig.crop_margin
+# Boxes the detector gives p_obj <= this are not cropped (their p_clip = 0): about 2/3 of the
+# shapes demo's proposals. None of them could pass score_thresh 0.05: clip-regions scores are
+# <= p_obj; at ViLD's ensemble weights an unseen score is <= p_obj^(2/3) <= 0.047 and a seen
+# one <= q_seen^(2/3) p_obj^(1/3) <= p_obj (the detector's seen probabilities sum to p_obj).
+MIN_OBJECTNESS = 0.01
 VERSION = 1
 
 
@@ -166,7 +172,7 @@ class RegionClip:
         arch_id = sha256_file(self.arch) if os.path.isfile(self.arch) else self.arch
         self.key = {"version": VERSION, "clip_sha256": self.sha256, "arch": arch_id,
                     "quick_gelu": uses_quick_gelu(self.model), "margin": margin, "size": list(self.size),
-                    "mean": list(self.mean), "std": list(self.std)}
+                    "mean": list(self.mean), "std": list(self.std), "min_objectness": MIN_OBJECTNESS}
 
     def text_rows(self, names: Sequence[str]) -> Tensor:
         """(K, d) class rows of ``vldus embed --encoder clip`` (its prompt ensemble) on the device."""
@@ -287,9 +293,11 @@ class RegionScorer:
         to ``scale``, scale): ``scale`` is 1 (clip-regions, ZSD ensemble) or 2 (GZSD ensemble:
         two groups in the released scale)."""
         reg = regions(model, head, inputs)
-        emb = self.embeddings(image, image_path, reg.boxes)
         p_obj = detector_objectness(reg.logits, reg.detector_bg, self.split.seen_ids)
-        p_clip = clip_probs(emb, self.text, self.clip.logit_scale)
+        asked = p_obj > MIN_OBJECTNESS
+        emb = self.embeddings(image, image_path, reg.boxes[asked])
+        p_clip = p_obj.new_zeros((len(p_obj), len(self.name_ids)))
+        p_clip[asked] = clip_probs(emb, self.text, self.clip.logit_scale)
         probs = region_probs(p_obj, p_clip, self.name_ids, reg.logits.shape[1])
         if self.scoring == "clip-regions":
             return reg, probs, 1.0
