@@ -25,7 +25,7 @@ def test_every_step_runs_and_one_table_is_printed(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
     r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_check.sh"), "--cpu", "--tiny",
-                        "--demo", run.out, "--out", str(out), "--work", str(work), "--budget", "480"],
+                        "--demo", run.out, "--out", str(out), "--work", str(work)],
                        capture_output=True, text=True, env=env, timeout=540)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
@@ -33,11 +33,11 @@ def test_every_step_runs_and_one_table_is_printed(tmp_path):
     report = json.load(open(out / "device_check.json"))
     assert report["finished"] and list(report["steps"]) == STEPS
     assert all(report["steps"][s]["ok"] and report["steps"][s]["status"] == "ok" for s in STEPS)
-    assert sum(report["steps"][s]["timeout_s"] for s in STEPS) <= 480
+    assert all(report["steps"][s]["seconds"] <= report["steps"][s]["timeout_s"] + 5 for s in STEPS)
     assert report["steps"]["setup"]["missing"] == [] and report["steps"]["setup"]["pycocotools"]
     assert report["steps"]["bench_gan"]["samples_per_s"]["fp32"] > 0
     # torchrun with 2 processes (a process group, detections gathered on rank 0) gives the one
-    # process's confident detections, one-to-one
+    # process's detections, every one matched one-to-one
     dist = report["steps"]["dist_test"]["cpu_x2"]
     assert dist["matched_fraction"] == 1.0 and dist["confident_a"] > 0 and dist["confident_a"] == dist["confident_b"]
     # few files come back from the device machine; the work folder holds the rest
@@ -106,6 +106,7 @@ def test_compare_detections_pairs_the_closest_boxes_first():
 
 def run_main(monkeypatch, tmp_path, steps, budget=60):
     monkeypatch.setattr(device_check, "STEPS", steps)
+    monkeypatch.setattr(device_check, "CPU_SLOWER", 1)
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # main() prepends to both
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(device_check.signal, "signal", lambda *args: None)
@@ -151,3 +152,6 @@ def test_step_timeouts_keep_time_for_the_later_steps(monkeypatch, tmp_path):
     timeouts = [report["steps"][s]["timeout_s"] for s in "abc"]
     assert timeouts[0] == pytest.approx(50, abs=1)  # 100 s less the 20 + 30 kept for b and c
     assert timeouts[1] <= 70 and timeouts[2] <= 100
+    # a step with no time left is not started
+    code, report = run_main(monkeypatch, tmp_path, (("a", ok, 10, 1), ("b", ok, 10, 20)), budget=10)
+    assert code == 1 and report["steps"]["a"]["status"] == "timeout" and report["steps"]["b"]["ok"]
