@@ -1,6 +1,8 @@
 """One prepared check for the day a GPU machine is lent (``benchmarks/device_check.sh``).
 
-Steps, each in its own subprocesses with its own timeout, all inside ``--budget`` seconds:
+Steps, each in its own subprocesses with its own timeout, all inside ``--budget`` seconds (450 on
+CUDA, so that one device call, which may run 10 minutes, ends within 8; ``--cpu`` allows 4 times
+the time of every step):
 
 1. ``setup``: installs ``--wheels DIR`` (``pip install --no-index --no-deps --target WORK/site``,
    put on ``PYTHONPATH``), then imports vldus, open_clip, pycocotools and the MobileNetV2 weights
