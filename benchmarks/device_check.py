@@ -318,7 +318,8 @@ def compare_detections(a: list[dict], b: list[dict], min_score: float = 0.3, min
     for ia, ib in groups.values():
         if not ia or not ib:
             continue
-        iou = box_iou(np.array([a[i]["bbox"] for i in ia], dtype=float), np.array([b[j]["bbox"] for j in ib], dtype=float))
+        iou = box_iou(np.array([a[i]["bbox"] for i in ia], dtype=float),
+                      np.array([b[j]["bbox"] for j in ib], dtype=float))
         for r, c in zip(*np.nonzero(iou >= min_iou)):
             i, j = ia[r], ib[c]
             if a[i]["score"] >= min_score or b[j]["score"] >= min_score:
@@ -407,7 +408,8 @@ def main() -> int:
     ap.add_argument("--out", metavar="DIR", default=os.environ.get("OUT") or "device_check_out",
                     help="device_check.json, device_check.log and demo_metrics.json go there "
                          "(default $OUT or ./device_check_out)")
-    ap.add_argument("--work", metavar="DIR", help="work folder, kept (default: a new folder under /tmp, deleted at the end)")
+    ap.add_argument("--work", metavar="DIR",
+                    help="work folder, kept (default: a new folder under /tmp, deleted at the end)")
     ap.add_argument("--keep-work", action="store_true", help="keep the default work folder")
     ap.add_argument("--budget", type=float, default=None,
                     help=f"seconds for all steps together (default {BUDGET}; {BUDGET * CPU_SLOWER} with --cpu)")
