@@ -124,6 +124,7 @@ class FeatureConfig:
     pos_fraction: float = 0.25
     bg_per_fg: int = 2
     dim: int = 1024
+    proposals: Optional[int] = None  # RPN proposals per image (post-NMS); None: detector.rpn_post_nms_train
     seed: int = 0  # flips and RoI samples (each image pass has its own generator)
 
 
