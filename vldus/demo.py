@@ -453,8 +453,10 @@ def extract_features(run: DemoRun) -> None:
     """RoI features of the seen classes on the training images (the synthesizer's real features)
     and on the validation images (GZSD calibration), of the unseen classes on the test images
     (reported only); then the compatibility classifier on the training features."""
-    for classes, data_split in (("seen", "train"), ("seen", "val"), ("unseen", "test")):
-        run.stages.run("extract-features", ["extract-features"] + run.base + [
+    for stage, classes, data_split in (("extract-features", "seen", "train"),
+                                       ("extract-features (val)", "seen", "val"),
+                                       ("extract-features (unseen test)", "unseen", "test")):
+        run.stages.run(stage, ["extract-features"] + run.base + [
             "--checkpoint", run.checkpoint, "--classes", classes, "--data-split", data_split])
     run.stages.run("compat-classifier", ["train-unseen-classifier"] + run.base)
 
