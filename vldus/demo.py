@@ -486,10 +486,10 @@ def synthesis_row(run: DemoRun, name: str, variant: Variant) -> dict:
         run.stages.run(f"synthesizer ({name})", ["train-generator"] + run.base + [
             "--out-dir", synth_dir, "--checkpoint", run.checkpoint, *variant.generator, *compat_argv] +
             (["--set", *overrides] if overrides else []))
-    return {setting: test_pass(run, name, classifier, setting) for setting in SETTINGS}
+    return {setting: run_test_pass(run, name, classifier, setting) for setting in SETTINGS}
 
 
-def test_pass(run: DemoRun, name: str, classifier: str, setting: str) -> dict:
+def run_test_pass(run: DemoRun, name: str, classifier: str, setting: str) -> dict:
     """``vldus test`` of one row in one setting (on the cached box features); its metrics."""
     dets = run.cfg.path("results", f"{name}_{setting}.json")
     metrics = run.cfg.path("results", f"{name}_{setting}_metrics.json")
