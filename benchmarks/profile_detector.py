@@ -140,12 +140,16 @@ def charge(events, range_names: set[str], cuda: bool) -> tuple[dict[str, float],
     return dict(forward), dict(backward)
 
 
-def exclusive(times: dict[str, float]) -> dict[str, float]:
-    """Turn the containing ranges of :data:`REST` into "the rest" entries."""
+def exclusive(times: dict[str, float], nested: bool = True) -> dict[str, float]:
+    """Turn the containing ranges of :data:`REST` into "the rest" entries: their own time minus
+    the inner ranges' when ``nested`` (forward range times include the inner ones), renamed only
+    otherwise (backward ops are already charged to the innermost range)."""
     out = dict(times)
     for outer, (rest, inner) in REST.items():
         if outer in out:
-            out[rest] = out.pop(outer) - sum(out.get(i, 0.0) for i in inner)
+            out[rest] = out.pop(outer) - (sum(out.get(i, 0.0) for i in inner) if nested else 0.0)
+    if "forward" in out:  # ops of the forward pass outside every module (the loss sum)
+        out["outside the modules (loss sum)"] = out.pop("forward")
     return out
 
 
@@ -209,7 +213,7 @@ def profile_training(model: nn.Module, cfg, batch, device: torch.device, repeat:
         forward, backward = charge(profiled(step, device), names, device.type == "cuda")
         totals = {k: forward.pop(k) for k in ("forward", "backward", "optimizer step")}
         forward_runs.append(exclusive(forward))
-        backward_runs.append(exclusive(backward))
+        backward_runs.append(exclusive(backward, nested=False))
         total_runs.append(totals)
     ranges.remove()
     return {"forward_ms": min_over(forward_runs), "backward_ms": min_over(backward_runs),

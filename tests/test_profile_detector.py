@@ -37,3 +37,5 @@ def test_containing_ranges_become_the_rest():
     assert out["RPN rest (anchors, proposals, NMS, losses)"] == 6.0
     assert out["RoI heads rest (sampling, losses)"] == 4.0
     assert "RPN" not in out and "RoI heads" not in out and out["backbone"] == 7.0
+    backward = exclusive({"RPN": 3.0, "RPN head": 4.0}, nested=False)  # already innermost: renamed only
+    assert backward == {"RPN rest (anchors, proposals, NMS, losses)": 3.0, "RPN head": 4.0}
