@@ -24,7 +24,9 @@ component (the machine may be shared: the minimum is the least disturbed run). T
 wall time of a training iteration (minimum of ``--repeat``) is printed for reference.
 
     python benchmarks/profile_detector.py [--device cpu|cuda] [--repeat 3] [--images 16]
-        [--checkpoint DETECTOR.pth] [--channels-last] [--set KEY=VALUE ...] [--out profile.json]
+        [--checkpoint DETECTOR.pth] [--set KEY=VALUE ...] [--out profile.json]
+
+e.g. ``--set detector.channels_last=true`` or ``--set features.proposals=300 detector.roi_batch_size=128``.
 
 A trained ``--checkpoint`` (e.g. demo_out/work/detector/epoch_3.pth) makes the RPN's proposals
 and the test pass's detections those of the demo; without one the detector is untrained (same
@@ -304,7 +306,6 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="profiled runs of each part (the table: minimum)")
     ap.add_argument("--images", type=int, default=16, help="images of the extraction and test passes")
     ap.add_argument("--checkpoint", default=None, help="a trained detector (default: untrained)")
-    ap.add_argument("--channels-last", action="store_true", help="model weights in channels-last memory format")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="config overrides on top of the demo's settings")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
@@ -327,8 +328,6 @@ def main() -> int:
         else:
             torch.manual_seed(0)
             model = build_detector(cfg, split).to(device)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
 
         dataset = training_dataset(cfg, split)
         images, targets = collate_fn([dataset[i] for i in range(cfg.train.batch_size)])
@@ -354,7 +353,7 @@ def main() -> int:
         "settings": (f"{d.backbone} FPN {d.fpn_channels}, {d.min_size}-{d.max_size} px, batch {cfg.train.batch_size}, "
                      f"{d.roi_batch_size} RoIs/image, proposals {d.rpn_post_nms_train} train / "
                      f"{f.proposals or d.rpn_post_nms_train} extraction / {d.rpn_post_nms_test} test"
-                     f"{', channels-last' if args.channels_last else ''}"
+                     f"{', channels-last' if d.channels_last else ''}"
                      f"{', checkpoint ' + args.checkpoint if args.checkpoint else ', untrained'}"),
         "overrides": args.set, "training": training, "extraction": extraction, "test": test,
     }

@@ -92,6 +92,7 @@ class DetectorConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     legacy_mmdet: bool = False  # mmdetection-1.x anchor/box arithmetic (converted checkpoints, vldus.detection.legacy)
+    channels_last: bool = False  # weights (and so activations) in NHWC memory format; same arithmetic, speed varies
 
 
 @dataclass
