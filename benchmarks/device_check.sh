@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The prepared GPU check: quick demo, GAN and detector benchmarks, torchrun test, CPU-vs-CUDA
-# parity; one table at the end. See benchmarks/device_check.py.
+# The prepared GPU check: wheels and imports, GAN and detector benchmarks, quick demo, CPU-vs-CUDA
+# parity, torchrun test; one table at the end and OUT/device_check.json rewritten after every
+# step. See benchmarks/device_check.py.
 #
-#   benchmarks/device_check.sh                     # on a CUDA machine (< 8 minutes)
-#   benchmarks/device_check.sh --cpu --tiny        # the same steps on the CPU, in seconds
+#   benchmarks/device_wheels.sh .whl                              # here: what the GPU machine lacks
+#   benchmarks/device_check.sh --wheels .whl --out "$OUT"         # there (< 8 minutes)
+#   benchmarks/device_check.sh --cpu --tiny                       # the same steps on the CPU
+#
+# Runs with python3 (or $PYTHON), with this checkout first on PYTHONPATH: nothing to install
+# but the wheels of --wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-exec "${PYTHON:-python}" benchmarks/device_check.py "$@"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python3}" benchmarks/device_check.py "$@"

@@ -162,6 +162,28 @@ def test_training_proposal_settings_in_eval_mode():
             train = model.rpn(images, feats)[0][0]
     assert len(plain) == 10 and 10 < len(train) <= 120
     assert not model.training and model.rpn._post_nms_top_n["testing"] == 10  # restored
+    with torch.no_grad(), training_proposals(model.rpn, post_nms=30):  # features.proposals
+        assert len(model.rpn(images, feats)[0][0]) == 30
+    assert model.rpn._post_nms_top_n == {"training": 120, "testing": 10}
+
+
+def test_extractor_uses_features_proposals(monkeypatch):
+    """features.proposals replaces the training post-NMS count; None keeps it."""
+    from vldus.detection import extract
+
+    seen = []
+
+    def spy(proposals, *args):
+        seen.append(len(proposals))
+        return assign_and_sample(proposals, *args)
+
+    monkeypatch.setattr(extract, "assign_and_sample", spy)
+    image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
+    boxes, labels = torch.tensor([[4.0, 4.0, 30.0, 40.0]]), torch.tensor([1])
+    for proposals in (None, 40):
+        RoIFeatureExtractor(tiny_detector(), cfg(num_rois=64, proposals=proposals), flip=0.0)(
+            image, boxes, labels, gen())
+    assert 40 < seen[0] <= 120 and seen[1] == 40
 
 
 def test_extractor_rows_shapes_and_labels():
@@ -358,8 +380,10 @@ def project(tmp_path_factory):
             [(5, 5, 30, 30, "disc"), (45, 30, 20, 20, "ring")]]  # last one: has an unseen object
     test = [[(10, 10, 30, 30, "ring")], [(40, 10, 30, 40, "ring"), (5, 40, 20, 20, "ring")],
             [(5, 5, 30, 30, "disc"), (45, 30, 20, 20, "ring")]]
+    val = [[(10, 10, 30, 30, "disc")], [(40, 10, 30, 40, "bar"), (5, 40, 20, 20, "square")]]
     _write_coco(root, "train", seen)
     _write_coco(root, "test", test)
+    _write_coco(root, "val", val)
     with open(root / "split.json", "w") as f:
         json.dump({"name": "tiny", "classes": CLASSES, "unseen": ["ring"]}, f)
     tree = yaml.safe_load(open("configs/shapes.yaml"))
@@ -367,6 +391,7 @@ def project(tmp_path_factory):
     src = {"format": "coco", "img_dir": str(root / "images")}
     tree["data"]["train"] = {**src, "ann_file": str(root / "annotations/instances_train.json"), "repeat": 2}
     tree["data"]["test"] = {**src, "ann_file": str(root / "annotations/instances_test.json")}
+    tree["data"]["val"] = {**src, "ann_file": str(root / "annotations/instances_val.json")}
     tree["detector"].update(backbone="resnet18", norm="bn", backbone_weights=None, fpn_channels=16,
                             min_size=64, max_size=80, anchor_sizes=[16, 32, 64, 128, 256],
                             rpn_pre_nms_train=300, rpn_post_nms_train=100, roi_batch_size=128)
@@ -401,6 +426,26 @@ def test_command_seen_train_and_unseen_test(project, tmp_path, capsys):
     assert set(np.unique(labels)) == {0, 4}  # unseen-only test images: 'ring' (index 4) + bg
     m = json.load(open(tmp_path / "test_0.6_0.3_manifest.json"))
     assert m["images"] == 2 and m["rows_per_label"]["ring"] == (labels == 4).sum() >= 3
+
+
+def test_command_val_split_seen_only_without_flips(project, tmp_path, capsys):
+    """--data-split val: data.val's images (seen only), repeat 1, never flipped, same file format."""
+    assert cli.main(_args(project, tmp_path, "--set", "features.proposals=50", data_split="val")) == 0
+    assert "from 2 images (2 passes)" in capsys.readouterr().out
+    labels = np.load(tmp_path / "val_0.6_0.3_labels.npy")
+    assert np.load(tmp_path / "val_0.6_0.3_feats.npy").shape == (len(labels), 1024)
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    m = json.load(open(tmp_path / "val_0.6_0.3_manifest.json"))
+    assert m["run"]["flip"] == 0.0 and m["run"]["data_split"] == "val" and m["run"]["features"]["proposals"] == 50
+    assert cli.main(_args(project, tmp_path, classes="unseen", data_split="val")) == 2
+    assert "--data-split val has seen classes only" in capsys.readouterr().err
+
+
+def test_command_val_split_without_data_val_is_one_line_exit_2(project, tmp_path, capsys):
+    assert cli.main(_args(project, tmp_path, "--set", "data.val=null", data_split="val")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data.val is null" in err
+    assert not os.path.exists(tmp_path / "val_0.6_0.3_feats.npy")
 
 
 def test_command_defaults_to_work_dir_features(project):

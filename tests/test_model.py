@@ -146,3 +146,25 @@ def test_load_detector_round_trip_and_class_checks(tmp_path):
         load_detector(tiny_cfg(backbone="resnet18"), SPLIT, str(path))
     with pytest.raises(InputError, match="not found"):
         load_detector(cfg, SPLIT, str(tmp_path / "missing.pth"))
+
+
+def test_channels_last_changes_memory_format_not_results(tmp_path):
+    """detector.channels_last: NHWC weights, same detections; checkpoints load either way."""
+    cfg = tiny_cfg(backbone="mobilenet_v2", fpn_channels=32)
+    torch.manual_seed(0)
+    plain = build_detector(cfg, SPLIT).eval()
+    cfg_cl = tiny_cfg(backbone="mobilenet_v2", fpn_channels=32, channels_last=True)
+    nhwc = build_detector(cfg_cl, SPLIT).eval()
+    nhwc.load_state_dict(plain.state_dict())
+    def first_conv(model):
+        return next(m for m in model.backbone.body.modules() if isinstance(m, torch.nn.Conv2d)).weight
+
+    conv = first_conv(nhwc)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    image = torch.rand(3, 96, 96)
+    with torch.no_grad():
+        a, b = plain.backbone(image[None]), nhwc.backbone(image[None])
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    path = tmp_path / "nhwc.pth"
+    torch.save({"model": nhwc.state_dict()}, path)
+    assert first_conv(load_detector(cfg, SPLIT, str(path))).is_contiguous()

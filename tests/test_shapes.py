@@ -14,7 +14,7 @@ from vldus.data import shapes as S
 from vldus.data.splits import load_split
 from vldus.errors import InputError
 
-SMALL = dict(train_images=16, test_images=12, image_size=96)
+SMALL = dict(train_images=16, test_images=12, image_size=96, val_images=3)
 
 
 def _digest(folder: str) -> dict[str, str]:
@@ -54,7 +54,7 @@ def test_same_seed_gives_identical_files_other_seed_differs(tmp_path):
     S.make_shapes(b, seed=7, progress=False, **SMALL)
     S.make_shapes(c, seed=8, progress=False, **SMALL)
     da, db, dc = _digest(a), _digest(b), _digest(c)
-    assert len(da) == SMALL["train_images"] + SMALL["test_images"] + 4  # 2 json, split, attributes
+    assert len(da) == SMALL["train_images"] + SMALL["test_images"] + SMALL["val_images"] + 5  # 3 json, split, attributes
     assert da == db
     images = [k for k in da if k.startswith("images")]
     assert sum(da[k] != dc.get(k) for k in images) == len(images)
@@ -62,13 +62,27 @@ def test_same_seed_gives_identical_files_other_seed_differs(tmp_path):
 
 
 def test_rerun_into_same_folder_removes_stale_images(tmp_path):
-    S.make_shapes(tmp_path, seed=1, train_images=5, test_images=4, image_size=64, progress=False)
-    S.make_shapes(tmp_path, seed=1, train_images=3, test_images=2, image_size=64, progress=False)
+    S.make_shapes(tmp_path, seed=1, train_images=5, test_images=4, image_size=64, progress=False, val_images=3)
+    S.make_shapes(tmp_path, seed=1, train_images=3, test_images=2, image_size=64, progress=False, val_images=1)
     assert sorted(os.listdir(tmp_path / "images")) == [
-        "test_000001.png", "test_000002.png", "train_000001.png", "train_000002.png", "train_000003.png"]
+        "test_000001.png", "test_000002.png", "train_000001.png", "train_000002.png", "train_000003.png",
+        "val_000001.png"]
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+def test_validation_images_leave_train_and_test_unchanged(tmp_path):
+    """The validation split is drawn from its own generators and numbered last: adding it (or
+    changing its size) changes no training or test file."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    S.make_shapes(a, seed=5, progress=False, **{**SMALL, "val_images": 1})
+    S.make_shapes(b, seed=5, progress=False, **{**SMALL, "val_images": 4})
+    da, db = _digest(a), _digest(b)
+    same = [k for k in da if not os.path.basename(k).startswith(("val_", "instances_val"))]
+    assert len(same) == SMALL["train_images"] + SMALL["test_images"] + 4
+    assert all(da[k] == db[k] for k in same)
+    assert S.default_val_images(600) == 75 and S.default_val_images(4) == 1
+
+
+@pytest.mark.parametrize("split", ["train", "test", "val"])
 def test_coco_json_is_valid(data, split):
     from pycocotools.coco import COCO
 
@@ -79,7 +93,7 @@ def test_coco_json_is_valid(data, split):
     cats = coco.loadCats(coco.getCatIds())
     assert [c["name"] for c in cats] == sp["classes"] == list(S.CLASSES)
     assert [c["id"] for c in cats] == list(range(1, len(S.CLASSES) + 1))
-    assert len(coco.getImgIds()) == 40
+    assert len(coco.getImgIds()) == (5 if split == "val" else 40)
     for img in coco.loadImgs(coco.getImgIds()):
         assert (img["width"], img["height"]) == (128, 128)
         with Image.open(os.path.join(data, "images", img["file_name"])) as im:
@@ -93,10 +107,10 @@ def test_coco_json_is_valid(data, split):
             assert max(w, h) >= 0.5 * S.ShapesStyle().object_size[0] * 128  # no slivers
 
 
-def test_train_and_test_image_ids_are_disjoint(data):
-    ids = [{i["id"] for i in _load(data, s)["images"]} for s in ("train", "test")]
-    assert not ids[0] & ids[1]
-    anns = _load(data, "train")["annotations"] + _load(data, "test")["annotations"]
+def test_train_test_and_val_image_ids_are_disjoint(data):
+    ids = [{i["id"] for i in _load(data, s)["images"]} for s in ("train", "test", "val")]
+    assert not ids[0] & ids[1] and not ids[0] & ids[2] and not ids[1] & ids[2]
+    anns = [a for s in ("train", "test", "val") for a in _load(data, s)["annotations"]]
     assert len({a["id"] for a in anns}) == len(anns)
 
 
@@ -174,6 +188,18 @@ def test_split_composition(data):
     assert mixed + unseen_only >= 0.7 * 40 and mixed >= 10 and unseen_only >= 5
 
 
+def test_validation_split_is_seen_only_and_not_training_images(data):
+    val, train = _load(data, "val"), _load(data, "train")
+    unseen_ids = {S.CLASSES.index(u) + 1 for u in S.DEFAULT_UNSEEN}
+    assert len(val["images"]) == S.default_val_images(40) == 5
+    assert val["annotations"] and not any(a["category_id"] in unseen_ids for a in val["annotations"])
+    assert {a["image_id"] for a in val["annotations"]} == {i["id"] for i in val["images"]}
+    assert all(i["file_name"].startswith("val_") for i in val["images"])
+    pixels = {Image.open(os.path.join(data, "images", i["file_name"])).tobytes() for i in train["images"]}
+    assert not any(Image.open(os.path.join(data, "images", i["file_name"])).tobytes() in pixels
+                   for i in val["images"])
+
+
 def test_class_frequencies_balanced_within_groups():
     rng = np.random.default_rng(0)
     seen = [S.CLASSES.index(c) for c in S.CLASSES if c not in S.DEFAULT_UNSEEN]
@@ -238,7 +264,7 @@ def test_boxes_are_tight_around_drawn_objects(data):
 def test_cli_writes_dataset_with_unseen_override(tmp_path):
     out = str(tmp_path / "d")
     rc, stdout, err = _cli("make-shapes", "--out", out, "--seed", "2", "--train-images", "3",
-                           "--test-images", "3", "--image-size", "80",
+                           "--test-images", "3", "--val-images", "2", "--image-size", "80",
                            "--unseen", "Red Circle, green_square,blue triangle", "--quiet")
     assert rc == 0 and err == "" and stdout == ""
     with open(os.path.join(out, "split.json")) as f:
@@ -248,6 +274,7 @@ def test_cli_writes_dataset_with_unseen_override(tmp_path):
     assert len(sp["seen"]) == 13 and not set(sp["seen"]) & set(sp["unseen"])
     with Image.open(os.path.join(out, "images", "test_000003.png")) as im:
         assert im.size == (80, 80)
+    assert len(_load(out, "val")["images"]) == 2 and os.path.isfile(os.path.join(out, "images", "val_000002.png"))
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -258,6 +285,7 @@ def test_cli_writes_dataset_with_unseen_override(tmp_path):
     (["--unseen", " , "], "no unseen"),
     (["--unseen", "red circle,Red_Circle"], "twice"),
     (["--train-images", "0"], "--train-images"),
+    (["--val-images", "0"], "--val-images"),
     (["--image-size", "20"], "--image-size"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, argv, expected):

@@ -92,6 +92,7 @@ class DetectorConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     legacy_mmdet: bool = False  # mmdetection-1.x anchor/box arithmetic (converted checkpoints, vldus.detection.legacy)
+    channels_last: bool = False  # weights (and so activations) in NHWC memory format; same arithmetic, speed varies
 
 
 @dataclass
@@ -124,6 +125,7 @@ class FeatureConfig:
     pos_fraction: float = 0.25
     bg_per_fg: int = 2
     dim: int = 1024
+    proposals: Optional[int] = None  # RPN proposals per image (post-NMS); None: detector.rpn_post_nms_train
     seed: int = 0  # flips and RoI samples (each image pass has its own generator)
 
 

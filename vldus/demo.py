@@ -1,9 +1,10 @@
 """``vldus demo``: the whole zero-shot pipeline (VLDUS) on the embedded benchmark, on CPU in minutes.
 
-make-shapes -> train-clip (a small CLIP for the benchmark, unless ``--clip-weights`` names one)
--> train-detector (seen classes) -> extract-features (seen train, unseen test) ->
-train-unseen-classifier (compatibility classifier) -> train-generator (per variant) -> test
-(ZSD, GZSD, GZSD with the published scoring) -> metrics. Each stage is the stage's own command
+make-shapes (train, seen-only validation, test) -> train-clip (a small CLIP for the benchmark,
+unless ``--clip-weights`` names one) -> train-detector --validate (seen classes) ->
+extract-features (seen train, seen validation, unseen test) -> train-unseen-classifier
+(compatibility classifier) -> train-generator (per variant) -> test (ZSD, GZSD, GZSD with the
+published scoring) -> export (the main row) -> metrics. Each stage is the stage's own command
 (``vldus.cli.main``), run in this process with the config written to ``OUT/config.yaml``;
 nothing of the pipeline is implemented twice. The detector runs once over the test images
 (``vldus test --cache``); every variant and setting re-scores its stored box features.
@@ -22,11 +23,15 @@ the paper), the released behaviour (``--legacy --distill logged``), distillation
 (the released design) and a CLIP trained without the unseen classes.
 
 Outputs: ``OUT/metrics.json`` (docs/formats.md), ``OUT/report.md`` with tables and pictures, the
-stage outputs under ``OUT/work``, the CLIP under ``OUT/clip`` and the benchmark under ``OUT/shapes``.
+stage outputs under ``OUT/work``, the CLIP under ``OUT/clip``, the benchmark under ``OUT/shapes``
+and the main row's model bundle (``vldus detect --model OUT/bundle``) under ``OUT/bundle``.
+``metrics.json`` holds each stage's wall time (``timings_s``; a stage run several times: the sum)
+and the whole run's (``total_s``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,7 +39,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -44,6 +49,7 @@ from vldus.files import write_json
 
 VARIANTS = ("no_synthesis", "synthesis_su", "synthesis_vldus")
 METHOD = "synthesis_vldus"  # the main result, fixed in advance
+DEFAULT_OUT = "demo_out"  # as the Makefile's DEMO_OUT
 SETTINGS = ("zsd", "gzsd", "gzsd_published")  # gzsd: the default GZSD scoring; the released one
 DISTILL_TERMS = ("l_fa", "l_ra_dis", "l_ra_div")
 
@@ -133,7 +139,8 @@ class StageFailed(RuntimeError):
 
 
 class Stages:
-    """Runs stage commands in this process and records each one's wall time."""
+    """Runs stage commands in this process and records each one's wall time (seconds, summed
+    over the runs of a stage that runs several times)."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -143,13 +150,19 @@ class Stages:
         from vldus import cli
 
         print(f"\n== {name}: vldus {' '.join(argv)}", flush=True)
-        start = time.perf_counter()
-        rc = cli.main(argv + (["--quiet"] if self.quiet else []))
-        elapsed = time.perf_counter() - start
-        self.timings[name] = self.timings.get(name, 0.0) + elapsed  # a stage may run several times
-        print(f"== {name}: {elapsed:.1f} s", flush=True)
+        with self.timed(name):
+            rc = cli.main(argv + (["--quiet"] if self.quiet else []))
         if rc:
             raise StageFailed(name, rc)
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Time the enclosed work as (part of) stage ``name``."""
+        start = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - start
+        self.timings[name] = self.timings.get(name, 0.0) + elapsed
+        print(f"== {name}: {elapsed:.1f} s", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +192,7 @@ def demo_config(out: str, size: DemoSize, seed: int) -> Config:
     cfg.name = "shapes_demo"
     cfg.split = os.path.join(data, "split.json")
     cfg.work_dir = os.path.join(out, "work")
-    for source, part in ((cfg.data.train, "train"), (cfg.data.test, "test")):
+    for source, part in ((cfg.data.train, "train"), (cfg.data.val, "val"), (cfg.data.test, "test")):
         source.ann_file = os.path.join(data, "annotations", f"instances_{part}.json")
         source.img_dir = os.path.join(data, "images")
     cfg.embeddings.file = os.path.join(data, "attributes.npy")
@@ -299,12 +312,13 @@ def write_report(out: str, result: dict, pictures: list[str], size: DemoSize, ar
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {result['precision']}. "
         f"Seed {args.seed}{', quick run' if args.quick else ', tiny run' if args.tiny else ''}.",
-        f"Benchmark: {size.train_images} training and {size.test_images} test images; unseen classes: "
-        f"{', '.join(result['unseen'])}.",
+        f"Benchmark: {size.train_images} training and {size.test_images} test images (and seen-only "
+        f"validation images); unseen classes: {', '.join(result['unseen'])}.",
         f"CLIP: {clip['source']} ({clip['arch']}, {clip['weights']})"
         + (f"; zero-shot crop accuracy {acc.get('all', 0):.1f} % (unseen classes {acc.get('unseen', 0):.1f} %)"
            if acc else "") + ".", "",
-        f"Main result (fixed in advance): **{result['method']}**.", "",
+        f"Main result (fixed in advance): **{result['method']}**, exported to `{result['bundle']}` "
+        f"(`vldus detect IMAGES --model {result['bundle']} --classes ...`).", "",
         "## Variants (IoU 0.5, same detector, features and class embeddings)", "",
         "| variant | what | ZSD mAP | GZSD HM | GZSD HM (published scoring) | status |",
         "|---|---|---|---|---|---|",
@@ -318,8 +332,13 @@ def write_report(out: str, result: dict, pictures: list[str], size: DemoSize, ar
               markdown_summary({k: a["zsd_breakdown"] for k, a in ablation.items() if "zsd_breakdown" in a})]
     for setting, title in (("zsd", "ZSD"), ("gzsd", "GZSD"), ("gzsd_published", "GZSD, published scoring")):
         lines += ["", f"## {title} ({result['method']})", "", metrics_table(result[setting])]
+    val = result["detector"].get("per_epoch")
+    if val:
+        lines += ["", "## Detector", "", "Seen mAP@0.5 on the validation images (never trained on), per epoch: "
+                  + ", ".join(f"{v:.1f}" for v in val) + "."]
     lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result["timings_s"].items()]
+    lines += [f"| **total** | **{result['total_s']:.1f}** |"]
     lines += ["", "## Pictures", ""]
     lines += ["Detections (GZSD) on test images with unseen objects; unseen classes in their own colour:", ""]
     lines += [f"![detections]({p})" for p in pictures]
@@ -344,121 +363,203 @@ def distill_means(synth_dir: str) -> dict[str, float]:
     return {k: sum(abs(r.get(k, 0.0)) for r in history) / max(len(history), 1) for k in DISTILL_TERMS}
 
 
+@dataclass
+class DemoRun:
+    """What the steps of one demo run share: the options, the output folder, the config and the
+    stage runner (each step adds what the next ones need)."""
+
+    args: argparse.Namespace
+    out: str
+    size: DemoSize
+    stages: Stages
+    cfg: Config
+    cfg_path: str  # OUT/config.yaml, passed to every stage command
+    rows: dict[str, Variant]
+    clips: dict[str, ClipFiles] = field(default_factory=dict)
+    checkpoint: str = ""  # the trained detector
+
+    @property
+    def base(self) -> list[str]:
+        return ["--config", self.cfg_path]
+
+
 def run_demo(args: argparse.Namespace) -> dict:
+    """The whole demo, step by step; every step runs stage commands (see the module docstring)."""
+    started = time.perf_counter()
+    run = prepare_inputs(args)
+    prepare_clips(run)
+    detector = train_seen_detector(run)
+    extract_features(run)
+    results = {name: synthesis_row(run, name, variant) for name, variant in run.rows.items()}
+    pictures = draw_pictures(run)
+    bundle = export_main_row(run)
+    result = collect_metrics(run, results, detector, bundle)
+    result["total_s"] = time.perf_counter() - started
+    write_json(os.path.join(run.out, "metrics.json"), result)
+    report = write_report(run.out, result, pictures, run.size, args)
+    _print_summary(result, report)
+    return result
+
+
+def prepare_inputs(args: argparse.Namespace) -> DemoRun:
+    """Check the options, write the benchmark (train, validation, test) and the demo's config."""
     out = os.path.abspath(args.out)
     size = TINY if args.tiny else QUICK if args.quick else FULL
     check_inputs(args)
     os.makedirs(out, exist_ok=True)
     stages = Stages(args.quiet)
-
     shapes_argv = ["make-shapes", "--out", os.path.join(out, "shapes"), "--seed", str(args.seed),
                    "--train-images", str(size.train_images), "--test-images", str(size.test_images)]
     if args.unseen:
         shapes_argv += ["--unseen", args.unseen]
     stages.run("make-shapes", shapes_argv)
-
     cfg = demo_config(out, size, args.seed)
-    cfg_path = os.path.join(out, "config.yaml")
-    split = cfg.load_split()
-    rows = {k: v for k, v in ROWS.items() if k in size.rows} | (ABLATION if args.ablation else {})
     os.makedirs(cfg.work_dir, exist_ok=True)
-    clips = {which: prepare_clip(stages, args, out, size, which, cfg.split)
-             for which in dict.fromkeys(v.clip for v in rows.values() if v.clip)}
+    rows = {k: v for k, v in ROWS.items() if k in size.rows} | (ABLATION if args.ablation else {})
+    return DemoRun(args, out, size, stages, cfg, os.path.join(out, "config.yaml"), rows)
+
+
+def prepare_clips(run: DemoRun) -> None:
+    """The CLIP(s) the rows distil from; then the config is written with the critic's width."""
+    needed = dict.fromkeys(v.clip for v in run.rows.values() if v.clip)
+    run.clips = {which: prepare_clip(run.stages, run.args, run.out, run.size, which, run.cfg.split)
+                 for which in needed}
     # The critic's feature layer is aligned with CLIP's embedding: every synthesis row gets the
     # same critic width, so the rows differ only in what they are named for.
-    cfg.gan.d_feat = clips["main"].dim
-    save_config(cfg, cfg_path)
-    base = ["--config", cfg_path]
+    run.cfg.gan.d_feat = run.clips["main"].dim
+    save_config(run.cfg, run.cfg_path)
 
-    stages.run("train-detector", ["train-detector"] + base)
+
+def train_seen_detector(run: DemoRun) -> dict:
+    """``vldus train-detector --validate``; returns its validation seen mAP (:func:`detector_validation`)."""
     from vldus.detection.train import latest_checkpoint
 
-    ckpt = latest_checkpoint(cfg.path("detector"))
-    stages.run("extract-features", ["extract-features"] + base + ["--checkpoint", ckpt, "--classes", "seen",
-                                                                  "--data-split", "train"])
-    stages.run("extract-features", ["extract-features"] + base + ["--checkpoint", ckpt, "--classes", "unseen",
-                                                                  "--data-split", "test"])
-    stages.run("compat-classifier", ["train-unseen-classifier"] + base)
+    run.stages.run("train-detector", ["train-detector"] + run.base + ["--validate"])
+    run.checkpoint = latest_checkpoint(run.cfg.path("detector"))
+    return detector_validation(run.cfg.path("detector"))
+
+
+def detector_validation(det_dir: str) -> dict:
+    """``{"val_seen_map50": last epoch's, "per_epoch": [...]}``: seen mAP@0.5 on the validation
+    images, from the detector's ``metrics.json`` (``validation.per_epoch``) or else from the epoch
+    records of its ``log.jsonl``; ``{}`` when neither has one."""
+    metrics_file = os.path.join(det_dir, "metrics.json")
+    if os.path.isfile(metrics_file):
+        with open(metrics_file) as f:
+            records = json.load(f).get("validation", {}).get("per_epoch", [])
+    else:
+        with open(os.path.join(det_dir, "log.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    values = [r["val_seen_map50"] if "val_seen_map50" in r else r["val"]["seen_map"]["0.5"]
+              for r in records if "val_seen_map50" in r or "val" in r]
+    return {"val_seen_map50": values[-1], "per_epoch": values} if values else {}
+
+
+def extract_features(run: DemoRun) -> None:
+    """RoI features of the seen classes on the training images (the synthesizer's real features)
+    and on the validation images (GZSD calibration), of the unseen classes on the test images
+    (reported only); then the compatibility classifier on the training features."""
+    for stage, classes, data_split in (("extract-features", "seen", "train"),
+                                       ("extract-features (val)", "seen", "val"),
+                                       ("extract-features (unseen test)", "unseen", "test")):
+        run.stages.run(stage, ["extract-features"] + run.base + [
+            "--checkpoint", run.checkpoint, "--classes", classes, "--data-split", data_split])
+    run.stages.run("compat-classifier", ["train-unseen-classifier"] + run.base)
+
+
+def synthesis_row(run: DemoRun, name: str, variant: Variant) -> dict:
+    """One row: its unseen classifier (synthesized, or the compatibility classifier alone) and
+    its test passes; returns {setting: metrics} for each of :data:`SETTINGS`."""
+    synth_dir = run.cfg.path(f"synth_{name}")
+    os.makedirs(synth_dir, exist_ok=True)
+    classifier = os.path.join(synth_dir, "classifier_best.pth")
+    overrides: list[str] = []
+    if variant.clip:
+        clip = run.clips[variant.clip]
+        overrides = [f"gan.clip_arch={clip.arch}", f"gan.clip_weights={clip.weights}",
+                     f"embeddings.text_file={clip.text_embeddings}"]
+    compat_argv: list[str] = []
+    if variant.clip_embeddings:
+        overrides.append(f"embeddings.file={run.clips[variant.clip].text_embeddings}")
+        compat = os.path.join(synth_dir, "compat_classifier.pth")
+        run.stages.run(f"compat-classifier ({name})", ["train-unseen-classifier"] + run.base +
+                       ["--out", compat, "--set", *overrides])
+        compat_argv = ["--compat-classifier", compat]
+    if variant.generator is None:
+        with run.stages.timed(f"classifier ({name})"):
+            compat_as_classifier(run.cfg, classifier)
+    else:
+        run.stages.run(f"synthesizer ({name})", ["train-generator"] + run.base + [
+            "--out-dir", synth_dir, "--checkpoint", run.checkpoint, *variant.generator, *compat_argv] +
+            (["--set", *overrides] if overrides else []))
+    return {setting: run_test_pass(run, name, classifier, setting) for setting in SETTINGS}
+
+
+def run_test_pass(run: DemoRun, name: str, classifier: str, setting: str) -> dict:
+    """``vldus test`` of one row in one setting (on the cached box features); its metrics."""
+    dets = run.cfg.path("results", f"{name}_{setting}.json")
+    metrics = run.cfg.path("results", f"{name}_{setting}_metrics.json")
+    scoring = ["--gzsd-scoring", "published"] if setting == "gzsd_published" else []
+    run.stages.run(f"test ({name})", ["test"] + run.base + [
+        "--checkpoint", run.checkpoint, "--syn-weights", classifier, f"--{setting.split('_')[0]}", *scoring,
+        "--cache", run.cfg.path("test_cache"), "--out", dets, "--metrics", metrics])
+    with open(metrics) as f:
+        return json.load(f)
+
+
+def draw_pictures(run: DemoRun) -> list[str]:
+    """GZSD detections of the main row on the first test images with an unseen object, and its
+    feature and loss plots, copied to OUT; returns the pictures' paths relative to OUT."""
+    synth_dir = run.cfg.path(f"synth_{METHOD}")
+    show = os.path.join(run.out, "pictures")
+    run.stages.run("pictures", ["test"] + run.base + [
+        "--checkpoint", run.checkpoint, "--syn-weights", os.path.join(synth_dir, "classifier_best.pth"),
+        "--gzsd", "--out", run.cfg.path("results", "pictures.json"), "--show-dir", show,
+        "--max-images", str(run.size.pictures)])
+    for name in ("features_2d.png", "losses.png"):
+        if os.path.isfile(os.path.join(synth_dir, name)):
+            shutil.copyfile(os.path.join(synth_dir, name), os.path.join(run.out, name))
+    return sorted(os.path.join("pictures", p) for p in os.listdir(show) if p.endswith(".png"))
+
+
+def export_main_row(run: DemoRun) -> str:
+    """``vldus export`` of the main row (:data:`METHOD`) into OUT/bundle, for ``vldus detect``."""
+    bundle = os.path.join(run.out, "bundle")
+    run.stages.run("export", ["export"] + run.base + ["--out", bundle, "--checkpoint", run.checkpoint,
+                                                      "--synth-dir", run.cfg.path(f"synth_{METHOD}")])
+    return bundle
+
+
+def collect_metrics(run: DemoRun, results: dict[str, dict], detector: dict, bundle: str) -> dict:
+    """The demo's metrics.json: the main row's three settings, one summary per row (the rows
+    --quick / --tiny skip reported as skipped), the detector's validation, CLIP, stage times."""
     from vldus.evaluation.cli import test_output_breakdown
 
-    cache = cfg.path("test_cache")
-    results: dict[str, dict] = {}
     ablation: dict[str, dict] = {}
-    for name, variant in rows.items():
-        synth_dir = cfg.path(f"synth_{name}")
-        os.makedirs(synth_dir, exist_ok=True)
-        classifier = os.path.join(synth_dir, "classifier_best.pth")
-        overrides: list[str] = []
-        if variant.clip:
-            clip = clips[variant.clip]
-            overrides = [f"gan.clip_arch={clip.arch}", f"gan.clip_weights={clip.weights}",
-                         f"embeddings.text_file={clip.text_embeddings}"]
-        if variant.clip_embeddings:
-            overrides.append(f"embeddings.file={clips[variant.clip].text_embeddings}")
-            compat = os.path.join(synth_dir, "compat_classifier.pth")
-            stages.run(f"compat-classifier ({name})", ["train-unseen-classifier"] + base +
-                       ["--out", compat, "--set", *overrides])
-            overrides_argv = ["--compat-classifier", compat]
-        else:
-            overrides_argv = []
-        if variant.generator is None:
-            compat_as_classifier(cfg, classifier)
-        else:
-            stages.run(f"synthesizer ({name})", ["train-generator"] + base + [
-                "--out-dir", synth_dir, "--checkpoint", ckpt, *variant.generator, *overrides_argv] +
-                (["--set", *overrides] if overrides else []))
-        results[name] = {}
-        for setting in SETTINGS:
-            dets = cfg.path("results", f"{name}_{setting}.json")
-            metrics = cfg.path("results", f"{name}_{setting}_metrics.json")
-            scoring = ["--gzsd-scoring", "published"] if setting == "gzsd_published" else []
-            stages.run(f"test ({name})", ["test"] + base + [
-                "--checkpoint", ckpt, "--syn-weights", classifier, f"--{setting.split('_')[0]}", *scoring,
-                "--cache", cache, "--out", dets, "--metrics", metrics])
-            with open(metrics) as f:
-                results[name][setting] = json.load(f)
-        ablation[name] = {"description": variant.description,
-                          "zsd_map": results[name]["zsd"]["groups"]["unseen"]["map"]["0.5"],
-                          "gzsd_hm": results[name]["gzsd"]["hm"]["map"]["0.5"],
-                          "gzsd_published_hm": results[name]["gzsd_published"]["hm"]["map"]["0.5"],
-                          "status": "ok"}
-        if variant.generator is not None:
-            ablation[name]["distill"] = distill_means(synth_dir)
-        ablation[name]["zsd_breakdown"] = test_output_breakdown(cfg, cfg.path("results", f"{name}_zsd.json"), "zsd")
-
-    for name in VARIANTS:
-        if name not in ablation:
-            ablation[name] = {"description": ROWS[name].description, "zsd_map": None, "gzsd_hm": None,
+    for name in [*VARIANTS, *(k for k in results if k not in VARIANTS)]:
+        variant = run.rows.get(name) or ROWS[name]
+        if name not in results:
+            ablation[name] = {"description": variant.description, "zsd_map": None, "gzsd_hm": None,
                               "gzsd_published_hm": None,
                               "status": "skipped: --quick / --tiny train one synthesizer (run vldus demo without them)"}
-    ablation = {k: ablation[k] for k in [*VARIANTS, *(k for k in ablation if k not in VARIANTS)]}
-    pictures = _pictures(stages, cfg, base, ckpt, METHOD, size.pictures, out)
-    for name in ("features_2d.png", "losses.png"):
-        src = os.path.join(cfg.path(f"synth_{METHOD}"), name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out, name))
-    main_clip = clips["main"]
-    result = {"zsd": results[METHOD]["zsd"], "gzsd": results[METHOD]["gzsd"],
-              "gzsd_published": results[METHOD]["gzsd_published"], "method": METHOD,
-              "precision": cfg.gan.precision, "unseen": list(split.unseen),
-              "clip": {"source": main_clip.source, "arch": main_clip.arch, "weights": main_clip.weights,
-                       "dim": main_clip.dim, **main_clip.metrics},
-              "ablation": ablation, "timings_s": stages.timings}
-    write_json(os.path.join(out, "metrics.json"), result)
-    report = write_report(out, result, pictures, size, args)
-    _print_summary(result, report)
-    return result
-
-
-def _pictures(stages: Stages, cfg: Config, base: list[str], ckpt: str, method: str, count: int,
-              out: str) -> list[str]:
-    """Draw GZSD detections of the main method on the first ``count`` test images with an unseen object."""
-    show = os.path.join(out, "pictures")
-    stages.run("pictures", ["test"] + base + ["--checkpoint", ckpt, "--syn-weights",
-                                              os.path.join(cfg.path(f"synth_{method}"), "classifier_best.pth"),
-                                              "--gzsd", "--out", cfg.path("results", "pictures.json"),
-                                              "--show-dir", show, "--max-images", str(count)])
-    return sorted(os.path.join("pictures", p) for p in os.listdir(show) if p.endswith(".png"))
+            continue
+        r = results[name]
+        ablation[name] = {"description": variant.description,
+                          "zsd_map": r["zsd"]["groups"]["unseen"]["map"]["0.5"],
+                          "gzsd_hm": r["gzsd"]["hm"]["map"]["0.5"],
+                          "gzsd_published_hm": r["gzsd_published"]["hm"]["map"]["0.5"], "status": "ok"}
+        if variant.generator is not None:
+            ablation[name]["distill"] = distill_means(run.cfg.path(f"synth_{name}"))
+        ablation[name]["zsd_breakdown"] = test_output_breakdown(run.cfg, run.cfg.path("results", f"{name}_zsd.json"),
+                                                                "zsd")
+    main_clip = run.clips["main"]
+    return {"zsd": results[METHOD]["zsd"], "gzsd": results[METHOD]["gzsd"],
+            "gzsd_published": results[METHOD]["gzsd_published"], "method": METHOD,
+            "precision": run.cfg.gan.precision, "unseen": list(run.cfg.load_split().unseen),
+            "detector": detector, "bundle": bundle,
+            "clip": {"source": main_clip.source, "arch": main_clip.arch, "weights": main_clip.weights,
+                     "dim": main_clip.dim, **main_clip.metrics},
+            "ablation": ablation, "timings_s": run.stages.timings}
 
 
 def _print_summary(result: dict, report: str) -> None:
@@ -469,7 +570,11 @@ def _print_summary(result: dict, report: str) -> None:
             continue
         print(f"  {name:28s} ZSD mAP {_fmt(a['zsd_map']):>5s}   GZSD HM {_fmt(a['gzsd_hm']):>5s} "
               f"(published scoring {_fmt(a['gzsd_published_hm'])})")
-    print(f"  main result: {result['method']}; total {sum(result['timings_s'].values()):.0f} s; report: {report}")
+    val = result["detector"].get("val_seen_map50")
+    if val is not None:
+        print(f"  detector: seen mAP {val:.1f} on the validation images")
+    print(f"  main result: {result['method']}; total {result['total_s']:.0f} s; report: {report}")
+    print(f"  model bundle: {result['bundle']} (vldus detect IMAGES --model {result['bundle']} --classes ...)")
 
 
 def add_parser(sub, common) -> None:
@@ -477,7 +582,7 @@ def add_parser(sub, common) -> None:
                        description="make-shapes, CLIP, detector, features, synthesizer (SU and VLDUS), "
                                    "ZSD/GZSD test and evaluation on the embedded benchmark; writes "
                                    "DIR/metrics.json and DIR/report.md")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0, help="benchmark and training seed")
     p.add_argument("--unseen", default=None, metavar="A,B,...", help="unseen classes (default: make-shapes')")
     p.add_argument("--quick", action="store_true", help="a smaller, shorter run (about 3 minutes)")

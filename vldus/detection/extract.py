@@ -2,14 +2,21 @@
 
 For every source image (one at a time, the detector frozen in eval mode):
 
-1. the *training* pipeline: resize (the detector's own transform) and a random horizontal flip;
-2. RPN proposals with the *training* proposal settings (pre/post-NMS top-n of training);
+1. the *training* pipeline: resize (the detector's own transform) and a random horizontal flip
+   (``--data-split train`` and ``test``; validation images are not flipped: they stand for
+   test images, which never are);
+2. RPN proposals with the *training* proposal settings (pre/post-NMS top-n of training), or
+   ``features.proposals`` post-NMS proposals when that is set (more proposals: more real RoIs
+   per image to sample from);
 3. :func:`assign_and_sample`: GT boxes added as proposals, max-IoU assignment (foreground
    IoU >= ``features.fg_iou``, background < ``features.bg_iou``, the band between ignored), the
    training sampler (``num_rois`` RoIs, at most ``pos_fraction`` foreground), then every sampled
    foreground RoI plus at most ``bg_per_fg`` times as many sampled background RoIs;
 4. RoIAlign + the two shared FC layers (+ReLU): one 1024-d row per kept RoI, labelled with the
    detector class index of its GT (0 = background).
+
+``--data-split val`` reads ``data.val`` (``--classes seen``): RoI features of held-out images,
+never trained on, for calibrating the seen/unseen decisions (``vldus calibrate-gzsd``).
 
 Output, in ``SAVE_DIR``: ``{data_split}_{fg}_{bg}_feats.npy`` (N, 1024) float32,
 ``{data_split}_{fg}_{bg}_labels.npy`` (N,) int64, and ``{data_split}_{fg}_{bg}_manifest.json``
@@ -116,11 +123,13 @@ def hflip(image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @contextlib.contextmanager
-def training_proposals(rpn) -> Iterator[None]:
-    """Make a torchvision RegionProposalNetwork in eval mode use its *training* top-n settings."""
+def training_proposals(rpn, post_nms: Optional[int] = None) -> Iterator[None]:
+    """Make a torchvision RegionProposalNetwork in eval mode use its *training* top-n settings
+    (``post_nms``, when given, replaces the training post-NMS count)."""
     pre, post = rpn._pre_nms_top_n, rpn._post_nms_top_n
+    count = post["training"] if post_nms is None else post_nms
     rpn._pre_nms_top_n = {"training": pre["training"], "testing": pre["training"]}
-    rpn._post_nms_top_n = {"training": post["training"], "testing": post["training"]}
+    rpn._post_nms_top_n = {"training": count, "testing": count}
     try:
         yield
     finally:
@@ -164,7 +173,7 @@ class RoIFeatureExtractor:
             features = model.backbone(images.tensors)
             if isinstance(features, Tensor):
                 features = OrderedDict([("0", features)])
-            with training_proposals(model.rpn):
+            with training_proposals(model.rpn, self.cfg.proposals):
                 proposals, _ = model.rpn(images, features)
             proposals = proposals[0].float()
             proposals = proposals[torch.isfinite(proposals).all(dim=1)]  # guard against a diverged model
@@ -402,11 +411,15 @@ def select_images(cfg: Config, split: Split, classes: str, data_split: str) -> t
     ``--classes seen`` keeps images whose objects are all seen (the training selection of §2.3,
     so ``seen``/``train`` is the detector's own training set, RepeatDataset factor honoured);
     ``--classes unseen`` keeps images whose objects are all unseen (the §3 test features).
-    ``--data-split`` picks the data source (``cfg.data.train`` or ``cfg.data.test``).
+    ``--data-split`` picks the data source (``cfg.data.train``, ``cfg.data.val`` or ``cfg.data.test``).
     """
     from vldus.data.readers import load_records, select_training, select_unseen_only
 
-    source = cfg.data.train if data_split == "train" else cfg.data.test
+    if data_split == "val" and cfg.data.val is None:
+        raise InputError(cfg.source_file or "config", "--data-split val: data.val is null (no validation images)")
+    if data_split == "val" and classes != "seen":
+        raise InputError("--classes", "--data-split val has seen classes only (validation images hold no unseen object)")
+    source = {"train": cfg.data.train, "val": cfg.data.val, "test": cfg.data.test}[data_split]
     records = load_records(source, split)
     if classes == "seen":
         records = select_training(records, split, cfg.data.min_image_side)
@@ -427,8 +440,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--checkpoint", required=True, help="detector checkpoint (train-detector)")
     p.add_argument("--classes", required=True, choices=["seen", "unseen"],
                    help="images whose objects are all seen / all unseen")
-    p.add_argument("--data-split", required=True, choices=["train", "test"],
-                   help="data source: cfg.data.train or cfg.data.test")
+    p.add_argument("--data-split", required=True, choices=["train", "val", "test"],
+                   help="data source: cfg.data.train, cfg.data.val (seen classes only) or cfg.data.test")
     p.add_argument("--save-dir", default=None, help="output folder (default: WORK_DIR/features)")
     add_set_argument(p)
     p.add_argument("--seed", type=int, default=None, help="default: features.seed of the config")
@@ -457,13 +470,17 @@ def run(args: argparse.Namespace) -> int:
     own_group = start_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
         records, repeat = select_images(cfg, split, args.classes, args.data_split)
+        if args.data_split == "val" and cfg.data.val == cfg.data.test:
+            print("note: data.val is the same source as data.test: these are features of test images",
+                  file=sys.stderr)
         if args.max_images:
             records = records[: args.max_images]
         from vldus.detection.model import load_detector
 
         device = local_device(args.device)
         model = load_detector(cfg, split, args.checkpoint, device)
-        extractor = RoIFeatureExtractor(model, cfg.features, cfg.train.flip, amp=args.amp)
+        flip = 0.0 if args.data_split == "val" else cfg.train.flip
+        extractor = RoIFeatureExtractor(model, cfg.features, flip, amp=args.amp)
         save_dir = args.save_dir or cfg.path("features")
         paths = output_paths(save_dir, args.data_split, cfg.features.fg_iou, cfg.features.bg_iou)
         seed = cfg.features.seed if args.seed is None else args.seed

@@ -196,6 +196,8 @@ def build_detector(cfg: Config, split: Split, load_backbone: bool = True) -> Fas
     model.rpn.min_size = max(float(det.rpn_min_size), 1e-3)
     if det.legacy_mmdet:  # converted mmdetection-1.x checkpoints (vldus.detection.legacy)
         apply_legacy_mmdet(model, det.anchor_sizes, det.aspect_ratios, det.bbox_reg_weights)
+    if det.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 
