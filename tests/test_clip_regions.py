@@ -213,3 +213,16 @@ def test_boxes_the_detector_calls_background_are_not_asked(tiny_clip, monkeypatc
     assert probs[0, 0].item() == pytest.approx(0.2, abs=1e-6) and probs[0, [2, 4]].sum().item() == pytest.approx(0.8)
     assert probs[1, 0].item() == pytest.approx(1 - p_obj1.item()) and probs[1, 1:].abs().sum().item() == 0.0
     assert scorer.misses == 1 and scorer.clip_s > 0
+
+
+def test_demo_rows_by_size():
+    from vldus.demo import FULL, METHOD, QUICK, TINY, demo_rows
+
+    rows, regions = demo_rows(FULL, ablation=False)
+    assert METHOD in rows and list(regions) == ["clip_regions", "vldus_ensemble"]
+    assert regions["vldus_ensemble"].classifier == METHOD and regions["clip_regions"].classifier is None
+    assert demo_rows(QUICK, ablation=False)[1] == {} and demo_rows(TINY, ablation=False)[1] == {}
+    _, regions = demo_rows(QUICK, ablation=True)
+    assert list(regions) == ["clip_regions", "vldus_ensemble", "clip_regions_exclude_unseen",
+                             "vldus_ensemble_exclude_unseen"]
+    assert {r.clip for r in regions.values()} == {"main", "exclude_unseen"}

@@ -22,6 +22,12 @@ Variants (same detector, features and class embeddings):
 the paper), the released behaviour (``--legacy --distill logged``), distillation into D only
 (the released design) and a CLIP trained without the unseen classes.
 
+Rows that ask the CLIP about each of the detector's boxes instead of (or besides) synthesizing
+(:data:`REGION_ROWS`, ``vldus test --scoring``, docs/clip_regions.md), on the same detector,
+boxes and CLIP: ``clip_regions`` (the CLIP alone, no synthesis) and ``vldus_ensemble`` (ViLD's
+ensemble of ``synthesis_vldus`` and ``clip_regions``); in the default size and with
+``--ablation``, which adds both with the CLIP trained without the unseen classes.
+
 Outputs: ``OUT/metrics.json`` (docs/formats.md), ``OUT/report.md`` with tables and pictures, the
 stage outputs under ``OUT/work``, the CLIP under ``OUT/clip``, the benchmark under ``OUT/shapes``
 and the main row's model bundle (``vldus detect --model OUT/bundle``) under ``OUT/bundle``.
@@ -39,7 +45,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -70,6 +76,7 @@ class DemoSize:
     gan_lr: Optional[float] = None  # None: the config's
     pictures: int = 6
     rows: tuple[str, ...] = VARIANTS  # the variants that run (the others are reported as skipped)
+    region_rows: bool = True  # clip_regions and vldus_ensemble (:data:`REGION_ROWS`)
 
 
 FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, detector_warmup=None,
@@ -78,11 +85,11 @@ FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, detecto
 # round-off into a different result (docs/history.md, quick demo).
 QUICK = DemoSize(train_images=260, test_images=70, detector_epochs=4, detector_warmup=40,
                  gan_epochs=8, gan_epoch_budget=4000, compat_epochs=15, clip_steps=150, gan_lr=4e-4, pictures=3,
-                 rows=("no_synthesis", "synthesis_vldus"))
+                 rows=("no_synthesis", "synthesis_vldus"), region_rows=False)
 # A smoke run of every stage (benchmarks/device_check.sh --tiny): seconds, no meaningful metrics.
 TINY = DemoSize(train_images=24, test_images=8, detector_epochs=1, detector_warmup=2,
                 gan_epochs=1, gan_epoch_budget=256, compat_epochs=2, clip_steps=4, pictures=1,
-                rows=("no_synthesis", "synthesis_vldus"))
+                rows=("no_synthesis", "synthesis_vldus"), region_rows=False)
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,35 @@ ABLATION = {
     "vldus_clip_exclude_unseen": Variant(
         "vldus_clip_exclude_unseen", ("--distill", "active"), clip="exclude_unseen",
         description="VLDUS with a CLIP trained without the unseen classes"),
+}
+
+
+@dataclass(frozen=True)
+class RegionRow:
+    """A row scored with ``vldus test --scoring {scoring}`` and the CLIP ``clip`` ("main" or
+    "exclude_unseen"); ``classifier``: the synthesis row whose classifier it uses (None: none)."""
+
+    name: str
+    scoring: str
+    clip: str
+    classifier: Optional[str] = None
+    description: str = ""
+
+
+REGION_ROWS = {
+    "clip_regions": RegionRow("clip_regions", "clip-regions", "main",
+                              description="CLIP on the detector's boxes x the detector's object probability (no synthesis)"),
+    "vldus_ensemble": RegionRow("vldus_ensemble", "ensemble", "main", METHOD,
+                                description="ViLD's ensemble of synthesis_vldus and clip_regions (CLIP weight 1/3 "
+                                            "seen, 2/3 unseen)"),
+}
+REGION_ABLATION = {
+    "clip_regions_exclude_unseen": RegionRow(
+        "clip_regions_exclude_unseen", "clip-regions", "exclude_unseen",
+        description="clip_regions with the CLIP trained without the unseen classes"),
+    "vldus_ensemble_exclude_unseen": RegionRow(
+        "vldus_ensemble_exclude_unseen", "ensemble", "exclude_unseen", METHOD,
+        description="synthesis_vldus ensembled with the CLIP trained without the unseen classes"),
 }
 
 
@@ -375,6 +411,7 @@ class DemoRun:
     cfg: Config
     cfg_path: str  # OUT/config.yaml, passed to every stage command
     rows: dict[str, Variant]
+    region_rows: dict[str, RegionRow] = field(default_factory=dict)
     clips: dict[str, ClipFiles] = field(default_factory=dict)
     checkpoint: str = ""  # the trained detector
 
@@ -391,6 +428,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     detector = train_seen_detector(run)
     extract_features(run)
     results = {name: synthesis_row(run, name, variant) for name, variant in run.rows.items()}
+    results |= {name: region_row(run, row) for name, row in run.region_rows.items()}
     pictures = draw_pictures(run)
     bundle = export_main_row(run)
     result = collect_metrics(run, results, detector, bundle)
@@ -415,13 +453,22 @@ def prepare_inputs(args: argparse.Namespace) -> DemoRun:
     stages.run("make-shapes", shapes_argv)
     cfg = demo_config(out, size, args.seed)
     os.makedirs(cfg.work_dir, exist_ok=True)
-    rows = {k: v for k, v in ROWS.items() if k in size.rows} | (ABLATION if args.ablation else {})
-    return DemoRun(args, out, size, stages, cfg, os.path.join(out, "config.yaml"), rows)
+    return DemoRun(args, out, size, stages, cfg, os.path.join(out, "config.yaml"), *demo_rows(size, args.ablation))
+
+
+def demo_rows(size: DemoSize, ablation: bool) -> tuple[dict[str, Variant], dict[str, RegionRow]]:
+    """The synthesis rows and the CLIP-on-boxes rows a run of this size makes."""
+    rows = {k: v for k, v in ROWS.items() if k in size.rows} | (ABLATION if ablation else {})
+    region_rows = (REGION_ROWS if size.region_rows or ablation else {}) | (REGION_ABLATION if ablation else {})
+    if METHOD not in rows:  # the ensembles need the main row's classifier
+        region_rows = {k: v for k, v in region_rows.items() if v.classifier is None}
+    return rows, region_rows
 
 
 def prepare_clips(run: DemoRun) -> None:
     """The CLIP(s) the rows distil from; then the config is written with the critic's width."""
-    needed = dict.fromkeys(v.clip for v in run.rows.values() if v.clip)
+    needed = dict.fromkeys([v.clip for v in run.rows.values() if v.clip] +
+                           [v.clip for v in run.region_rows.values()])
     run.clips = {which: prepare_clip(run.stages, run.args, run.out, run.size, which, run.cfg.split)
                  for which in needed}
     # The critic's feature layer is aligned with CLIP's embedding: every synthesis row gets the
@@ -495,14 +542,30 @@ def synthesis_row(run: DemoRun, name: str, variant: Variant) -> dict:
     return {setting: run_test_pass(run, name, classifier, setting) for setting in SETTINGS}
 
 
-def run_test_pass(run: DemoRun, name: str, classifier: str, setting: str) -> dict:
-    """``vldus test`` of one row in one setting (on the cached box features); its metrics."""
+def region_row(run: DemoRun, row: RegionRow) -> dict:
+    """A row of :data:`REGION_ROWS`: ``vldus test --scoring`` with its CLIP on the cached boxes
+    (and crop embeddings); {setting: metrics}, the published GZSD scoring only where a
+    synthesized classifier takes part."""
+    clip = run.clips[row.clip]
+    classifier = (os.path.join(run.cfg.path(f"synth_{row.classifier}"), "classifier_best.pth")
+                  if row.classifier else None)
+    extra = ["--scoring", row.scoring, "--clip-weights", clip.weights, "--clip-arch", clip.arch]
+    settings = SETTINGS if classifier else ("zsd", "gzsd")
+    return {setting: run_test_pass(run, row.name, classifier, setting, extra) for setting in settings}
+
+
+def run_test_pass(run: DemoRun, name: str, classifier: Optional[str], setting: str,
+                  extra: Sequence[str] = ()) -> dict:
+    """``vldus test`` of one row in one setting (on the cached box features); its metrics.
+    ``classifier``: the row's unseen classifier (None: none, --scoring clip-regions);
+    ``extra``: more ``vldus test`` options."""
     dets = run.cfg.path("results", f"{name}_{setting}.json")
     metrics = run.cfg.path("results", f"{name}_{setting}_metrics.json")
     scoring = ["--gzsd-scoring", "published"] if setting == "gzsd_published" else []
+    syn = ["--syn-weights", classifier] if classifier else []
     run.stages.run(f"test ({name})", ["test"] + run.base + [
-        "--checkpoint", run.checkpoint, "--syn-weights", classifier, f"--{setting.split('_')[0]}", *scoring,
-        "--cache", run.cfg.path("test_cache"), "--out", dets, "--metrics", metrics])
+        "--checkpoint", run.checkpoint, *syn, f"--{setting.split('_')[0]}", *scoring,
+        "--cache", run.cfg.path("test_cache"), "--out", dets, "--metrics", metrics, *extra])
     with open(metrics) as f:
         return json.load(f)
 
@@ -537,6 +600,9 @@ def collect_metrics(run: DemoRun, results: dict[str, dict], detector: dict, bund
 
     ablation: dict[str, dict] = {}
     for name in [*VARIANTS, *(k for k in results if k not in VARIANTS)]:
+        if name in run.region_rows:
+            ablation[name] = region_summary(run, name, results[name])
+            continue
         variant = run.rows.get(name) or ROWS[name]
         if name not in results:
             ablation[name] = {"description": variant.description, "zsd_map": None, "gzsd_hm": None,
@@ -560,6 +626,22 @@ def collect_metrics(run: DemoRun, results: dict[str, dict], detector: dict, bund
             "clip": {"source": main_clip.source, "arch": main_clip.arch, "weights": main_clip.weights,
                      "dim": main_clip.dim, **main_clip.metrics},
             "ablation": ablation, "timings_s": run.stages.timings}
+
+
+def region_summary(run: DemoRun, name: str, r: dict) -> dict:
+    """The metrics.json summary of a :data:`REGION_ROWS` row: like a synthesis row's, plus the
+    CLIP pass's time (the first pass computes the crop embeddings, later ones read them back)."""
+    from vldus.evaluation.cli import test_output_breakdown
+
+    published = r.get("gzsd_published")
+    scoring = r["zsd"]["scoring"]
+    summary = {"description": run.region_rows[name].description,
+               "zsd_map": r["zsd"]["groups"]["unseen"]["map"]["0.5"], "gzsd_hm": r["gzsd"]["hm"]["map"]["0.5"],
+               "gzsd_published_hm": published["hm"]["map"]["0.5"] if published else None, "status": "ok",
+               "scoring": {k: v for k, v in scoring.items() if k not in ("clip_time_s", "crop_cache_hits")},
+               "clip_time_s": sum(m["scoring"]["clip_time_s"] for m in r.values())}
+    summary["zsd_breakdown"] = test_output_breakdown(run.cfg, run.cfg.path("results", f"{name}_zsd.json"), "zsd")
+    return summary
 
 
 def _print_summary(result: dict, report: str) -> None:
