@@ -378,6 +378,10 @@ def write_report(out: str, result: dict, pictures: list[str], size: DemoSize, ar
     lines += ["", "## Pictures", ""]
     lines += ["Detections (GZSD) on test images with unseen objects; unseen classes in their own colour:", ""]
     lines += [f"![detections]({p})" for p in pictures]
+    if result.get("disagreement_picture"):
+        lines += ["", "ZSD detections (score >= the display threshold) of synthesis_vldus, clip_regions and "
+                  "vldus_ensemble, left to right, on the test image where they name the most objects "
+                  "differently:", "", f"![disagreement]({result['disagreement_picture']})"]
     for title, name in (("Synthesized vs real features (PCA)", "features_2d.png"),
                         ("GAN and CLIP distillation losses", "losses.png")):
         if os.path.isfile(os.path.join(out, name)):
@@ -430,8 +434,10 @@ def run_demo(args: argparse.Namespace) -> dict:
     results = {name: synthesis_row(run, name, variant) for name, variant in run.rows.items()}
     results |= {name: region_row(run, row) for name, row in run.region_rows.items()}
     pictures = draw_pictures(run)
+    disagreement = disagreement_picture(run, [METHOD, *REGION_ROWS]) if set(REGION_ROWS) <= set(results) else None
     bundle = export_main_row(run)
     result = collect_metrics(run, results, detector, bundle)
+    result["disagreement_picture"] = disagreement
     result["total_s"] = time.perf_counter() - started
     write_json(os.path.join(run.out, "metrics.json"), result)
     report = write_report(run.out, result, pictures, run.size, args)
@@ -583,6 +589,64 @@ def draw_pictures(run: DemoRun) -> list[str]:
         if os.path.isfile(os.path.join(synth_dir, name)):
             shutil.copyfile(os.path.join(synth_dir, name), os.path.join(run.out, name))
     return sorted(os.path.join("pictures", p) for p in os.listdir(show) if p.endswith(".png"))
+
+
+def disagreement_picture(run: DemoRun, names: Sequence[str]) -> Optional[str]:
+    """The ZSD test image where the rows ``names`` most often name a ground-truth object
+    differently (the class of each row's best detection with IoU >= 0.5 on it), drawn once per
+    row side by side into OUT/pictures/disagreement.png; its path relative to OUT, None when
+    they always agree."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    from torchvision.ops import box_iou
+
+    from vldus.detection.visualize import draw_detections
+
+    def load(path: str):
+        with open(path) as f:
+            return json.load(f)
+
+    def xyxy(items: list[dict]) -> np.ndarray:
+        return np.array([[x, y, x + w, y + h] for d in items for x, y, w, h in [d["bbox"]]], np.float32).reshape(-1, 4)
+
+    gt = load(run.cfg.path("results", f"{names[0]}_zsd.gt.json"))
+    dets = {n: load(run.cfg.path("results", f"{n}_zsd.json")) for n in names}
+    best_image, best_count = None, 0
+    for image in gt["images"]:
+        objects = [a for a in gt["annotations"] if a["image_id"] == image["id"] and not a["iscrowd"]]
+        named = []
+        for n in names:
+            mine = sorted((d for d in dets[n] if d["image_id"] == image["id"]), key=lambda d: -d["score"])
+            iou = box_iou(torch.from_numpy(xyxy(mine)), torch.from_numpy(xyxy(objects)))  # (dets, objects)
+            named.append([next((d["category_id"] for d, v in zip(mine, iou[:, k].tolist()) if v >= 0.5), None)
+                          for k in range(len(objects))])
+        count = sum(len(set(labels)) > 1 for labels in zip(*named))
+        if count > best_count:
+            best_image, best_count = image, count
+    if best_image is None:
+        return None
+    split = run.cfg.load_split()
+    index = {c["id"]: k + 1 for k, c in enumerate(gt["categories"])}
+    with Image.open(best_image["file_name"]) as im:
+        image = im.convert("RGB")
+    gt_boxes = xyxy([a for a in gt["annotations"] if a["image_id"] == best_image["id"]])
+    panels = []
+    for n in names:
+        mine = [d for d in dets[n] if d["image_id"] == best_image["id"]]
+        panels.append(draw_detections(image, xyxy(mine), np.array([d["score"] for d in mine], np.float32),
+                                      np.array([index[d["category_id"]] for d in mine], np.int64), split.classes,
+                                      split.unseen_ids, run.cfg.inference.show_score_thresh, gt_boxes=gt_boxes))
+    header = 18
+    picture = Image.new("RGB", (sum(p.width for p in panels), header + max(p.height for p in panels)), (255, 255, 255))
+    pen = ImageDraw.Draw(picture)
+    x = 0
+    for n, p in zip(names, panels):
+        picture.paste(p, (x, header))
+        pen.text((x + 4, 3), n, fill=(0, 0, 0))
+        x += p.width
+    os.makedirs(os.path.join(run.out, "pictures"), exist_ok=True)
+    picture.save(os.path.join(run.out, "pictures", "disagreement.png"))
+    return os.path.join("pictures", "disagreement.png")
 
 
 def export_main_row(run: DemoRun) -> str:
