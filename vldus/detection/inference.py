@@ -22,6 +22,10 @@ made for another checkpoint, classifier or ``bg_blend``; :func:`vldus.detection.
 stores the detector's per-image outputs before its classification layer and re-scores them in
 later runs (:mod:`vldus.detection.cache`).
 
+``--scoring clip-regions`` asks a CLIP (``--clip-weights``) about each of the detector's boxes
+instead of the injected classifier, ``--scoring ensemble`` combines the two per class
+(:mod:`vldus.detection.clip_regions`, docs/clip_regions.md).
+
 Under torchrun (``tools/dist_test.sh``) each rank detects every ``world``-th image and rank 0
 gathers the detections (``torch.distributed.gather_object`` over gloo) and writes the files; the
 result is the same as one process.
