@@ -63,8 +63,8 @@ SCORINGS = ("vldus", "clip-regions", "ensemble")
 # p_text^(2/3) p_image^(1/3) for base classes, p_text^(1/3) p_image^(2/3) for novel ones).
 ENSEMBLE_WEIGHTS = {"seen": 1.0 / 3.0, "unseen": 2.0 / 3.0}
 CROP_MARGIN = 0.1  # train-clip's ClipTrainConfig.crop_margin
-# Boxes the detector gives p_obj <= this are not cropped (their p_clip = 0): about 2/3 of the
-# shapes demo's proposals. None of them could pass score_thresh 0.05: clip-regions scores are
+# Boxes the detector gives p_obj <= this are not cropped (their p_clip = 0): about 2/3 of a
+# quick-demo detector's proposals. None of them could pass score_thresh 0.05: clip-regions scores are
 # <= p_obj; at ViLD's ensemble weights an unseen score is <= p_obj^(2/3) <= 0.047 and a seen
 # one <= q_seen^(2/3) p_obj^(1/3) <= p_obj (the detector's seen probabilities sum to p_obj).
 MIN_OBJECTNESS = 0.01
