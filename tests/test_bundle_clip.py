@@ -46,11 +46,12 @@ def clip_run(tmp_path, tiny_clip):
     ckpt = str(tmp_path / "det.pth")
     torch.save({"model": build_detector(cfg, split, load_backbone=False).state_dict(),
                 "classes": list(split.classes)}, ckpt)
-    feats_path, labels_path = feature_file_paths(cfg.path("features"), "train", cfg.features.fg_iou,
-                                                 cfg.features.bg_iou)
-    os.makedirs(os.path.dirname(feats_path), exist_ok=True)
-    np.save(feats_path, np.random.default_rng(0).random((12, cfg.features.dim), dtype=np.float32))
-    np.save(labels_path, np.array([0] * 8 + [1] * 4, dtype=np.int64))
+    for data_split in ("train", "val"):  # val: the seen rows the bundle's GZSD calibration uses
+        feats_path, labels_path = feature_file_paths(cfg.path("features"), data_split, cfg.features.fg_iou,
+                                                     cfg.features.bg_iou)
+        os.makedirs(os.path.dirname(feats_path), exist_ok=True)
+        np.save(feats_path, np.random.default_rng(0).random((12, cfg.features.dim), dtype=np.float32))
+        np.save(labels_path, np.array([0] * 8 + [1] * 4, dtype=np.int64))
     synth = str(tmp_path / "synth")
     os.makedirs(synth)
     torch.save(Generator(cfg.gan.nz, 512, cfg.gan.ngh, cfg.features.dim).state_dict(),
