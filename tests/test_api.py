@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from quick_demo_run import first_image, quick_bundle, quick_demo
 from vldus import cli
@@ -189,6 +190,15 @@ def test_gzsd_scores_as_vldus_test(bundle, tmp_path):
               str(cache / f"classifier_{det._cache_key(order)}.safetensors"))
     det.set_classes(names, gzsd=True)
     assert det.classifier_source == "cache"
+    # The one difference by design: a new name has no box-regression rows of its own (zero deltas,
+    # the best unseen class borrows the best seen class's), while vldus test's unseen slots keep the
+    # detector's rows of those classes (never trained on a positive). Give the API the same rows.
+    box = det.model.roi_heads.box_predictor.base.bbox_pred
+    num = len(split.classes)
+    with torch.no_grad():
+        for k, class_id in enumerate(split.unseen_ids, start=1):
+            box.weight[4 * (num + k):4 * (num + k + 1)] = box.weight[4 * class_id:4 * (class_id + 1)]
+            box.bias[4 * (num + k):4 * (num + k + 1)] = box.bias[4 * class_id:4 * (class_id + 1)]
 
     out = tmp_path / "dets.json"
     assert cli.main(["test", "--config", run.config, "--checkpoint", run.checkpoint, "--syn-weights",
