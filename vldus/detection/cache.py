@@ -108,18 +108,12 @@ def key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class DetectorCache:
-    """Per-image :class:`BoxInputs` under ``root/<key digest>/`` (see the module docstring)."""
+class KeyedFolder:
+    """A folder ``DIR`` holding ``key.json`` and one ``<image sha256>.pt`` entry per image; the
+    detector cache and the CLIP crop cache (:mod:`vldus.detection.clip_regions`) are both one."""
 
-    def __init__(self, root: str, detector_cfg, checkpoint: str, dtype: str = "float32"):
-        if dtype not in DTYPES:
-            raise InputError("--cache-dtype", f"{dtype!r}: expected one of {', '.join(DTYPES)}")
-        if os.path.exists(root) and not os.path.isdir(root):
-            raise InputError(root, "--cache: not a folder")
-        self.dtype = dtype
-        self.key = cache_key(detector_cfg, sha256_file(checkpoint), dtype)
-        self.dir = os.path.join(root, key_digest(self.key))
-        self.hits = self.misses = 0  # set by inference.detect
+    dir: str
+    key: dict
 
     def prepare(self) -> None:
         """Create the folder and its key.json (idempotent; every rank may call it)."""
@@ -133,6 +127,20 @@ class DetectorCache:
             return os.path.join(self.dir, sha256_file(image_path) + ".pt")
         except OSError as e:
             raise InputError(image_path, f"cannot read image ({e.strerror})") from None
+
+
+class DetectorCache(KeyedFolder):
+    """Per-image :class:`BoxInputs` under ``root/<key digest>/`` (see the module docstring)."""
+
+    def __init__(self, root: str, detector_cfg, checkpoint: str, dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise InputError("--cache-dtype", f"{dtype!r}: expected one of {', '.join(DTYPES)}")
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise InputError(root, "--cache: not a folder")
+        self.dtype = dtype
+        self.key = cache_key(detector_cfg, sha256_file(checkpoint), dtype)
+        self.dir = os.path.join(root, key_digest(self.key))
+        self.hits = self.misses = 0  # set by inference.detect
 
     def load(self, entry: str) -> BoxInputs:
         """The stored entry (a missing or damaged one is an InputError)."""

@@ -42,8 +42,6 @@ An entry whose boxes differ from the current ones is recomputed (and rewritten).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -55,8 +53,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vldus.data.splits import Split
+from vldus.detection.cache import KeyedFolder, key_digest
 from vldus.errors import InputError
-from vldus.files import save_torch, sha256_file, write_json
+from vldus.files import save_torch, sha256_file
 
 SCORINGS = ("vldus", "clip-regions", "ensemble")
 # The CLIP's weight w in the ensemble, per group: ViLD's lambda = 2/3 (Gu et al., ICLR 2022, ensemble:
@@ -196,22 +195,12 @@ class RegionClip:
         return self.model.encode_image(x, normalize=True).float()
 
 
-class CropCache:
+class CropCache(KeyedFolder):
     """Per-image crop embeddings under the detector cache's key folder (module doc)."""
 
     def __init__(self, detector_cache_dir: str, clip_key: dict):
         self.key = clip_key
-        digest = hashlib.sha256(json.dumps(clip_key, sort_keys=True).encode()).hexdigest()[:16]
-        self.dir = os.path.join(detector_cache_dir, "clip", digest)
-
-    def prepare(self) -> None:
-        os.makedirs(self.dir, exist_ok=True)
-        key_file = os.path.join(self.dir, "key.json")
-        if not os.path.isfile(key_file):
-            write_json(key_file, self.key)
-
-    def entry_path(self, image_path: str) -> str:
-        return os.path.join(self.dir, sha256_file(image_path) + ".pt")
+        self.dir = os.path.join(detector_cache_dir, "clip", key_digest(clip_key))
 
     def load(self, entry: str, boxes: Tensor) -> Optional[Tensor]:
         """The stored embeddings if the entry exists and was made for ``boxes``; else None."""
