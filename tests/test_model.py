@@ -41,8 +41,10 @@ def test_architecture(backbone, norm):
 
 def test_config_values_reach_the_model():
     cfg = tiny_cfg(backbone="mobilenet_v2", rpn_post_nms_test=77, roi_batch_size=64, score_thresh=0.3,
-                   anchor_sizes=[8, 16, 32, 64, 128], rpn_min_size=1, bbox_reg_weights=[1.0, 2.0, 3.0, 4.0])
+                   anchor_sizes=[8, 16, 32, 64, 128], rpn_min_size=1, bbox_reg_weights=[1.0, 2.0, 3.0, 4.0],
+                   roi_sampling_ratio=1)
     model = build_detector(cfg, SPLIT)
+    assert model.roi_heads.box_roi_pool.sampling_ratio == 1
     assert model.rpn._post_nms_top_n["testing"] == 77
     assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
     assert model.roi_heads.score_thresh == 0.3 and model.rpn.min_size == 1

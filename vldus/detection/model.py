@@ -2,7 +2,7 @@
 
     image -> backbone (ResNet-18/34/50/101 or MobileNetV2) -> FPN (5 levels: strides 4..64)
           -> RPN (one anchor size per level x aspect ratios)
-          -> MultiScaleRoIAlign 7x7 (sampling ratio 2, as mmdet) -> two FC layers of 1024 + ReLU
+          -> MultiScaleRoIAlign 7x7 (sampling ratio detector.roi_sampling_ratio, 2 as mmdet) -> two FC layers of 1024 + ReLU
           -> FastRCNNPredictor: cls_score Linear(1024, C+1), bbox_pred Linear(1024, 4(C+1))
 
 The predictor covers ALL classes of the split plus background: unseen rows exist but never
@@ -172,7 +172,8 @@ def build_detector(cfg: Config, split: Split, load_backbone: bool = True) -> Fas
     backbone = build_backbone(det, load_weights=load_backbone)
     anchors = AnchorGenerator(sizes=tuple((s,) for s in det.anchor_sizes),
                               aspect_ratios=(tuple(det.aspect_ratios),) * len(det.anchor_sizes))
-    roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7,
+                                  sampling_ratio=det.roi_sampling_ratio)
     box_head = TwoMLPHead(det.fpn_channels * 7 * 7, det.representation_size)
     predictor = FastRCNNPredictor(det.representation_size, split.num_classes + 1)
     model = FasterRCNN(
