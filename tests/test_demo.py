@@ -133,6 +133,7 @@ def test_main_row_is_exported(run):
     (["--unseen", "blue circle,blue square,blue triangle,blue star"], "--unseen"),
     (["--clip-weights", "/nonexistent/clip.safetensors"], "/nonexistent/clip.safetensors: CLIP weights file"),
     (["--clip-arch", "ViT-B-32"], "--clip-arch: needs --clip-weights"),
+    (["--set", "detector.roi_sampling=1"], "roi_sampling_ratio"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, cli_error, argv, expected):
     err = cli_error(["demo", "--out", str(tmp_path / "out"), "--quick", *argv])

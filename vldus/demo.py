@@ -49,7 +49,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from vldus.config import Config, load_config, save_config
+from vldus.config import Config, add_set_argument, load_config, save_config
 from vldus.errors import InputError, require_file
 from vldus.files import write_json
 
@@ -77,15 +77,19 @@ class DemoSize:
     pictures: int = 6
     rows: tuple[str, ...] = VARIANTS  # the variants that run (the others are reported as skipped)
     region_rows: bool = True  # clip_regions and vldus_ensemble (:data:`REGION_ROWS`)
+    config: tuple[str, ...] = ()  # KEY=VALUE overrides of the shapes config for this size
 
 
 FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, detector_warmup=None,
                 gan_epochs=10, gan_epoch_budget=8000, compat_epochs=30)
 # The quick detector must converge (4 epochs): an unconverged one turns another CPU's fp32
-# round-off into a different result (docs/history.md, quick demo).
+# round-off into a different result (docs/history.md, quick demo). The test suite runs it, so its
+# detector is cheaper per image than the full demo's: 128 px, 32 RoIs per image, one RoIAlign
+# sample per bin (0.47 s/iteration against 0.75 s on a 2-core EPYC; docs/history.md).
 QUICK = DemoSize(train_images=260, test_images=70, detector_epochs=4, detector_warmup=40,
                  gan_epochs=8, gan_epoch_budget=4000, compat_epochs=15, clip_steps=150, gan_lr=4e-4, pictures=3,
-                 rows=("no_synthesis", "synthesis_vldus"), region_rows=False)
+                 rows=("no_synthesis", "synthesis_vldus"), region_rows=False,
+                 config=("detector.roi_sampling_ratio=1", "detector.roi_batch_size=32"))
 # A smoke run of every stage (benchmarks/device_check.sh --tiny): seconds, no meaningful metrics.
 TINY = DemoSize(train_images=24, test_images=8, detector_epochs=1, detector_warmup=2,
                 gan_epochs=1, gan_epoch_budget=256, compat_epochs=2, clip_steps=4, pictures=1,
@@ -206,7 +210,7 @@ class Stages:
 # --------------------------------------------------------------------------------------------
 def check_inputs(args: argparse.Namespace) -> None:
     """Refuse bad input before any work (one line, exit 2): unknown or impossible unseen classes,
-    a CLIP file that is not there."""
+    a CLIP file that is not there, a ``--set`` the shapes config does not take."""
     from vldus.data.shapes import check_unseen
 
     if args.unseen:
@@ -217,13 +221,15 @@ def check_inputs(args: argparse.Namespace) -> None:
         require_file(args.clip_arch, "open_clip model config (--clip-arch)")
     if args.clip_arch and not args.clip_weights:
         raise InputError("--clip-arch", "needs --clip-weights (the demo trains its own CLIP otherwise)")
+    load_config("shapes", args.set)
 
 
-def demo_config(out: str, size: DemoSize, seed: int) -> Config:
-    """The bundled ``shapes`` config pointed at OUT, sized by ``size``, seeded by ``seed``."""
+def demo_config(out: str, size: DemoSize, seed: int, overrides: Sequence[str] = ()) -> Config:
+    """The bundled ``shapes`` config pointed at OUT, sized by ``size``, seeded by ``seed``;
+    ``overrides`` (``vldus demo --set``) come after the size's own, the training lengths after both."""
     from vldus.detection.model import default_backbone_weights
 
-    cfg = load_config("shapes")
+    cfg = load_config("shapes", [*size.config, *overrides])
     data = os.path.join(out, "shapes")
     cfg.name = "shapes_demo"
     cfg.split = os.path.join(data, "split.json")
@@ -457,7 +463,7 @@ def prepare_inputs(args: argparse.Namespace) -> DemoRun:
     if args.unseen:
         shapes_argv += ["--unseen", args.unseen]
     stages.run("make-shapes", shapes_argv)
-    cfg = demo_config(out, size, args.seed)
+    cfg = demo_config(out, size, args.seed, args.set)
     os.makedirs(cfg.work_dir, exist_ok=True)
     return DemoRun(args, out, size, stages, cfg, os.path.join(out, "config.yaml"), *demo_rows(size, args.ablation))
 
@@ -731,7 +737,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0, help="benchmark and training seed")
     p.add_argument("--unseen", default=None, metavar="A,B,...", help="unseen classes (default: make-shapes')")
-    p.add_argument("--quick", action="store_true", help="a smaller, shorter run (about 3 minutes)")
+    p.add_argument("--quick", action="store_true", help="a smaller, shorter run (about 4 minutes on 2 cores)")
     p.add_argument("--tiny", action="store_true",
                    help="a smoke run of every stage in about a minute (no meaningful metrics)")
     p.add_argument("--ablation", action="store_true",
@@ -742,6 +748,9 @@ def add_parser(sub, common) -> None:
                         "train a small CLIP for the benchmark with vldus train-clip)")
     p.add_argument("--clip-arch", default=None, metavar="NAME_OR_JSON",
                    help="open_clip architecture of --clip-weights (default ViT-B-32)")
+    add_set_argument(p, help="override values of the demo's shapes config, e.g. --set "
+                             "features.proposals=300 detector.roi_batch_size=128 (training lengths "
+                             "are the demo size's)")
     p.set_defaults(func=run)
 
 
