@@ -5,6 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
+# pytest-xdist processes: the quick demo runs on one, the rest of the suite on the others
+TEST_WORKERS ?= 2
 
 .PHONY: install test demo clean
 
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vldus demo --out $(DEMO_OUT)

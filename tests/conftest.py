@@ -9,6 +9,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+from quick_demo_run import MODULES as QUICK_DEMO_MODULES
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # one share of the cores per pytest-xdist worker: OpenMP threads of two workers competing
+    # for the same cores run far slower than one thread each
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # A tiny open_clip architecture: 512-d joint embedding like ViT-B/32, 32x32 images, one layer
 # per tower, so a forward pass takes milliseconds on a CPU. vocab_size must stay 49408 (the
 # tokenizer's), context_length may be short.
@@ -115,3 +122,18 @@ def kill_when(cmd: list[str], ready, timeout: float = 120.0, env: dict | None = 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist: every test of the quick demo's modules on one worker (the demo runs once per
+    worker that needs it), every other test wherever a worker is free. (xdist's own
+    ``--dist loadgroup`` marks do not work with pytest 9's node ids.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class QuickDemoOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "quick_demo" if os.path.basename(path) in QUICK_DEMO_MODULES else nodeid
+
+    return QuickDemoOnOneWorker(config, log)

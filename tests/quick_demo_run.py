@@ -1,9 +1,11 @@
 """The one trained pipeline of the test suite: ``vldus demo --quick``, run once per test session
 (the demo exports its main row with ``vldus export``, as a user does).
 
-Used by tests/test_demo.py (the demo's own assertions), tests/test_api.py and
-tests/test_bundle.py (the exported model). Everything runs through ``vldus.cli.main`` like a user's
-commands.
+Used by the modules of :data:`MODULES`: tests/test_demo.py (the demo's own assertions),
+tests/test_api.py and tests/test_bundle.py (the exported model).
+Everything runs through ``vldus.cli.main`` like a user's commands. Under pytest-xdist (``make test``
+runs two workers) tests/conftest.py sends all of them to one worker, so the run happens once while
+the other worker goes through the rest of the suite.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import shutil
 import tempfile
 import time
 from typing import NamedTuple
+
+MODULES = ("test_api.py", "test_bundle.py", "test_demo.py")
 
 
 class DemoRun(NamedTuple):

@@ -1,15 +1,13 @@
-"""benchmarks/device_check.sh: the GPU check's every step on the CPU (on the quick demo's run, so
-the script is known to work before a GPU machine ever runs it), its step runner (own timeouts,
-JSON rewritten after every step, a failed step does not stop the others) and the one-to-one
-comparison of two detection files."""
+"""benchmarks/device_check.sh: the GPU check's every step on the CPU (``--tiny``, with its own
+``vldus demo --tiny``), so the script is known to work before a GPU machine ever runs it; its step
+runner (own timeouts, JSON rewritten after every step, a failed step does not stop the others) and
+the one-to-one comparison of two detection files."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-
-from quick_demo_run import quick_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -21,11 +19,10 @@ STEPS = ["setup", "bench_gan", "bench_detector", "demo", "parity", "dist_test"]
 
 @pytest.mark.timeout(600)
 def test_every_step_runs_and_one_table_is_printed(tmp_path):
-    run = quick_demo()
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
     r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_check.sh"), "--cpu", "--tiny",
-                        "--demo", run.out, "--out", str(out), "--work", str(work)],
+                        "--out", str(out), "--work", str(work)],
                        capture_output=True, text=True, env=env, timeout=540)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
