@@ -9,5 +9,5 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def test_quick_demo_users_are_listed_for_one_worker():
     users = {os.path.basename(p) for p in glob.glob(os.path.join(HERE, "test_*.py"))
-             if "quick_demo_run import" in open(p).read()}
+             if p != os.path.abspath(__file__) and "quick_demo_run import" in open(p).read()}
     assert users == set(MODULES)  # an unlisted user would run its own quick demo on another worker
