@@ -100,3 +100,18 @@ def test_stored_file_keeps_only_what_tables_read(tmp_path):
     assert stored["gzsd"]["scoring"] == "joint" and stored["gzsd"]["hm"]["map"]["0.5"] == 72.7
     with pytest.raises(SystemExit):
         make_tables.add_run(str(tmp_path), str(run), "not_a_family", "")
+
+
+def test_breakdown_table_means_the_gains_over_seeds(tmp_path):
+    root = tmp_path / "repo"
+    for seed, (gain, before) in enumerate([(10.0, 100), (13.0, 120)]):
+        m = _metrics(78.0, 72.7)
+        m["ablation"]["synthesis_vldus"]["zsd_breakdown"] = {"kinds": {
+            "cls_seen": {"count": 500, "before_last_tp": before, "map_gain": {"unseen": gain}},
+            "missed": {"count": 0, "before_last_tp": None, "map_gain": {"unseen": 0.0}}}}
+        run = tmp_path / f"m{seed}.json"
+        run.write_text(json.dumps(m))
+        make_tables.add_run(str(root), str(run), f"demo_seed{seed}", "made-up")
+    text = make_tables.breakdown_table(str(root))
+    assert "| `synthesis_vldus` | +11.5 (110) | +0.0 |" in text  # rows without a breakdown are left out
+    assert "no_synthesis" not in text
