@@ -26,7 +26,8 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=4)
     args = ap.parse_args()
     folder = os.path.join(args.demo_out, "pictures")
-    names = sorted(p for p in os.listdir(folder) if p.endswith(".png"))[: args.count]
+    # the per-image pictures only (the demo also writes disagreement.png, three panels wide)
+    names = sorted(p for p in os.listdir(folder) if p.endswith(".png") and p != "disagreement.png")[: args.count]
     if not names:
         print(f"{folder}: no pictures", file=sys.stderr)
         return 2
