@@ -737,7 +737,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0, help="benchmark and training seed")
     p.add_argument("--unseen", default=None, metavar="A,B,...", help="unseen classes (default: make-shapes')")
-    p.add_argument("--quick", action="store_true", help="a smaller, shorter run (about 4 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller, shorter run (what the test suite trains; about 7 minutes on a 2-core CPU)")
     p.add_argument("--tiny", action="store_true",
                    help="a smoke run of every stage in about a minute (no meaningful metrics)")
     p.add_argument("--ablation", action="store_true",
