@@ -37,13 +37,12 @@ def _metrics(zsd: float, hm: float) -> dict:
 
 @pytest.fixture
 def repo_copy(tmp_path):
-    """README.md, docs/results.md and docs/results/ copied to a temporary root."""
+    """README.md and docs/results.md copied to a temporary root, without the stored runs (the
+    tests store their own, made-up ones)."""
     root = tmp_path / "repo"
     (root / "docs").mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, "README.md"), root / "README.md")
     shutil.copy(os.path.join(ROOT, "docs", "results.md"), root / "docs" / "results.md")
-    if os.path.isdir(os.path.join(ROOT, "docs", "results")):
-        shutil.copytree(os.path.join(ROOT, "docs", "results"), root / "docs" / "results")
     return str(root)
 
 
