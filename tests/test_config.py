@@ -121,11 +121,12 @@ def test_unknown_yaml_key_lists_close_names(tmp_path):
 def test_demo_config_takes_the_size_then_the_users_overrides(tmp_path):
     from vldus.demo import FULL, QUICK, demo_config
 
-    quick = demo_config(str(tmp_path), QUICK, seed=3, overrides=["features.proposals=300"])
+    weights = "detector.backbone_weights=/given/mobilenet.pth"  # not the installed package's
+    quick = demo_config(str(tmp_path), QUICK, seed=3, overrides=[weights, "features.proposals=300"])
     assert quick.detector.roi_sampling_ratio == 1 and quick.detector.roi_batch_size == 32  # QUICK.config
     assert quick.features.proposals == 300 and quick.train.epochs == QUICK.detector_epochs
     assert quick.train.seed == 3 and quick.data.train.ann_file.startswith(str(tmp_path))
-    full = demo_config(str(tmp_path), FULL, seed=0, overrides=["detector.roi_sampling_ratio=1", "train.epochs=9"])
+    full = demo_config(str(tmp_path), FULL, seed=0, overrides=[weights, "detector.roi_sampling_ratio=1", "train.epochs=9"])
     assert full.detector.roi_sampling_ratio == 1 and full.detector.roi_batch_size == 64
     assert full.train.epochs == 9  # FULL keeps the config's epochs
-    assert demo_config(str(tmp_path), FULL, seed=0).detector.roi_sampling_ratio == 2
+    assert demo_config(str(tmp_path), FULL, seed=0, overrides=[weights]).detector.roi_sampling_ratio == 2
