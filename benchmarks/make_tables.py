@@ -212,7 +212,8 @@ def breakdown_table(root: str) -> str:
             gains = [p["kinds"][kind]["map_gain"]["unseen"] for p in parts if kind in p["kinds"]]
             before = [p["kinds"][kind]["before_last_tp"] for p in parts
                       if kind in p["kinds"] and p["kinds"][kind]["before_last_tp"] is not None]
-            cells.append(f"+{statistics.mean(gains):.1f}" + (f" ({statistics.mean(before):.0f})" if before else ""))
+            gain = f"{statistics.mean(gains):+.1f}".replace("-0.0", "+0.0")  # a gain is never negative
+            cells.append(gain + (f" ({statistics.mean(before):.0f})" if before else ""))
         rows.append([f"`{name}`"] + cells)
     return table(["variant"] + [f"`{k}`" for k in kinds], rows) + sources(runs)
 
