@@ -84,8 +84,9 @@ FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, detecto
                 gan_epochs=10, gan_epoch_budget=8000, compat_epochs=30)
 # The quick detector must converge (4 epochs): an unconverged one turns another CPU's fp32
 # round-off into a different result (docs/history.md, quick demo). The test suite runs it, so its
-# detector is cheaper per image than the full demo's: 128 px, 32 RoIs per image, one RoIAlign
-# sample per bin (0.47 s/iteration against 0.75 s on a 2-core EPYC; docs/history.md).
+# detector is cheaper per image than the full demo's: 32 RoIs per image and one RoIAlign sample
+# per bin (RoIAlign's backward is the largest part of a CPU step; docs/benchmarks.md). The other
+# candidates measured are in docs/history.md.
 QUICK = DemoSize(train_images=260, test_images=70, detector_epochs=4, detector_warmup=40,
                  gan_epochs=8, gan_epoch_budget=4000, compat_epochs=15, clip_steps=150, gan_lr=4e-4, pictures=3,
                  rows=("no_synthesis", "synthesis_vldus"), region_rows=False,
@@ -615,14 +616,21 @@ def disagreement_picture(run: DemoRun, names: Sequence[str]) -> Optional[str]:
     def xyxy(items: list[dict]) -> np.ndarray:
         return np.array([[x, y, x + w, y + h] for d in items for x, y, w, h in [d["bbox"]]], np.float32).reshape(-1, 4)
 
+    def by_image(items: list[dict]) -> dict[int, list[dict]]:
+        grouped: dict[int, list[dict]] = {}
+        for d in items:
+            grouped.setdefault(d["image_id"], []).append(d)
+        return grouped
+
     gt = load(run.cfg.path("results", f"{names[0]}_zsd.gt.json"))
-    dets = {n: load(run.cfg.path("results", f"{n}_zsd.json")) for n in names}
+    annotations = by_image(gt["annotations"])
+    dets = {n: by_image(load(run.cfg.path("results", f"{n}_zsd.json"))) for n in names}
     best_image, best_count = None, 0
     for image in gt["images"]:
-        objects = [a for a in gt["annotations"] if a["image_id"] == image["id"] and not a["iscrowd"]]
+        objects = [a for a in annotations.get(image["id"], []) if not a["iscrowd"]]
         named = []
         for n in names:
-            mine = sorted((d for d in dets[n] if d["image_id"] == image["id"]), key=lambda d: -d["score"])
+            mine = sorted(dets[n].get(image["id"], []), key=lambda d: -d["score"])
             iou = box_iou(torch.from_numpy(xyxy(mine)), torch.from_numpy(xyxy(objects)))  # (dets, objects)
             named.append([next((d["category_id"] for d, v in zip(mine, iou[:, k].tolist()) if v >= 0.5), None)
                           for k in range(len(objects))])
@@ -635,10 +643,10 @@ def disagreement_picture(run: DemoRun, names: Sequence[str]) -> Optional[str]:
     index = {c["id"]: k + 1 for k, c in enumerate(gt["categories"])}
     with Image.open(best_image["file_name"]) as im:
         image = im.convert("RGB")
-    gt_boxes = xyxy([a for a in gt["annotations"] if a["image_id"] == best_image["id"]])
+    gt_boxes = xyxy(annotations[best_image["id"]])
     panels = []
     for n in names:
-        mine = [d for d in dets[n] if d["image_id"] == best_image["id"]]
+        mine = dets[n].get(best_image["id"], [])
         panels.append(draw_detections(image, xyxy(mine), np.array([d["score"] for d in mine], np.float32),
                                       np.array([index[d["category_id"]] for d in mine], np.int64), split.classes,
                                       split.unseen_ids, run.cfg.inference.show_score_thresh, gt_boxes=gt_boxes))
@@ -750,8 +758,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--clip-arch", default=None, metavar="NAME_OR_JSON",
                    help="open_clip architecture of --clip-weights (default ViT-B-32)")
     add_set_argument(p, help="override values of the demo's shapes config, e.g. --set "
-                             "features.proposals=300 detector.roi_batch_size=128 (training lengths "
-                             "are the demo size's)")
+                             "features.proposals=300 detector.roi_batch_size=128 (with --quick / "
+                             "--tiny their training lengths win)")
     p.set_defaults(func=run)
 
 
