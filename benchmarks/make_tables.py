@@ -66,7 +66,8 @@ def reduce_metrics(m: dict, seed: Optional[int], note: str) -> dict:
                          for name, row in (m.get("ablation") or {}).items()},
             "zsd": groups(m.get("zsd")), "gzsd": groups(m.get("gzsd")),
             "gzsd_published": groups(m.get("gzsd_published")),
-            "timings_s": m.get("timings_s") or {},
+            "timings_s": m.get("timings_s") or {}, "total_s": m.get("total_s"),
+            "concurrent_stages": m.get("concurrent_stages") or [],
             "clip": {"source": clip.get("source"), "zero_shot_accuracy": clip.get("zero_shot_accuracy")}}
 
 
@@ -168,14 +169,22 @@ def demo_main_table(root: str) -> str:
     return table(["seed", "setting", "group", f"mAP (IoU {ious})", f"Recall@100 (IoU {ious})"], rows) + sources(runs)
 
 
+def run_seconds(run: dict) -> float:
+    """The run's wall time: ``total_s`` (older files: the sum of the stage times, which ran in turn)."""
+    return run["total_s"] if run.get("total_s") is not None else sum(run["timings_s"].values())
+
+
 def timings_table(root: str) -> str:
-    """Seconds per demo stage, per seed, and the total."""
+    """Seconds per demo stage, per seed, and the total (wall time; a stage that ran in a child
+    process alongside train-detector is marked)."""
     runs = load_family(root, "demo")
     if not runs:
         return placeholder("demo")
     stages = list(dict.fromkeys(s for r in runs for s in r["timings_s"]))
-    rows = [[s] + [fmt(r["timings_s"].get(s)) for r in runs] for s in stages]
-    rows.append(["**total**"] + [f"**{sum(r['timings_s'].values()):.0f}**" for r in runs])
+    concurrent = {s for r in runs for s in r.get("concurrent_stages") or []}
+    rows = [[s + (" (alongside train-detector)" if s in concurrent else "")] + [fmt(r["timings_s"].get(s)) for r in runs]
+            for s in stages]
+    rows.append(["**total**"] + [f"**{run_seconds(r):.0f}**" for r in runs])
     return table(["stage (s)"] + [f"seed {r.get('seed')}" for r in runs], rows) + sources(runs)
 
 
@@ -239,7 +248,7 @@ def quick_table(root: str) -> str:
         main = r["ablation"].get(r.get("method")) or {}
         rows.append([r.get("note") or r["file"], str(r.get("seed"))] + [fmt(v) for v in
                     (row_values([r], n, "zsd_map")[0] for n in names)] +
-                    [fmt(main.get("gzsd_hm")), f"{sum(r['timings_s'].values()):.0f}"])
+                    [fmt(main.get("gzsd_hm")), f"{run_seconds(r):.0f}"])
     return table(header, rows) + sources(runs)
 
 

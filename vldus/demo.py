@@ -9,6 +9,11 @@ published scoring) -> export (the main row) -> metrics. Each stage is the stage'
 nothing of the pipeline is implemented twice. The detector runs once over the test images
 (``vldus test --cache``); every variant and setting re-scores its stored box features.
 
+The CLIP and the detector do not depend on each other: on a machine with two or more cores the
+CLIP trains in a child process (``python -m vldus.cli train-clip``, output in
+``OUT/work/clip*.log``) while the detector trains here, each with half of torch's threads
+(intra-op threads speed these small models up far less than a second process does).
+
 Variants (same detector, features and class embeddings):
 
 - ``no_synthesis``: the compatibility classifier alone: its projection scored against the
@@ -42,7 +47,9 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
@@ -179,6 +186,22 @@ class StageFailed(RuntimeError):
         self.code = code
 
 
+@dataclass
+class Background:
+    """A stage command running in a child process (:meth:`Stages.start`)."""
+
+    name: str
+    proc: subprocess.Popen
+    log: str
+    started: float
+    ended: float = 0.0  # noted by ``waiter`` the moment the process ends
+    waiter: Optional[threading.Thread] = None
+
+    def _wait(self) -> None:
+        self.proc.wait()
+        self.ended = time.perf_counter()
+
+
 class Stages:
     """Runs stage commands in this process and records each one's wall time (seconds, summed
     over the runs of a stage that runs several times)."""
@@ -186,6 +209,7 @@ class Stages:
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.timings: dict[str, float] = {}
+        self.concurrent: list[str] = []  # stages that ran in a child process alongside others
 
     def run(self, name: str, argv: list[str]) -> None:
         from vldus import cli
@@ -195,6 +219,33 @@ class Stages:
             rc = cli.main(argv + (["--quiet"] if self.quiet else []))
         if rc:
             raise StageFailed(name, rc)
+
+    def start(self, name: str, argv: list[str], threads: int, log: str) -> "Background":
+        """Run a stage command in a child process with ``threads`` torch threads, its output
+        going to ``log``; :meth:`finish` waits for it."""
+        print(f"\n== {name} (in a child process, log {log}): vldus {' '.join(argv)}", flush=True)
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "vldus.cli", *argv, *(["--quiet"] if self.quiet else [])],
+                                    env=dict(os.environ, OMP_NUM_THREADS=str(threads)), stdout=f,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        job = Background(name, proc, log, time.perf_counter())
+        job.waiter = threading.Thread(target=job._wait, daemon=True)
+        job.waiter.start()
+        return job
+
+    def finish(self, job: "Background") -> None:
+        """Wait for ``job``; StageFailed (after the end of its log) when it failed."""
+        job.waiter.join()
+        rc, elapsed = job.proc.returncode, job.ended - job.started
+        self.timings[job.name] = self.timings.get(job.name, 0.0) + elapsed
+        self.concurrent.append(job.name)
+        print(f"== {job.name}: {elapsed:.1f} s (in a child process)", flush=True)
+        if rc:
+            with open(job.log, errors="replace") as f:
+                tail = f.read().strip().splitlines()
+            print("\n".join(tail[-1:] if rc == 2 else tail[-20:]), file=sys.stderr)
+            raise StageFailed(job.name, rc)
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -262,22 +313,35 @@ def demo_config(out: str, size: DemoSize, seed: int, overrides: Sequence[str] = 
 # --------------------------------------------------------------------------------------------
 # CLIP
 # --------------------------------------------------------------------------------------------
+def clip_training(args: argparse.Namespace, out: str, size: DemoSize, which: str,
+                  split_file: str) -> Optional[tuple[str, list[str], str]]:
+    """(stage name, ``train-clip`` argv, its --out folder) of the CLIP of ``which`` ("main" or
+    "exclude_unseen"); None when it is the user's (``--clip-weights``)."""
+    if which == "main" and args.clip_weights:
+        return None
+    folder = os.path.join(out, "clip" if which == "main" else "clip_exclude_unseen")
+    argv = ["train-clip", "--out", folder, "--seed", str(args.seed)]
+    if size.clip_steps is not None:
+        argv += ["--steps", str(size.clip_steps)]
+    if which == "exclude_unseen":
+        argv += ["--exclude-unseen", split_file]
+    return ("train-clip" if which == "main" else "train-clip (exclude unseen)"), argv, folder
+
+
 def prepare_clip(stages: Stages, args: argparse.Namespace, out: str, size: DemoSize, which: str,
-                 split_file: str) -> ClipFiles:
+                 split_file: str, trained: bool = False) -> ClipFiles:
     """The CLIP of ``which`` ("main" or "exclude_unseen"): the user's (``--clip-weights``) or one
-    trained by ``vldus train-clip``; plus the class text embeddings it gives (``vldus embed``)."""
+    trained by ``vldus train-clip`` (here, unless ``trained``: already in a child process); plus
+    the class text embeddings it gives (``vldus embed``)."""
     from vldus.clip import load_open_clip
 
-    if which == "main" and args.clip_weights:
+    training = clip_training(args, out, size, which, split_file)
+    if training is None:
         clip = ClipFiles(args.clip_arch or "ViT-B-32", args.clip_weights, "--clip-weights")
     else:
-        folder = os.path.join(out, "clip" if which == "main" else "clip_exclude_unseen")
-        argv = ["train-clip", "--out", folder, "--seed", str(args.seed)]
-        if size.clip_steps is not None:
-            argv += ["--steps", str(size.clip_steps)]
-        if which == "exclude_unseen":
-            argv += ["--exclude-unseen", split_file]
-        stages.run("train-clip" if which == "main" else "train-clip (exclude unseen)", argv)
+        name, argv, folder = training
+        if not trained:
+            stages.run(name, argv)
         with open(os.path.join(folder, "metrics.json")) as f:
             metrics = json.load(f)
         clip = ClipFiles(os.path.join(folder, "open_clip_config.json"),
@@ -380,7 +444,8 @@ def write_report(out: str, result: dict, pictures: list[str], size: DemoSize, ar
         lines += ["", "## Detector", "", "Seen mAP@0.5 on the validation images (never trained on), per epoch: "
                   + ", ".join(f"{v:.1f}" for v in val) + "."]
     lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in result["timings_s"].items()]
+    lines += [f"| {k}{' (in a child process, alongside train-detector)' if k in result['concurrent_stages'] else ''} "
+              f"| {v:.1f} |" for k, v in result["timings_s"].items()]
     lines += [f"| **total** | **{result['total_s']:.1f}** |"]
     lines += ["", "## Pictures", ""]
     lines += ["Detections (GZSD) on test images with unseen objects; unseen classes in their own colour:", ""]
@@ -435,8 +500,14 @@ def run_demo(args: argparse.Namespace) -> dict:
     """The whole demo, step by step; every step runs stage commands (see the module docstring)."""
     started = time.perf_counter()
     run = prepare_inputs(args)
-    prepare_clips(run)
-    detector = train_seen_detector(run)
+    clip_jobs = start_clip_training(run)
+    try:
+        detector = train_seen_detector(run, alongside=bool(clip_jobs))
+    except BaseException:
+        for job in clip_jobs.values():
+            job.proc.kill()
+        raise
+    prepare_clips(run, clip_jobs)
     extract_features(run)
     results = {name: synthesis_row(run, name, variant) for name, variant in run.rows.items()}
     results |= {name: region_row(run, row) for name, row in run.region_rows.items()}
@@ -466,6 +537,7 @@ def prepare_inputs(args: argparse.Namespace) -> DemoRun:
     stages.run("make-shapes", shapes_argv)
     cfg = demo_config(out, size, args.seed, args.set)
     os.makedirs(cfg.work_dir, exist_ok=True)
+    save_config(cfg, os.path.join(out, "config.yaml"))  # rewritten with the CLIP's width (prepare_clips)
     return DemoRun(args, out, size, stages, cfg, os.path.join(out, "config.yaml"), *demo_rows(size, args.ablation))
 
 
@@ -478,23 +550,59 @@ def demo_rows(size: DemoSize, ablation: bool) -> tuple[dict[str, Variant], dict[
     return rows, region_rows
 
 
-def prepare_clips(run: DemoRun) -> None:
-    """The CLIP(s) the rows distil from; then the config is written with the critic's width."""
-    needed = dict.fromkeys([v.clip for v in run.rows.values() if v.clip] +
-                           [v.clip for v in run.region_rows.values()])
-    run.clips = {which: prepare_clip(run.stages, run.args, run.out, run.size, which, run.cfg.split)
-                 for which in needed}
+def needed_clips(run: DemoRun) -> list[str]:
+    """The CLIPs ("main", "exclude_unseen") the run's rows distil from or score with."""
+    return list(dict.fromkeys([v.clip for v in run.rows.values() if v.clip] +
+                              [v.clip for v in run.region_rows.values()]))
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def start_clip_training(run: DemoRun) -> dict[str, Background]:
+    """On two or more cores: start training the CLIPs the demo trains itself, each in a child
+    process with half of torch's threads (module doc); {which: job}. {} on one core (they train
+    in turn in :func:`prepare_clips`)."""
+    if usable_cores() < 2:
+        return {}
+    threads = max(1, torch.get_num_threads() // 2)
+    jobs = {}
+    for which in needed_clips(run):
+        training = clip_training(run.args, run.out, run.size, which, run.cfg.split)
+        if training is not None:
+            name, argv, folder = training
+            jobs[which] = run.stages.start(name, argv, threads,
+                                           os.path.join(run.cfg.work_dir, os.path.basename(folder) + ".log"))
+    return jobs
+
+
+def prepare_clips(run: DemoRun, jobs: dict[str, Background]) -> None:
+    """The CLIP(s) the rows distil from (``jobs``: those training in child processes, waited for
+    here); then the config is written with the critic's width."""
+    for job in jobs.values():
+        run.stages.finish(job)
+    run.clips = {which: prepare_clip(run.stages, run.args, run.out, run.size, which, run.cfg.split,
+                                     trained=which in jobs)
+                 for which in needed_clips(run)}
     # The critic's feature layer is aligned with CLIP's embedding: every synthesis row gets the
     # same critic width, so the rows differ only in what they are named for.
     run.cfg.gan.d_feat = run.clips["main"].dim
     save_config(run.cfg, run.cfg_path)
 
 
-def train_seen_detector(run: DemoRun) -> dict:
-    """``vldus train-detector --validate``; returns its validation seen mAP (:func:`detector_validation`)."""
+def train_seen_detector(run: DemoRun, alongside: bool = False) -> dict:
+    """``vldus train-detector --validate``; returns its validation seen mAP (:func:`detector_validation`).
+    ``alongside``: CLIPs train in child processes meanwhile, so it keeps half of torch's threads."""
     from vldus.detection.train import latest_checkpoint
 
-    run.stages.run("train-detector", ["train-detector"] + run.base + ["--validate"])
+    threads = torch.get_num_threads()
+    if alongside:
+        torch.set_num_threads(max(1, threads - threads // 2))
+    try:
+        run.stages.run("train-detector", ["train-detector"] + run.base + ["--validate"])
+    finally:
+        torch.set_num_threads(threads)
     run.checkpoint = latest_checkpoint(run.cfg.path("detector"))
     return detector_validation(run.cfg.path("detector"))
 
@@ -703,7 +811,7 @@ def collect_metrics(run: DemoRun, results: dict[str, dict], detector: dict, bund
             "detector": detector, "bundle": bundle,
             "clip": {"source": main_clip.source, "arch": main_clip.arch, "weights": main_clip.weights,
                      "dim": main_clip.dim, **main_clip.metrics},
-            "ablation": ablation, "timings_s": run.stages.timings}
+            "ablation": ablation, "timings_s": run.stages.timings, "concurrent_stages": run.stages.concurrent}
 
 
 def region_summary(run: DemoRun, name: str, r: dict) -> dict:
@@ -746,7 +854,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--seed", type=int, default=0, help="benchmark and training seed")
     p.add_argument("--unseen", default=None, metavar="A,B,...", help="unseen classes (default: make-shapes')")
     p.add_argument("--quick", action="store_true",
-                   help="a smaller, shorter run (what the test suite trains; about 7 minutes on a 2-core CPU)")
+                   help="a smaller, shorter run (what the test suite trains; about 4 minutes on a 2-core CPU)")
     p.add_argument("--tiny", action="store_true",
                    help="a smoke run of every stage in about a minute (no meaningful metrics)")
     p.add_argument("--ablation", action="store_true",
