@@ -537,8 +537,9 @@ def prepare_inputs(args: argparse.Namespace) -> DemoRun:
     stages.run("make-shapes", shapes_argv)
     cfg = demo_config(out, size, args.seed, args.set)
     os.makedirs(cfg.work_dir, exist_ok=True)
-    save_config(cfg, os.path.join(out, "config.yaml"))  # rewritten with the CLIP's width (prepare_clips)
-    return DemoRun(args, out, size, stages, cfg, os.path.join(out, "config.yaml"), *demo_rows(size, args.ablation))
+    cfg_path = os.path.join(out, "config.yaml")
+    save_config(cfg, cfg_path)  # rewritten with the CLIP's width (prepare_clips)
+    return DemoRun(args, out, size, stages, cfg, cfg_path, *demo_rows(size, args.ablation))
 
 
 def demo_rows(size: DemoSize, ablation: bool) -> tuple[dict[str, Variant], dict[str, RegionRow]]:
@@ -557,6 +558,7 @@ def needed_clips(run: DemoRun) -> list[str]:
 
 
 def usable_cores() -> int:
+    """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
