@@ -45,6 +45,7 @@ FAMILIES = {
     "demo": "demo_seed*.json",          # vldus demo --seed N (default size)
     "ablation": "ablation_seed*.json",  # vldus demo --ablation --seed N
     "quick": "quick_*.json",            # vldus demo --quick (any machine / kernel set)
+    "kernels": "kernels_*.json",        # vldus demo (default size) with another kernel set
 }
 
 
@@ -67,8 +68,15 @@ def reduce_metrics(m: dict, seed: Optional[int], note: str) -> dict:
             "zsd": groups(m.get("zsd")), "gzsd": groups(m.get("gzsd")),
             "gzsd_published": groups(m.get("gzsd_published")),
             "timings_s": m.get("timings_s") or {}, "total_s": m.get("total_s"),
-            "concurrent_stages": m.get("concurrent_stages") or [],
+            "concurrent_stages": concurrent_stages(m),
             "clip": {"source": clip.get("source"), "zero_shot_accuracy": clip.get("zero_shot_accuracy")}}
+
+
+def concurrent_stages(m: dict) -> dict[str, str]:
+    """{stage run in a child process: the stage it ran beside} (runs before that record was a
+    mapping list only train-clip, beside train-detector)."""
+    stages = m.get("concurrent_stages") or {}
+    return stages if isinstance(stages, dict) else {s: "train-detector" for s in stages}
 
 
 def load_family(root: str, family: str) -> list[dict]:
@@ -176,13 +184,13 @@ def run_seconds(run: dict) -> float:
 
 def timings_table(root: str) -> str:
     """Seconds per demo stage, per seed, and the total (wall time; a stage that ran in a child
-    process alongside train-detector is marked)."""
+    process is marked with the stage it ran beside)."""
     runs = load_family(root, "demo")
     if not runs:
         return placeholder("demo")
     stages = list(dict.fromkeys(s for r in runs for s in r["timings_s"]))
-    concurrent = {s for r in runs for s in r.get("concurrent_stages") or []}
-    rows = [[s + (" (alongside train-detector)" if s in concurrent else "")] + [fmt(r["timings_s"].get(s)) for r in runs]
+    beside = {s: other for r in runs for s, other in concurrent_stages(r).items()}
+    rows = [[s + (f" (alongside {beside[s]})" if s in beside else "")] + [fmt(r["timings_s"].get(s)) for r in runs]
             for s in stages]
     rows.append(["**total**"] + [f"**{run_seconds(r):.0f}**" for r in runs])
     return table(["stage (s)"] + [f"seed {r.get('seed')}" for r in runs], rows) + sources(runs)
@@ -239,8 +247,22 @@ def ablation_table(root: str) -> str:
 def quick_table(root: str) -> str:
     """`vldus demo --quick` runs (one per file, labelled by its note)."""
     runs = load_family(root, "quick")
+    return runs_table(runs) if runs else placeholder("quick")
+
+
+def kernels_table(root: str) -> str:
+    """The default demo with another torch kernel set (one run per file), after the stored
+    default-kernel run of the same seed."""
+    runs = load_family(root, "kernels")
     if not runs:
-        return placeholder("quick")
+        return placeholder("kernels")
+    seeds = {r.get("seed") for r in runs}
+    return runs_table([r for r in load_family(root, "demo") if r.get("seed") in seeds] + runs)
+
+
+def runs_table(runs: list[dict]) -> str:
+    """One row per run (labelled by its note): ZSD mAP of every row that ran, the main row's
+    GZSD HM and the wall time."""
     names = list(dict.fromkeys(n for r in runs for n, row in r["ablation"].items() if row.get("status") == "ok"))
     header = ["run", "seed"] + [f"ZSD `{n}`" for n in names] + ["GZSD HM (main)", "time (s)"]
     rows = []
@@ -255,7 +277,7 @@ def quick_table(root: str) -> str:
 TABLES: dict[str, Callable[[str], str]] = {
     "demo": demo_table, "demo-main": demo_main_table, "demo-timings": timings_table,
     "demo-clip": clip_table, "demo-breakdown": breakdown_table, "ablation": ablation_table,
-    "quick": quick_table,
+    "quick": quick_table, "kernels": kernels_table,
 }
 
 

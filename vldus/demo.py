@@ -9,10 +9,11 @@ published scoring) -> export (the main row) -> metrics. Each stage is the stage'
 nothing of the pipeline is implemented twice. The detector runs once over the test images
 (``vldus test --cache``); every variant and setting re-scores its stored box features.
 
-The CLIP and the detector do not depend on each other: on a machine with two or more cores the
-CLIP trains in a child process (``python -m vldus.cli train-clip``, output in
-``OUT/work/clip*.log``) while the detector trains here, each with half of torch's threads
-(intra-op threads speed these small models up far less than a second process does).
+Stages that do not depend on each other run side by side on a machine with two or more cores,
+each with half of torch's threads (intra-op threads speed these small models up far less than a
+second process does): the CLIP trains in a child process (``python -m vldus.cli train-clip``,
+output in ``OUT/work/clip*.log``) while the detector trains here, and the synthesizers train two
+at a time (the second in a child process, ``OUT/work/synth_<row>.log``).
 
 Variants (same detector, features and class embeddings):
 
@@ -156,7 +157,8 @@ REGION_ROWS = {
                               description="CLIP on the detector's boxes x the detector's object probability (no synthesis)"),
     "vldus_ensemble": RegionRow("vldus_ensemble", "ensemble", "main", METHOD,
                                 description="ViLD's ensemble of synthesis_vldus and clip_regions (CLIP weight 1/3 "
-                                            "seen, 2/3 unseen)"),
+                                            "seen, 2/3 unseen; in GZSD the CLIP names unseen classes among "
+                                            "the unseen names only)"),
 }
 REGION_ABLATION = {
     "clip_regions_exclude_unseen": RegionRow(
@@ -193,6 +195,7 @@ class Background:
     name: str
     proc: subprocess.Popen
     log: str
+    beside: str  # the stage that runs in the parent meanwhile
     started: float
     ended: float = 0.0  # noted by ``waiter`` the moment the process ends
     waiter: Optional[threading.Thread] = None
@@ -209,7 +212,7 @@ class Stages:
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.timings: dict[str, float] = {}
-        self.concurrent: list[str] = []  # stages that ran in a child process alongside others
+        self.concurrent: dict[str, str] = {}  # {stage run in a child process: the stage run here beside it}
 
     def run(self, name: str, argv: list[str]) -> None:
         from vldus import cli
@@ -220,16 +223,16 @@ class Stages:
         if rc:
             raise StageFailed(name, rc)
 
-    def start(self, name: str, argv: list[str], threads: int, log: str) -> "Background":
+    def start(self, name: str, argv: list[str], threads: int, log: str, beside: str) -> "Background":
         """Run a stage command in a child process with ``threads`` torch threads, its output
-        going to ``log``; :meth:`finish` waits for it."""
+        going to ``log``, beside the stage ``beside`` here; :meth:`finish` waits for it."""
         print(f"\n== {name} (in a child process, log {log}): vldus {' '.join(argv)}", flush=True)
         os.makedirs(os.path.dirname(log), exist_ok=True)
         with open(log, "w") as f:
             proc = subprocess.Popen([sys.executable, "-m", "vldus.cli", *argv, *(["--quiet"] if self.quiet else [])],
                                     env=dict(os.environ, OMP_NUM_THREADS=str(threads)), stdout=f,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        job = Background(name, proc, log, time.perf_counter())
+        job = Background(name, proc, log, beside, time.perf_counter())
         job.waiter = threading.Thread(target=job._wait, daemon=True)
         job.waiter.start()
         return job
@@ -239,7 +242,7 @@ class Stages:
         job.waiter.join()
         rc, elapsed = job.proc.returncode, job.ended - job.started
         self.timings[job.name] = self.timings.get(job.name, 0.0) + elapsed
-        self.concurrent.append(job.name)
+        self.concurrent[job.name] = job.beside
         print(f"== {job.name}: {elapsed:.1f} s (in a child process)", flush=True)
         if rc:
             with open(job.log, errors="replace") as f:
@@ -444,8 +447,9 @@ def write_report(out: str, result: dict, pictures: list[str], size: DemoSize, ar
         lines += ["", "## Detector", "", "Seen mAP@0.5 on the validation images (never trained on), per epoch: "
                   + ", ".join(f"{v:.1f}" for v in val) + "."]
     lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k}{' (in a child process, alongside train-detector)' if k in result['concurrent_stages'] else ''} "
-              f"| {v:.1f} |" for k, v in result["timings_s"].items()]
+    beside = result["concurrent_stages"]
+    lines += [f"| {k}{f' (in a child process, alongside {beside[k]})' if k in beside else ''} | {v:.1f} |"
+              for k, v in result["timings_s"].items()]
     lines += [f"| **total** | **{result['total_s']:.1f}** |"]
     lines += ["", "## Pictures", ""]
     lines += ["Detections (GZSD) on test images with unseen objects; unseen classes in their own colour:", ""]
@@ -501,16 +505,10 @@ def run_demo(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     run = prepare_inputs(args)
     clip_jobs = start_clip_training(run)
-    try:
-        detector = train_seen_detector(run, alongside=bool(clip_jobs))
-    except BaseException:
-        for job in clip_jobs.values():
-            job.proc.kill()
-        raise
+    detector = train_seen_detector(run, list(clip_jobs.values()))
     prepare_clips(run, clip_jobs)
     extract_features(run)
-    results = {name: synthesis_row(run, name, variant) for name, variant in run.rows.items()}
-    results |= {name: region_row(run, row) for name, row in run.region_rows.items()}
+    results = rows_and_results(run)
     pictures = draw_pictures(run)
     disagreement = disagreement_picture(run, [METHOD, *REGION_ROWS]) if set(REGION_ROWS) <= set(results) else None
     bundle = export_main_row(run)
@@ -568,14 +566,15 @@ def start_clip_training(run: DemoRun) -> dict[str, Background]:
     in turn in :func:`prepare_clips`)."""
     if usable_cores() < 2:
         return {}
-    threads = max(1, torch.get_num_threads() // 2)
+    threads = child_threads()
     jobs = {}
     for which in needed_clips(run):
         training = clip_training(run.args, run.out, run.size, which, run.cfg.split)
         if training is not None:
             name, argv, folder = training
             jobs[which] = run.stages.start(name, argv, threads,
-                                           os.path.join(run.cfg.work_dir, os.path.basename(folder) + ".log"))
+                                           os.path.join(run.cfg.work_dir, os.path.basename(folder) + ".log"),
+                                           "train-detector")
     return jobs
 
 
@@ -593,20 +592,38 @@ def prepare_clips(run: DemoRun, jobs: dict[str, Background]) -> None:
     save_config(run.cfg, run.cfg_path)
 
 
-def train_seen_detector(run: DemoRun, alongside: bool = False) -> dict:
-    """``vldus train-detector --validate``; returns its validation seen mAP (:func:`detector_validation`).
-    ``alongside``: CLIPs train in child processes meanwhile, so it keeps half of torch's threads."""
+def train_seen_detector(run: DemoRun, clips: Sequence[Background] = ()) -> dict:
+    """``vldus train-detector --validate`` (``clips``: the CLIPs training in child processes
+    meanwhile); returns its validation seen mAP (:func:`detector_validation`)."""
     from vldus.detection.train import latest_checkpoint
 
-    threads = torch.get_num_threads()
-    if alongside:
-        torch.set_num_threads(max(1, threads - threads // 2))
-    try:
+    with beside(clips):
         run.stages.run("train-detector", ["train-detector"] + run.base + ["--validate"])
-    finally:
-        torch.set_num_threads(threads)
     run.checkpoint = latest_checkpoint(run.cfg.path("detector"))
     return detector_validation(run.cfg.path("detector"))
+
+
+def child_threads() -> int:
+    """torch threads of a stage in a child process beside a stage here: half of them."""
+    return max(1, torch.get_num_threads() // 2)
+
+
+@contextlib.contextmanager
+def beside(jobs: Sequence[Background]) -> Iterator[None]:
+    """While the enclosed stages run here, ``jobs`` run in child processes: half of torch's
+    threads are left to them (intra-op threads speed these small models up far less than a second
+    process does), and a failure here kills them. The caller waits for them (:meth:`Stages.finish`)."""
+    threads = torch.get_num_threads()
+    if jobs:
+        torch.set_num_threads(max(1, threads - child_threads()))
+    try:
+        yield
+    except BaseException:
+        for job in jobs:
+            job.proc.kill()
+        raise
+    finally:
+        torch.set_num_threads(threads)
 
 
 def detector_validation(det_dir: str) -> dict:
@@ -637,12 +654,13 @@ def extract_features(run: DemoRun) -> None:
     run.stages.run("compat-classifier", ["train-unseen-classifier"] + run.base)
 
 
-def synthesis_row(run: DemoRun, name: str, variant: Variant) -> dict:
-    """One row: its unseen classifier (synthesized, or the compatibility classifier alone) and
-    its test passes; returns {setting: metrics} for each of :data:`SETTINGS`."""
+def row_classifier(run: DemoRun, name: str, variant: Variant) -> Optional[tuple[str, list[str]]]:
+    """Make the row's unseen classifier (``OUT/work/synth_<row>/classifier_best.pth``) where that
+    is quick: the compatibility classifier as rows, and, for a row named on CLIP text embeddings,
+    its compatibility classifier on them. Returns the synthesizer still to train as (stage name,
+    ``train-generator`` argv); None for a row without synthesis."""
     synth_dir = run.cfg.path(f"synth_{name}")
     os.makedirs(synth_dir, exist_ok=True)
-    classifier = os.path.join(synth_dir, "classifier_best.pth")
     overrides: list[str] = []
     if variant.clip:
         clip = run.clips[variant.clip]
@@ -657,11 +675,54 @@ def synthesis_row(run: DemoRun, name: str, variant: Variant) -> dict:
         compat_argv = ["--compat-classifier", compat]
     if variant.generator is None:
         with run.stages.timed(f"classifier ({name})"):
-            compat_as_classifier(run.cfg, classifier)
-    else:
-        run.stages.run(f"synthesizer ({name})", ["train-generator"] + run.base + [
-            "--out-dir", synth_dir, "--checkpoint", run.checkpoint, *variant.generator, *compat_argv] +
-            (["--set", *overrides] if overrides else []))
+            compat_as_classifier(run.cfg, os.path.join(synth_dir, "classifier_best.pth"))
+        return None
+    return f"synthesizer ({name})", ["train-generator"] + run.base + [
+        "--out-dir", synth_dir, "--checkpoint", run.checkpoint, *variant.generator, *compat_argv] + \
+        (["--set", *overrides] if overrides else [])
+
+
+def rows_and_results(run: DemoRun) -> dict[str, dict]:
+    """Every row's unseen classifier and test passes; {row: {setting: metrics}} in the rows'
+    order. On two or more cores the synthesizers train two at a time, each with half of torch's
+    threads (one left over alone with all of them): the second of a pair, in the rows' order, in
+    a child process (log ``OUT/work/synth_<row>.log``), while the first trains here and then the
+    rows whose classifiers are ready (and the ``clip_regions`` rows) are tested here."""
+    synthesizers = [(name, *stage) for name, variant in run.rows.items()
+                    if (stage := row_classifier(run, name, variant)) is not None]
+    ready = [name for name in run.rows if name not in {row for row, _, _ in synthesizers}]
+    results: dict[str, dict] = {}
+    at_once = 2 if usable_cores() >= 2 else 1
+    for k in range(0, len(synthesizers), at_once):
+        (row, stage, argv), *others = synthesizers[k:k + at_once]
+        jobs = [run.stages.start(other, other_argv, child_threads(), run.cfg.path(f"synth_{other_row}.log"), stage)
+                for other_row, other, other_argv in others]
+        with beside(jobs):
+            run.stages.run(stage, argv)
+            ready.append(row)
+            test_ready_rows(run, ready, results)
+        for job in jobs:
+            run.stages.finish(job)
+        ready += [other_row for other_row, _, _ in others]
+    test_ready_rows(run, ready, results)
+    return {name: results[name] for name in [*run.rows, *run.region_rows]}
+
+
+def test_ready_rows(run: DemoRun, ready: Sequence[str], results: dict[str, dict]) -> None:
+    """Test the rows not yet in ``results`` that can be: the synthesis rows ``ready`` (their
+    classifiers made) and the CLIP-on-boxes rows whose synthesis row, if they use one, is tested."""
+    for name in ready:
+        if name not in results:
+            results[name] = row_results(run, name)
+    for name, row in run.region_rows.items():
+        if name not in results and (row.classifier is None or row.classifier in results):
+            results[name] = region_row(run, row)
+
+
+def row_results(run: DemoRun, name: str) -> dict:
+    """The test passes of a synthesis row whose classifier is made; {setting: metrics} for each
+    of :data:`SETTINGS`."""
+    classifier = os.path.join(run.cfg.path(f"synth_{name}"), "classifier_best.pth")
     return {setting: run_test_pass(run, name, classifier, setting) for setting in SETTINGS}
 
 
