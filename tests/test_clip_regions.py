@@ -53,6 +53,32 @@ def test_clip_probs_use_the_logit_scale():
     assert torch.allclose(p, torch.tensor([[0.75, 0.25]]))
 
 
+def test_unseen_names_apart_in_the_gzsd_ensemble():
+    """Step 7: the unseen columns are the softmax over the unseen names alone; the seen columns
+    stay the softmax over all names (with the unseen ones in the denominator)."""
+    emb = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])  # names a, b, c, d
+    everything = cr.clip_probs(emb, text, logit_scale=2.0)
+    apart = cr.clip_probs_unseen_apart(emb, text, 2.0, [1, 3])
+    assert torch.equal(apart[:, [0, 2]], everything[:, [0, 2]])
+    assert torch.allclose(apart[:, [1, 3]], cr.clip_probs(emb, text[[1, 3]], 2.0))
+    assert torch.allclose(apart[:, [1, 3]].sum(1), torch.ones(2))
+    assert not torch.allclose(apart[:, [1, 3]], everything[:, [1, 3]])
+    assert torch.equal(cr.clip_probs_unseen_apart(emb, text, 2.0, []), everything)
+    # only the GZSD ensemble gives them apart
+    split = _split()
+
+    class Clip:
+        def text_rows(self, names):
+            return torch.eye(4)[:len(names)]
+
+    def cols(scoring, setting, names="unseen"):
+        return cr.RegionScorer(scoring, Clip(), split, setting, unseen_names=names).unseen_cols
+
+    assert cols("ensemble", "gzsd") == [1, 3]  # names a, b, c, d: b and d unseen
+    assert cols("ensemble", "gzsd", "all") == cols("ensemble", "zsd") == cols("clip-regions", "gzsd") == []
+
+
 def test_ensemble_weights_zero_and_one_give_either_method():
     split = _split()
     p_v = torch.tensor([[0.1, 0.0, 0.5, 0.0, 0.4], [0.6, 0.0, 0.0, 0.0, 0.4]])
@@ -153,8 +179,10 @@ def test_clip_regions_zsd_without_synthesis_and_cached(project, tmp_path, tiny_c
 def test_ensemble_with_clip_weight_one_is_clip_regions(project, tmp_path, tiny_clip, setting):
     syn = ["--syn-weights", str(project / "cls.pth")]
     regions, _ = _test(project, tmp_path, tiny_clip, "r", setting, *syn, "--scoring", "clip-regions")
+    # (in GZSD with the unseen CLIP probabilities over all names, as clip-regions has them)
+    names = ["--ensemble-unseen-names", "all"] if setting == "--gzsd" else []
     ens, m = _test(project, tmp_path, tiny_clip, "e", setting, *syn, "--scoring", "ensemble",
-                   "--ensemble-weights", "1,1")
+                   "--ensemble-weights", "1,1", *names)
     assert m["scoring"]["ensemble_weights"]["seen"] == 1.0
     assert len(ens) == len(regions) > 0
     for a, b in zip(sorted(ens, key=lambda d: -d["score"]), sorted(regions, key=lambda d: -d["score"])):
@@ -179,7 +207,7 @@ def test_ensemble_default_weights_fixed_before_any_test_data(project, tmp_path, 
                  "--scoring", "ensemble")
     w = m["scoring"]["ensemble_weights"]
     assert (w["seen"], w["unseen"]) == pytest.approx((1 / 3, 2 / 3)) and "fixed in advance" in w["source"]
-    assert m["scoring"]["names"] == "all"
+    assert m["scoring"]["names"] == "all" and m["scoring"]["ensemble_unseen_names"] == "unseen"
 
 
 def test_bad_options(project, tmp_path, cli_error, tiny_clip):
@@ -191,6 +219,11 @@ def test_bad_options(project, tmp_path, cli_error, tiny_clip):
                                                      "ensemble", "--clip-weights", tiny_clip.weights_path,
                                                      "--ensemble-weights", "2,0"])
     assert "--syn-weights" in cli_error(base + ["--scoring", "ensemble", "--clip-weights", tiny_clip.weights_path])
+    ensemble = base + ["--syn-weights", str(project / "cls.pth"), "--clip-weights", tiny_clip.weights_path]
+    assert "--ensemble-unseen-names: applies to --gzsd only" in cli_error(
+        ensemble + ["--scoring", "ensemble", "--ensemble-unseen-names", "all"])
+    assert "--ensemble-unseen-names: applies to --scoring ensemble only" in cli_error(
+        ensemble + ["--scoring", "clip-regions", "--ensemble-unseen-names", "all"])
 
 
 def test_boxes_the_detector_calls_background_are_not_asked(tiny_clip, monkeypatch):

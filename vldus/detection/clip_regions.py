@@ -27,6 +27,13 @@ so the same boxes the VLDUS head scores):
    the CLIP's weight, one for seen classes, one for unseen (:data:`ENSEMBLE_WEIGHTS`: ViLD's
    lambda = 2/3, fixed in advance, never chosen on test data). ``w = 0`` gives VLDUS's scores
    on the class-agnostic boxes, ``w = 1`` gives ``clip-regions``.
+7. In GZSD the ensemble's ``p_clip`` of an **unseen** class is the softmax over the unseen names
+   only (:data:`UNSEEN_NAMES` "unseen", the default): the CLIP says which unseen class, as the
+   VLDUS head's unseen group does, and never that an object is an unseen class rather than a
+   seen one, which a CLIP that never saw the unseen classes gets wrong (it names them as their
+   seen look-alikes). A **seen** class's ``p_clip`` stays the softmax over all names, so the CLIP
+   can still say that a box is no seen object. "all": every ``p_clip`` over all names, as
+   ``clip-regions``.
 
 Thresholding, per-class NMS and the ``detections_per_img`` cut are torchvision's own
 ``postprocess_detections`` (fed log-probabilities, as :class:`vldus.detection.zsd.ZSDPredictor`).
@@ -61,6 +68,8 @@ SCORINGS = ("vldus", "clip-regions", "ensemble")
 # The CLIP's weight w in the ensemble, per group: ViLD's lambda = 2/3 (Gu et al., ICLR 2022, ensemble:
 # p_text^(2/3) p_image^(1/3) for base classes, p_text^(1/3) p_image^(2/3) for novel ones).
 ENSEMBLE_WEIGHTS = {"seen": 1.0 / 3.0, "unseen": 2.0 / 3.0}
+# Which names the GZSD ensemble's CLIP probability of an unseen class is a softmax over (step 7).
+UNSEEN_NAMES = ("unseen", "all")
 CROP_MARGIN = 0.1  # train-clip's ClipTrainConfig.crop_margin
 # Boxes the detector gives p_obj <= this are not cropped (their p_clip = 0): about 2/3 of a
 # quick-demo detector's proposals. None of them could pass score_thresh 0.05: clip-regions scores are
@@ -83,6 +92,17 @@ def clip_probs(embeddings: Tensor, text: Tensor, logit_scale: float) -> Tensor:
     """(R, K) softmax over K names of ``logit_scale * embeddings (R, d) @ text (K, d).T``
     (both unit rows)."""
     return F.softmax(logit_scale * embeddings.float() @ text.float().T, dim=1)
+
+
+def clip_probs_unseen_apart(embeddings: Tensor, text: Tensor, logit_scale: float,
+                            unseen_cols: Sequence[int]) -> Tensor:
+    """(R, K) :func:`clip_probs` over all K names, except the columns ``unseen_cols``: the softmax
+    over those names alone (each row's unseen columns sum to 1)."""
+    probs = clip_probs(embeddings, text, logit_scale)
+    cols = list(unseen_cols)
+    if cols:
+        probs[:, cols] = clip_probs(embeddings, text[cols], logit_scale)
+    return probs
 
 
 def region_probs(p_obj: Tensor, p_clip: Tensor, name_ids: Sequence[int], num_cols: int) -> Tensor:
@@ -227,15 +247,23 @@ class RegionScorer:
     pass's time (``clip_s``, crops + encoder) and the crop-cache hits."""
 
     def __init__(self, scoring: str, clip: RegionClip, split: Split, setting: str,
-                 weights: Optional[dict] = None, cache: Optional[CropCache] = None):
+                 weights: Optional[dict] = None, cache: Optional[CropCache] = None,
+                 unseen_names: str = UNSEEN_NAMES[0]):
         if scoring not in SCORINGS[1:]:
             raise ValueError(f"scoring must be one of {SCORINGS[1:]}, got {scoring!r}")
+        if unseen_names not in UNSEEN_NAMES:
+            raise ValueError(f"unseen_names must be one of {UNSEEN_NAMES}, got {unseen_names!r}")
         if setting not in ("zsd", "gzsd"):
             raise InputError(f"--scoring {scoring}", "applies to --zsd / --gzsd only")
         self.scoring, self.clip, self.split, self.setting = scoring, clip, split, setting
         self.name_ids = list(split.unseen_ids) if setting == "zsd" else list(range(1, split.num_classes + 1))
         self.text = clip.text_rows([split.classes[i - 1] for i in self.name_ids])
         self.weights = dict(ENSEMBLE_WEIGHTS if weights is None else weights)
+        self.unseen_names = unseen_names
+        # columns of p_clip given apart (step 7): the unseen names of the GZSD ensemble
+        apart = scoring == "ensemble" and setting == "gzsd" and unseen_names == "unseen"
+        unseen = set(split.unseen_ids)
+        self.unseen_cols = [k for k, i in enumerate(self.name_ids) if i in unseen] if apart else []
         self.cache = cache
         self.clip_s = 0.0
         self.hits = self.misses = 0
@@ -251,6 +279,8 @@ class RegionScorer:
         if self.scoring == "ensemble":
             out["ensemble_weights"] = {**self.weights, "source": "fixed in advance: ViLD's lambda = 2/3"
                                        if self.weights == ENSEMBLE_WEIGHTS else "given"}
+            if self.setting == "gzsd":
+                out["ensemble_unseen_names"] = self.unseen_names
         return out
 
     def embeddings(self, image: Optional[Tensor], image_path: str, boxes: Tensor) -> Tensor:
@@ -286,7 +316,7 @@ class RegionScorer:
         asked = p_obj > MIN_OBJECTNESS
         emb = self.embeddings(image, image_path, reg.boxes[asked])
         p_clip = p_obj.new_zeros((len(p_obj), len(self.name_ids)))
-        p_clip[asked] = clip_probs(emb, self.text, self.clip.logit_scale)
+        p_clip[asked] = clip_probs_unseen_apart(emb, self.text, self.clip.logit_scale, self.unseen_cols)
         probs = region_probs(p_obj, p_clip, self.name_ids, reg.logits.shape[1])
         if self.scoring == "clip-regions":
             return reg, probs, 1.0

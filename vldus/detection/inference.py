@@ -284,6 +284,10 @@ def add_parser(sub, common) -> None:
     p.add_argument("--ensemble-weights", default=None, metavar="W_SEEN,W_UNSEEN",
                    help="the CLIP's weight in --scoring ensemble for seen and unseen classes "
                         "(default 1/3,2/3: ViLD's, fixed in advance)")
+    p.add_argument("--ensemble-unseen-names", default=None, choices=("unseen", "all"),
+                   help="--gzsd --scoring ensemble: the CLIP's probability of an unseen class is a "
+                        "softmax over the unseen names only (default: the CLIP says which unseen "
+                        "class, never unseen rather than seen) or over all names (as clip-regions)")
     p.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) if available, else cpu")
     add_set_argument(p)
     p.set_defaults(func=run)
@@ -309,11 +313,14 @@ def _check_args(args: argparse.Namespace, cfg: Config) -> None:
         if not args.clip_weights:
             raise InputError(f"--scoring {args.scoring}", "needs --clip-weights FILE (a local CLIP)")
     else:
-        for name in ("clip_weights", "clip_arch", "clip_margin", "ensemble_weights"):
+        for name in ("clip_weights", "clip_arch", "clip_margin", "ensemble_weights", "ensemble_unseen_names"):
             if getattr(args, name) is not None:
                 raise InputError(f"--{name.replace('_', '-')}", "applies to --scoring clip-regions / ensemble only")
-    if args.ensemble_weights is not None and args.scoring != "ensemble":
-        raise InputError("--ensemble-weights", "applies to --scoring ensemble only")
+    for name in ("ensemble_weights", "ensemble_unseen_names"):
+        if getattr(args, name) is not None and args.scoring != "ensemble":
+            raise InputError(f"--{name.replace('_', '-')}", "applies to --scoring ensemble only")
+    if args.ensemble_unseen_names is not None and args.setting != "gzsd":
+        raise InputError("--ensemble-unseen-names", "applies to --gzsd only")
 
 
 def check_inference_config(cfg: Config) -> None:
@@ -341,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
              show_dir=args.show_dir, show_thresh=args.show_thresh, max_images=args.max_images,
              device=args.device, quiet=args.quiet, cache_dir=args.cache, cache_dtype=args.cache_dtype,
              scoring=args.scoring, clip_weights=args.clip_weights, clip_arch=args.clip_arch,
-             clip_margin=args.clip_margin, ensemble_weights=parse_ensemble_weights(args.ensemble_weights))
+             clip_margin=args.clip_margin, ensemble_weights=parse_ensemble_weights(args.ensemble_weights),
+             ensemble_unseen_names=args.ensemble_unseen_names)
     return 0
 
 
@@ -364,14 +372,15 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
              device: Optional[str] = None, quiet: bool = False, cache_dir: Optional[str] = None,
              cache_dtype: str = "float32", scoring: str = "vldus", clip_weights: Optional[str] = None,
              clip_arch: Optional[str] = None, clip_margin: Optional[float] = None,
-             ensemble_weights: Optional[dict] = None) -> Optional[dict]:
+             ensemble_weights: Optional[dict] = None, ensemble_unseen_names: Optional[str] = None) -> Optional[dict]:
     """The whole ``vldus test`` (see the module docstring); returns the metrics on rank 0, else None.
 
     ``setting``: 'zsd' | 'gzsd' (need ``syn_weights``) | 'seen'. Under torchrun every rank calls it.
     ``cache_dir``: :mod:`vldus.detection.cache` folder (each rank stores the entries of its images).
     ``scoring``: 'vldus' | 'clip-regions' (``syn_weights`` optional) | 'ensemble', with the CLIP
-    ``clip_weights`` / ``clip_arch``, crop margin ``clip_margin`` and the ensemble's CLIP weights
-    ``{"seen", "unseen"}`` (:mod:`vldus.detection.clip_regions`; written to ``--metrics`` as
+    ``clip_weights`` / ``clip_arch``, crop margin ``clip_margin``, the ensemble's CLIP weights
+    ``{"seen", "unseen"}`` and the names of its unseen CLIP probabilities in GZSD
+    ``ensemble_unseen_names`` (:mod:`vldus.detection.clip_regions`; written to ``--metrics`` as
     ``"scoring"``, with the CLIP pass's time).
     """
     from vldus.detection.cache import DetectorCache
@@ -422,7 +431,7 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         regions = None
         if scoring != "vldus":
             regions = region_scorer(scoring, split, setting, device, cache, clip_weights, clip_arch, clip_margin,
-                                    ensemble_weights)
+                                    ensemble_weights, ensemble_unseen_names)
 
         show = None
         if show_dir:
@@ -474,10 +483,10 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
 
 def region_scorer(scoring: str, split: Split, setting: str, device, cache: Optional[DetectorCache],
                   clip_weights: Optional[str], clip_arch: Optional[str], clip_margin: Optional[float],
-                  ensemble_weights: Optional[dict]) -> RegionScorer:
+                  ensemble_weights: Optional[dict], ensemble_unseen_names: Optional[str] = None) -> RegionScorer:
     """The :class:`vldus.detection.clip_regions.RegionScorer` of ``--scoring clip-regions | ensemble``,
     its crop cache inside the detector cache's key folder when there is one."""
-    from vldus.detection.clip_regions import CROP_MARGIN, CropCache, RegionClip, RegionScorer
+    from vldus.detection.clip_regions import CROP_MARGIN, UNSEEN_NAMES, CropCache, RegionClip, RegionScorer
 
     if not clip_weights:
         raise InputError(f"--scoring {scoring}", "needs --clip-weights FILE (a local CLIP)")
@@ -486,4 +495,4 @@ def region_scorer(scoring: str, split: Split, setting: str, device, cache: Optio
     if cache is not None:
         crops = CropCache(cache.dir, clip.key)
         crops.prepare()
-    return RegionScorer(scoring, clip, split, setting, ensemble_weights, crops)
+    return RegionScorer(scoring, clip, split, setting, ensemble_weights, crops, ensemble_unseen_names or UNSEEN_NAMES[0])
