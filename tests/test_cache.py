@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,7 +57,6 @@ def test_cached_rescoring_equals_torchvision_forward(project, tmp_path, setting)
     read back, then score_image: what vldus test and the API run) give torchvision's own
     ``model([image])`` in eval mode, with the detector's own predictor ("plain") or a ZSD head
     installed as its box_predictor: same boxes, scores and labels."""
-    import numpy as np
     from PIL import Image
 
     from vldus.config import load_config
@@ -169,17 +169,27 @@ def test_damaged_entry_is_one_line_exit_2(project, tmp_path, cli_error):
 
 
 def test_two_processes_fill_the_cache_one_process_reuses_it(project, tmp_path, capsys):
+    """tools/dist_test.sh, 2 gloo processes: rank 0 alone writes and reports, the detections and
+    ground truth are one process's (without a cache), and one process re-scores the cache the
+    two filled to the same detections."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, PORT=str(_free_port()),
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cache = str(tmp_path / "cache")
-    common = ["--syn-weights", str(project / "cls.pth"), "--gzsd", "--cache", cache]
+    common = ["--syn-weights", str(project / "cls.pth"), "--gzsd"]
     two = [os.path.join(ROOT, "tools", "dist_test.sh"), str(project / "tiny.yaml"), str(project / "det.pth"), "2",
-           *common, "--quiet", "--out", str(tmp_path / "two.json")]
+           *common, "--cache", cache, "--quiet", "--out", str(tmp_path / "two.json")]
     done = subprocess.run(two, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("test: gzsd: 4 images") == 1  # rank 0 alone writes and reports
     assert "cache: 0 of 4 images re-scored" in done.stdout
-    assert main(cli_args(project, *common, "--out", str(tmp_path / "one.json"))) == 0
+    assert main(cli_args(project, *common, "--quiet", "--out", str(tmp_path / "alone.json"))) == 0  # one thread, like OMP=1
+    assert main(cli_args(project, *common, "--cache", cache, "--out", str(tmp_path / "one.json"))) == 0
     assert "cache: 4 of 4 images re-scored" in capsys.readouterr().out
-    a, b = _read(tmp_path / "one.json"), _read(tmp_path / "two.json")
-    assert len(a) == len(b) > 0
-    assert [(d["image_id"], d["category_id"]) for d in a] == [(d["image_id"], d["category_id"]) for d in b]
+    alone = _read(tmp_path / "alone.json")
+    assert len(alone) > 0
+    for other in ("two", "one"):
+        dets = _read(tmp_path / f"{other}.json")
+        assert [(d["image_id"], d["category_id"]) for d in dets] == [(d["image_id"], d["category_id"]) for d in alone]
+        np.testing.assert_allclose([d["bbox"] + [d["score"]] for d in dets], [d["bbox"] + [d["score"]] for d in alone],
+                                   rtol=0, atol=1e-4)
+        assert _read(tmp_path / f"{other}.gt.json") == _read(tmp_path / "alone.gt.json")
