@@ -1,0 +1,165 @@
+"""`vldus demo` without running it: bad input, defaults, how it reads the detector's validation,
+and how it schedules stages side by side (child processes, threads, the order of the test
+passes). Kept apart from tests/test_demo.py so that these run on the pytest-xdist worker that
+does not train the quick demo."""
+import json
+import os
+
+import pytest
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--unseen", "purple blob"], "--unseen: 'purple blob'"),
+    (["--unseen", "blue circle,blue square,blue triangle,blue star"], "--unseen"),
+    (["--clip-weights", "/nonexistent/clip.safetensors"], "/nonexistent/clip.safetensors: CLIP weights file"),
+    (["--clip-arch", "ViT-B-32"], "--clip-arch: needs --clip-weights"),
+    (["--set", "detector.roi_sampling=1"], "roi_sampling_ratio"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, cli_error, argv, expected):
+    err = cli_error(["demo", "--out", str(tmp_path / "out"), "--quick", *argv])
+    assert expected in err
+    assert not os.path.exists(tmp_path / "out")  # refused before any work
+
+
+def test_out_defaults_to_the_makefiles_demo_out():
+    from vldus.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).out == "demo_out"
+
+
+def test_detector_validation_from_either_file(tmp_path):
+    """The demo reads validation mAP from the detector's metrics.json, or from its log.jsonl."""
+    from vldus.demo import detector_validation
+
+    (tmp_path / "log.jsonl").write_text(
+        '{"epoch": 1, "iter": 10, "loss": 1.0}\n'
+        '{"epoch": 1, "loss": 1.0, "val": {"seen_map": {"0.5": 40.0}}}\n'
+        '{"epoch": 2, "loss": 0.5, "val": {"seen_map": {"0.5": 55.5}}}\n')
+    assert detector_validation(str(tmp_path)) == {"val_seen_map50": 55.5, "per_epoch": [40.0, 55.5]}
+    (tmp_path / "metrics.json").write_text(json.dumps({"validation": {
+        "per_epoch": [{"epoch": 1, "val_seen_map50": 41.0}, {"epoch": 2, "val_seen_map50": 60.0}],
+        "last": {"epoch": 2, "val_seen_map50": 60.0}}}))
+    assert detector_validation(str(tmp_path)) == {"val_seen_map50": 60.0, "per_epoch": [41.0, 60.0]}
+    (tmp_path / "metrics.json").write_text("{}")
+    assert detector_validation(str(tmp_path)) == {}
+
+
+def test_a_failed_child_stage_is_reported(tmp_path, capsys):
+    """A stage in a child process (train-clip beside train-detector) that fails stops the demo
+    with its exit code and the end of its log on stderr (bad input: its one error line, as in the
+    foreground); its time is still recorded. (The quick demo runs the path that succeeds.)"""
+    from vldus.demo import StageFailed, Stages
+
+    stages = Stages(quiet=True)
+    job = stages.start("train-clip", ["train-clip", "--steps", "many"], 1, str(tmp_path / "work" / "clip.log"),
+                       "train-detector")
+    with pytest.raises(StageFailed) as failed:
+        stages.finish(job)
+    assert failed.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0] and "many" in err[0]
+    assert stages.concurrent == {"train-clip": "train-detector"} and 0 < stages.timings["train-clip"] < 60
+
+
+class RecordingStages:
+    """Stands in for :class:`vldus.demo.Stages`: records what would run where, with how many
+    torch threads; ``fail`` names a stage that fails here."""
+
+    def __init__(self, fail: str = ""):
+        self.calls: list[tuple] = []
+        self.killed: list[str] = []
+        self.fail = fail
+
+    def run(self, name, argv):
+        import torch
+
+        from vldus.demo import StageFailed
+
+        self.calls.append(("here", name, torch.get_num_threads()))
+        if name == self.fail:
+            raise StageFailed(name, 1)
+
+    def start(self, name, argv, threads, log, beside):
+        from types import SimpleNamespace
+
+        self.calls.append(("child", name, threads, beside, os.path.basename(log)))
+        return SimpleNamespace(name=name, proc=SimpleNamespace(kill=lambda: self.killed.append(name)))
+
+    def finish(self, job):
+        self.calls.append(("finish", job.name))
+
+
+def demo_schedule(monkeypatch, rows, cores: int, region_rows=None, stages=None) -> RecordingStages:
+    """What :func:`vldus.demo.rows_and_results` runs for ``rows`` (every row but no_synthesis has a
+    synthesizer) and ``region_rows`` on ``cores`` cores with four torch threads; test passes are
+    recorded as ("test", row, threads)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vldus import demo
+
+    stages = stages or RecordingStages()
+
+    def tested(run, name):
+        stages.calls.append(("test", name, torch.get_num_threads()))
+        return {}
+
+    monkeypatch.setattr(demo, "usable_cores", lambda: cores)
+    monkeypatch.setattr(demo, "row_classifier", lambda run, name, variant: (
+        None if variant.generator is None else (f"synthesizer ({name})", ["train-generator", name])))
+    monkeypatch.setattr(demo, "row_results", tested)
+    monkeypatch.setattr(demo, "region_row", lambda run, row: tested(run, row.name))
+    run = SimpleNamespace(rows=rows, region_rows=region_rows or {}, stages=stages,
+                          cfg=SimpleNamespace(path=lambda name: f"/out/work/{name}"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert list(demo.rows_and_results(run)) == [*rows, *(region_rows or {})]  # the rows' order
+    finally:
+        after = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        assert after == 4  # given back, also after a failure
+    return stages
+
+
+def test_synthesizers_train_two_at_a_time(monkeypatch):
+    """On two or more cores the synthesizers train in pairs in the rows' order (the second in a
+    child process), each with half of torch's threads, one left over alone with all of them;
+    meanwhile the rows that are ready are tested here. On one core everything runs in turn."""
+    from vldus.demo import ABLATION, REGION_ROWS, ROWS
+
+    def child(row, here, threads=2):
+        return ("child", f"synthesizer ({row})", threads, f"synthesizer ({here})", f"synth_{row}.log")
+
+    def here(row, threads=2):
+        return ("here", f"synthesizer ({row})", threads)
+
+    def test(row, threads=2):
+        return ("test", row, threads)
+
+    assert demo_schedule(monkeypatch, ROWS, 2, REGION_ROWS).calls == [
+        child("synthesis_vldus", "synthesis_su"), here("synthesis_su"),
+        test("no_synthesis"), test("synthesis_su"), test("clip_regions"),  # beside synthesis_vldus
+        ("finish", "synthesizer (synthesis_vldus)"), test("synthesis_vldus", 4), test("vldus_ensemble", 4)]
+    calls = demo_schedule(monkeypatch, ROWS | ABLATION, 8).calls
+    assert [c for c in calls if c[0] == "child"] == [
+        child("synthesis_vldus", "synthesis_su"), child("vldus_released", "vldus_clip_text_embeddings"),
+        child("vldus_clip_exclude_unseen", "vldus_distill_d_only")]
+    assert calls[-2:] == [("finish", "synthesizer (vldus_clip_exclude_unseen)"), test("vldus_clip_exclude_unseen", 4)]
+    odd = {k: v for k, v in (ROWS | ABLATION).items() if k != "synthesis_su"}
+    assert demo_schedule(monkeypatch, odd, 2).calls[-3:] == [
+        here("vldus_clip_exclude_unseen", 4), test("vldus_distill_d_only", 4), test("vldus_clip_exclude_unseen", 4)]
+    assert demo_schedule(monkeypatch, ROWS, 1, REGION_ROWS).calls == [
+        here("synthesis_su", 4), test("no_synthesis", 4), test("synthesis_su", 4), test("clip_regions", 4),
+        here("synthesis_vldus", 4), test("synthesis_vldus", 4), test("vldus_ensemble", 4)]
+
+
+def test_a_failed_stage_here_stops_the_one_beside_it(monkeypatch):
+    """A synthesizer that fails here kills the child process beside it; the threads are given back."""
+    from vldus.demo import ROWS, StageFailed
+
+    stages = RecordingStages(fail="synthesizer (synthesis_su)")
+    with pytest.raises(StageFailed):
+        demo_schedule(monkeypatch, ROWS, 2, stages=stages)
+    assert stages.killed == ["synthesizer (synthesis_vldus)"] and stages.calls[-1][0] == "here"
