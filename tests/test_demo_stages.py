@@ -61,6 +61,17 @@ def test_a_failed_child_stage_is_reported(tmp_path, capsys):
     assert stages.concurrent == {"train-clip": "train-detector"} and 0 < stages.timings["train-clip"] < 60
 
 
+def test_a_failed_torchrun_stage_is_reported(tmp_path):
+    """A stage run as torchrun processes (train-detector on two or more threads) that fails stops
+    the demo; its time is still recorded. (The default demo runs the path that succeeds.)"""
+    from vldus.demo import StageFailed, Stages
+
+    stages = Stages(quiet=True)
+    with pytest.raises(StageFailed) as failed:
+        stages.run_ranks("train-detector", ["train-detector", "--config", str(tmp_path / "missing.yaml")], 2, 1)
+    assert failed.value.code != 0 and 0 < stages.timings["train-detector"] < 60
+
+
 class RecordingStages:
     """Stands in for :class:`vldus.demo.Stages`: records what would run where, with how many
     torch threads; ``fail`` names a stage that fails here."""
@@ -78,6 +89,9 @@ class RecordingStages:
         self.calls.append(("here", name, torch.get_num_threads()))
         if name == self.fail:
             raise StageFailed(name, 1)
+
+    def run_ranks(self, name, argv, ranks, threads):
+        self.calls.append(("torchrun", name, ranks, threads, argv[-2:]))
 
     def start(self, name, argv, threads, log, beside):
         from types import SimpleNamespace
@@ -163,3 +177,42 @@ def test_a_failed_stage_here_stops_the_one_beside_it(monkeypatch):
     with pytest.raises(StageFailed):
         demo_schedule(monkeypatch, ROWS, 2, stages=stages)
     assert stages.killed == ["synthesizer (synthesis_vldus)"] and stages.calls[-1][0] == "here"
+
+
+@pytest.mark.parametrize("threads,batch,ranks", [(1, 4, 1), (2, 4, 2), (2, 3, 1), (16, 4, 2)])
+def test_detector_ranks(threads, batch, ranks):
+    from vldus.demo import detector_ranks
+
+    assert detector_ranks(threads, batch) == ranks
+
+
+@pytest.mark.parametrize("threads,clips,per_rank", [(1, 1, None), (2, 1, 1), (4, 1, 1), (4, 0, 2), (8, 1, 2)])
+def test_detector_trains_in_two_processes_with_two_threads(monkeypatch, threads, clips, per_rank):
+    """With two or more torch threads the detector trains as two torchrun processes sharing the
+    threads a CLIP's child process beside them leaves, each with half the batch (the global batch
+    stays the config's); with one thread, here."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vldus import demo
+    from vldus.detection import train
+
+    stages = RecordingStages()
+    monkeypatch.setattr(train, "latest_checkpoint", lambda folder: folder + "/epoch_2.pth")
+    monkeypatch.setattr(demo, "detector_validation", lambda folder: {})
+    run = SimpleNamespace(stages=stages, base=["--config", "c.yaml"],
+                          cfg=SimpleNamespace(train=SimpleNamespace(batch_size=4),
+                                              path=lambda name: f"/out/work/{name}"))
+    clip = SimpleNamespace(name="train-clip", proc=SimpleNamespace(kill=lambda: None))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        demo.train_seen_detector(run, [clip] * clips)
+    finally:
+        torch.set_num_threads(before)
+    if per_rank is None:
+        assert stages.calls == [("here", "train-detector", 1)]
+    else:
+        assert stages.calls == [("torchrun", "train-detector", 2, per_rank, ["--set", "train.batch_size=2"])]
+    assert run.checkpoint == "/out/work/detector/epoch_2.pth"

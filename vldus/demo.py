@@ -10,10 +10,11 @@ nothing of the pipeline is implemented twice. The detector runs once over the te
 (``vldus test --cache``); every variant and setting re-scores its stored box features.
 
 Stages that do not depend on each other run side by side on a machine with two or more cores,
-each with half of torch's threads (intra-op threads speed these small models up far less than a
-second process does): the CLIP trains in a child process (``python -m vldus.cli train-clip``,
-output in ``OUT/work/clip*.log``) while the detector trains here, and the synthesizers train two
-at a time (the second in a child process, ``OUT/work/synth_<row>.log``).
+each with a share of torch's threads (intra-op threads speed these small models up far less than
+a second process does): the CLIP trains in a child process (``python -m vldus.cli train-clip``,
+output in ``OUT/work/clip*.log``) while the detector trains as two torchrun processes (half of
+the batch each, :func:`detector_ranks`), and the synthesizers train two at a time (the second in
+a child process, ``OUT/work/synth_<row>.log``).
 
 Variants (same detector, features and class embeddings):
 
@@ -90,19 +91,22 @@ class DemoSize:
 
 FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, detector_warmup=None,
                 gan_epochs=10, gan_epoch_budget=8000, compat_epochs=30)
+# The quick demo and the smoke run train a cheaper detector than the config's: the images at their
+# own 160 px (no upscale), 150 proposals, 32 RoIs per image and one RoIAlign sample per bin
+# (RoIAlign's backward is the largest part of a CPU step; docs/benchmarks.md), lr 0.005.
+SMALL_DETECTOR = ("detector.min_size=160", "detector.max_size=160", "detector.anchor_sizes=[10,20,40,80,160]",
+                  "detector.rpn_post_nms_train=150", "detector.roi_batch_size=32", "detector.roi_sampling_ratio=1",
+                  "train.lr=0.005")
 # The quick detector must converge (4 epochs): an unconverged one turns another CPU's fp32
-# round-off into a different result (docs/history.md, quick demo). The test suite runs it, so its
-# detector is cheaper per image than the full demo's: 32 RoIs per image and one RoIAlign sample
-# per bin (RoIAlign's backward is the largest part of a CPU step; docs/benchmarks.md). The other
-# candidates measured are in docs/history.md.
+# round-off into a different result (docs/history.md, quick demo). The test suite runs it; the
+# other candidates measured are in docs/history.md.
 QUICK = DemoSize(train_images=260, test_images=70, detector_epochs=4, detector_warmup=40,
                  gan_epochs=8, gan_epoch_budget=4000, compat_epochs=15, clip_steps=150, gan_lr=4e-4, pictures=3,
-                 rows=("no_synthesis", "synthesis_vldus"), region_rows=False,
-                 config=("detector.roi_sampling_ratio=1", "detector.roi_batch_size=32"))
+                 rows=("no_synthesis", "synthesis_vldus"), region_rows=False, config=SMALL_DETECTOR)
 # A smoke run of every stage (benchmarks/device_check.sh --tiny): seconds, no meaningful metrics.
 TINY = DemoSize(train_images=24, test_images=8, detector_epochs=1, detector_warmup=2,
                 gan_epochs=1, gan_epoch_budget=256, compat_epochs=2, clip_steps=4, pictures=1,
-                rows=("no_synthesis", "synthesis_vldus"), region_rows=False)
+                rows=("no_synthesis", "synthesis_vldus"), region_rows=False, config=SMALL_DETECTOR)
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,18 @@ class Stages:
         print(f"\n== {name}: vldus {' '.join(argv)}", flush=True)
         with self.timed(name):
             rc = cli.main(argv + (["--quiet"] if self.quiet else []))
+        if rc:
+            raise StageFailed(name, rc)
+
+    def run_ranks(self, name: str, argv: list[str], ranks: int, threads: int) -> None:
+        """Run a stage command as ``ranks`` torchrun processes on this machine (gloo on CPU),
+        ``threads`` torch threads each, and wait for them; their output goes to this terminal."""
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "-m", "vldus.cli", *argv, *(["--quiet"] if self.quiet else [])]
+        print(f"\n== {name} ({ranks} processes, torchrun): vldus {' '.join(argv)}", flush=True)
+        with self.timed(name):
+            rc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+                                stdin=subprocess.DEVNULL).returncode
         if rc:
             raise StageFailed(name, rc)
 
@@ -597,10 +613,24 @@ def train_seen_detector(run: DemoRun, clips: Sequence[Background] = ()) -> dict:
     meanwhile); returns its validation seen mAP (:func:`detector_validation`)."""
     from vldus.detection.train import latest_checkpoint
 
+    argv = ["train-detector"] + run.base + ["--validate"]
+    ranks = detector_ranks(torch.get_num_threads(), run.cfg.train.batch_size)
     with beside(clips):
-        run.stages.run("train-detector", ["train-detector"] + run.base + ["--validate"])
+        if ranks == 1:
+            run.stages.run("train-detector", argv)
+        else:  # the same global batch, split over the processes; the threads the CLIPs left, shared
+            run.stages.run_ranks("train-detector", argv + ["--set", f"train.batch_size={run.cfg.train.batch_size // ranks}"],
+                                 ranks, max(1, torch.get_num_threads() // ranks))
     run.checkpoint = latest_checkpoint(run.cfg.path("detector"))
     return detector_validation(run.cfg.path("detector"))
+
+
+def detector_ranks(threads: int, batch_size: int) -> int:
+    """Processes the detector trains in: 2 (torchrun, half of the ``threads`` each, half of the
+    batch each) when torch has two or more threads here and the batch splits in two, else 1 (in
+    this process). On 2 cores two one-thread processes train this small detector 1.5x faster than
+    one process (docs/history.md); the CLIPs' child processes run beside them."""
+    return 2 if threads >= 2 and batch_size % 2 == 0 else 1
 
 
 def child_threads() -> int:
