@@ -179,11 +179,13 @@ def test_a_failed_stage_here_stops_the_one_beside_it(monkeypatch):
     assert stages.killed == ["synthesizer (synthesis_vldus)"] and stages.calls[-1][0] == "here"
 
 
-@pytest.mark.parametrize("threads,batch,ranks", [(1, 4, 1), (2, 4, 2), (2, 3, 1), (16, 4, 2)])
-def test_detector_ranks(threads, batch, ranks):
+@pytest.mark.parametrize("threads,batch,cuda,ranks", [(1, 4, False, 1), (2, 4, False, 2), (2, 3, False, 1),
+                                                      (16, 4, False, 2), (16, 4, True, 1)])
+def test_detector_ranks(threads, batch, cuda, ranks):
+    """Two CPU processes where there are threads for them; one process on a GPU."""
     from vldus.demo import detector_ranks
 
-    assert detector_ranks(threads, batch) == ranks
+    assert detector_ranks(threads, batch, cuda) == ranks
 
 
 @pytest.mark.parametrize("threads,clips,per_rank", [(1, 1, None), (2, 1, 1), (4, 1, 1), (4, 0, 2), (8, 1, 2)])

@@ -614,7 +614,7 @@ def train_seen_detector(run: DemoRun, clips: Sequence[Background] = ()) -> dict:
     from vldus.detection.train import latest_checkpoint
 
     argv = ["train-detector"] + run.base + ["--validate"]
-    ranks = detector_ranks(torch.get_num_threads(), run.cfg.train.batch_size)
+    ranks = detector_ranks(torch.get_num_threads(), run.cfg.train.batch_size, torch.cuda.is_available())
     with beside(clips):
         if ranks == 1:
             run.stages.run("train-detector", argv)
@@ -625,12 +625,14 @@ def train_seen_detector(run: DemoRun, clips: Sequence[Background] = ()) -> dict:
     return detector_validation(run.cfg.path("detector"))
 
 
-def detector_ranks(threads: int, batch_size: int) -> int:
-    """Processes the detector trains in: 2 (torchrun, half of the ``threads`` each, half of the
-    batch each) when torch has two or more threads here and the batch splits in two, else 1 (in
-    this process). On 2 cores two one-thread processes train this small detector 1.5x faster than
-    one process (docs/history.md); the CLIPs' child processes run beside them."""
-    return 2 if threads >= 2 and batch_size % 2 == 0 else 1
+def detector_ranks(threads: int, batch_size: int, cuda: bool) -> int:
+    """Processes the detector trains in: on the CPU, 2 (torchrun, half of the ``threads`` each,
+    half of the batch each) when torch has two or more threads here and the batch splits in two;
+    else 1 (in this process; always with ``cuda``: one GPU takes the whole batch, and torchrun's
+    second process would ask for a second GPU). On 2 cores two one-thread processes train this
+    small detector 1.5x faster than one process (docs/history.md); the CLIPs' child processes run
+    beside them."""
+    return 2 if not cuda and threads >= 2 and batch_size % 2 == 0 else 1
 
 
 def child_threads() -> int:
