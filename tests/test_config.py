@@ -127,6 +127,6 @@ def test_demo_config_takes_the_size_then_the_users_overrides(tmp_path):
     assert quick.features.proposals == 300 and quick.train.epochs == QUICK.detector_epochs
     assert quick.train.seed == 3 and quick.data.train.ann_file.startswith(str(tmp_path))
     full = demo_config(str(tmp_path), FULL, seed=0, overrides=[weights, "detector.roi_sampling_ratio=1", "train.epochs=9"])
-    assert full.detector.roi_sampling_ratio == 1 and full.detector.roi_batch_size == 64
+    assert full.detector.roi_sampling_ratio == 1 and full.detector.roi_batch_size == 128  # the config's
     assert full.train.epochs == 9  # FULL keeps the config's epochs
     assert demo_config(str(tmp_path), FULL, seed=0, overrides=[weights]).detector.roi_sampling_ratio == 2
