@@ -1,8 +1,10 @@
 """The ``vldus`` command line: one sub-command per pipeline step (see docs/formats.md).
 
 Each command lives in the module that implements it, as a function ``add_parser(subparsers)``
-that registers the sub-command and sets ``func``. Bad input (InputError) becomes one line on
-stderr and exit code 2; ``--debug`` shows the traceback instead.
+that registers the sub-command and sets ``func``. A command imports its own module only (``vldus
+train-clip`` never loads torchvision, ``vldus --version`` no torch at all): every process of a
+torchrun launch or a demo stage pays a few seconds per heavy import. Bad input (InputError)
+becomes one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -14,26 +16,39 @@ from typing import Sequence
 from vldus import __version__
 from vldus.errors import InputError
 
-# Modules that define sub-commands, in the order ``vldus --help`` lists them.
-COMMAND_MODULES = [
-    "vldus.data.shapes",
-    "vldus.data.embeddings",
-    "vldus.clip_train",
-    "vldus.detection.train",
-    "vldus.detection.convert",
-    "vldus.detection.extract",
-    "vldus.synthesis.compat",
-    "vldus.synthesis.cli",
-    "vldus.synthesis.calibrate",
-    "vldus.detection.inference",
-    "vldus.evaluation.cli",
-    "vldus.bundle",
-    "vldus.detect",
-    "vldus.demo",
-]
+# Sub-commands and the modules that define them, in the order ``vldus --help`` lists them.
+COMMANDS = {
+    "make-shapes": "vldus.data.shapes",
+    "embed": "vldus.data.embeddings",
+    "train-clip": "vldus.clip_train",
+    "train-detector": "vldus.detection.train",
+    "convert-checkpoint": "vldus.detection.convert",
+    "extract-features": "vldus.detection.extract",
+    "train-unseen-classifier": "vldus.synthesis.compat",
+    "train-generator": "vldus.synthesis.cli",
+    "calibrate-gzsd": "vldus.synthesis.calibrate",
+    "test": "vldus.detection.inference",
+    "evaluate": "vldus.evaluation.cli",
+    "export": "vldus.bundle",
+    "detect": "vldus.detect",
+    "demo": "vldus.demo",
+}
+COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested_modules(argv: Sequence[str]) -> list[str]:
+    """The command modules a command line needs: its sub-command's alone, none for a bare
+    ``--version``, all of them otherwise (``--help``, no command, an unknown one)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in COMMANDS:
+        return [COMMANDS[command]]
+    if command is None and "--version" in argv and not {"-h", "--help"} & set(argv):
+        return []
+    return COMMAND_MODULES
+
+
+def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The ``vldus`` parser with the sub-commands of ``modules`` (default: all)."""
     parser = argparse.ArgumentParser(prog="vldus", description="Zero-shot object detection "
                                      "by synthesizing unseen-class features (VLDUS).")
     parser.add_argument("--version", action="version", version=f"vldus {__version__}")
@@ -41,13 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).add_parser(sub, common)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(requested_modules(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
