@@ -1,9 +1,9 @@
 """The ``vldus`` command line: one sub-command per pipeline step (see docs/formats.md).
 
 Each command lives in the module that implements it, as a function ``add_parser(subparsers)``
-that registers the sub-command and sets ``func``. A command imports its own module only (``vldus
-train-clip`` never loads torchvision, ``vldus --version`` no torch at all): every process of a
-torchrun launch or a demo stage pays a few seconds per heavy import. Bad input (InputError)
+that registers the sub-command and sets ``func``. The parser imports the named command's module
+only (``vldus --version`` loads no torch, ``vldus train-clip --help`` no torchvision): the other
+modules' imports cost every process seconds, a torchrun rank included. Bad input (InputError)
 becomes one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
