@@ -87,6 +87,9 @@ class DemoSize:
     rows: tuple[str, ...] = VARIANTS  # the variants that run (the others are reported as skipped)
     region_rows: bool = True  # clip_regions and vldus_ensemble (:data:`REGION_ROWS`)
     config: tuple[str, ...] = ()  # KEY=VALUE overrides of the shapes config for this size
+    # On two or more cores, train the CLIP in a child process beside the detector; the smoke run
+    # trains it here afterwards (its detector takes seconds, less than the child's imports).
+    clip_beside: bool = True
 
 
 FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, detector_warmup=None,
@@ -108,7 +111,8 @@ QUICK = DemoSize(train_images=260, test_images=70, detector_epochs=5, detector_w
 # A smoke run of every stage (benchmarks/device_check.sh --tiny): seconds, no meaningful metrics.
 TINY = DemoSize(train_images=24, test_images=8, detector_epochs=1, detector_warmup=2,
                 gan_epochs=1, gan_epoch_budget=256, compat_epochs=2, clip_steps=4, pictures=1,
-                rows=("no_synthesis", "synthesis_vldus"), region_rows=False, config=SMALL_DETECTOR)
+                rows=("no_synthesis", "synthesis_vldus"), region_rows=False, config=SMALL_DETECTOR,
+                clip_beside=False)
 
 
 @dataclass(frozen=True)
@@ -580,9 +584,9 @@ def usable_cores() -> int:
 
 def start_clip_training(run: DemoRun) -> dict[str, Background]:
     """On two or more cores: start training the CLIPs the demo trains itself, each in a child
-    process with half of torch's threads (module doc); {which: job}. {} on one core (they train
-    in turn in :func:`prepare_clips`)."""
-    if usable_cores() < 2:
+    process with half of torch's threads (module doc); {which: job}. {} on one core or when the
+    size says so (they train in turn in :func:`prepare_clips`)."""
+    if usable_cores() < 2 or not run.size.clip_beside:
         return {}
     threads = child_threads()
     jobs = {}
