@@ -46,6 +46,7 @@ FAMILIES = {
     "ablation": "ablation_seed*.json",  # vldus demo --ablation --seed N
     "quick": "quick_*.json",            # vldus demo --quick (any machine / kernel set)
     "kernels": "kernels_*.json",        # vldus demo (default size) with another kernel set
+    "scorings": "scorings_seed*.json",  # benchmarks/gzsd_scorings.py on a finished demo
 }
 
 
@@ -260,6 +261,27 @@ def kernels_table(root: str) -> str:
     return runs_table([r for r in load_family(root, "demo") if r.get("seed") in seeds] + runs)
 
 
+def scorings_table(root: str) -> str:
+    """GZSD seen mAP and HM at IoU 0.5 of each synthesis row under each scoring, per seed and mean
+    (files written by benchmarks/gzsd_scorings.py)."""
+    runs = load_family(root, "scorings")
+    if not runs:
+        return ("_No file yet: `python benchmarks/gzsd_scorings.py DEMO_OUT --out "
+                "docs/results/scorings_seedN.json`, then `python benchmarks/make_tables.py`._\n")
+    seeds = " / ".join(str(r.get("seed")) for r in runs)
+    header = ["row", "scoring", f"GZSD seen (seeds {seeds})", "mean ± sd", f"GZSD unseen (seeds {seeds})",
+              "mean ± sd", f"GZSD HM (seeds {seeds})", "mean ± sd"]
+    rows = []
+    for name in dict.fromkeys(n for r in runs for n in r["rows"]):
+        for scoring in dict.fromkeys(s for r in runs for s in r["rows"].get(name, {})):
+            row = [f"`{name}`", scoring]
+            for key in ("seen", "unseen", "hm"):
+                vals = [((r["rows"].get(name) or {}).get(scoring) or {}).get(key) for r in runs]
+                row += [" / ".join(fmt(v) for v in vals), mean_sd(vals)]
+            rows.append(row)
+    return table(header, rows) + sources(runs)
+
+
 def runs_table(runs: list[dict]) -> str:
     """One row per run (labelled by its note): ZSD mAP of every row that ran, the main row's
     GZSD HM and the wall time."""
@@ -277,7 +299,7 @@ def runs_table(runs: list[dict]) -> str:
 TABLES: dict[str, Callable[[str], str]] = {
     "demo": demo_table, "demo-main": demo_main_table, "demo-timings": timings_table,
     "demo-clip": clip_table, "demo-breakdown": breakdown_table, "ablation": ablation_table,
-    "quick": quick_table, "kernels": kernels_table,
+    "quick": quick_table, "kernels": kernels_table, "scorings": scorings_table,
 }
 
 

@@ -207,9 +207,10 @@ def test_gzsd_scores_as_vldus_test(bundle, tmp_path):
     with open(tmp_path / "m.json") as f:
         ran = json.load(f)["gzsd_scoring"]
     assert det.gzsd_scoring["scoring"] == ran["scoring"]
-    if ran["scoring"] == "joint":
+    if ran["scoring"] != "published":
         assert det.gzsd_scoring["threshold"] == pytest.approx(ran["threshold"], abs=1e-3)
         assert det.head.gzsd_threshold == det.gzsd_scoring["threshold"]
+        assert det.head.gzsd_slope == det.gzsd_scoring["slope"]
     with open(out) as f:
         tested = json.load(f)
     with open(str(out)[:-5] + ".gt.json") as f:

@@ -79,7 +79,7 @@ def test_default_gzsd_scoring_follows_its_calibration(run):
         return sum(c["num_dets"] for c in metrics["classes"].values() if c["group"] == group)
 
     assert joint["gzsd_scoring"]["scoring"] == calib["scoring"]  # --metrics records what ran
-    assert published["gzsd_scoring"] == {"scoring": "published", "threshold": None,
+    assert published["gzsd_scoring"] == {"scoring": "published", "threshold": None, "slope": None,
                                          "source": "inference.gzsd_scoring"}
     if calib["scoring"] == "published":
         assert {k: v for k, v in joint.items() if k != "gzsd_scoring"} == {

@@ -1,4 +1,4 @@
-"""The joint GZSD scoring (vldus.detection.gzsd) on hand-made score tables, and its threshold."""
+"""The joint and soft GZSD scorings (vldus.detection.gzsd) on hand-made score tables, and their calibration."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,10 @@ import torch
 
 from vldus.data.splits import split_from_names
 from vldus.config import InferenceConfig
-from vldus.detection.gzsd import best_threshold, calibrate, group_evidence, resolve_scoring, unseen_wins
+from vldus.detection.gzsd import (best_threshold, calibrate, fit_soft_gate, group_evidence, resolve_scoring,
+                                  unseen_wins)
 from vldus.files import sha256_file
-from vldus.detection.zsd import gzsd_probs
+from vldus.detection.zsd import gzsd_probs, unseen_weight
 from vldus.errors import InputError
 
 # detector order: 1 red square, 2 blue square, 3 blue circle, 4 green circle; unseen: blue circle
@@ -113,6 +114,7 @@ def test_calibrate_on_features_picks_a_separating_threshold():
     out = calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="hand-made")
     assert out["balanced_accuracy"] > 0.95 and out["scoring"] == "joint"
     assert out["seen_rows"] == 200 and out["unseen_rows"] == 100 and math.isfinite(out["threshold"])
+    assert out["soft_slope"] > 0 and math.isfinite(out["soft_threshold"])
 
 
 def test_calibration_without_separation_keeps_the_published_scoring(tmp_path):
@@ -143,7 +145,8 @@ def _made_for(tmp_path, calibration: dict, bg_blend: float = 0.35) -> tuple[str,
     return str(ckpt), str(cls)
 
 
-JOINT = {"scoring": "joint", "threshold": -1.25, "balanced_accuracy": 0.9, "min_separation": 0.75}
+JOINT = {"scoring": "joint", "threshold": -1.25, "balanced_accuracy": 0.9, "min_separation": 0.75,
+         "soft_slope": 0.8, "soft_threshold": -1.0}
 
 
 def test_resolve_scoring_order(tmp_path):
@@ -152,16 +155,21 @@ def test_resolve_scoring_order(tmp_path):
     assert scoring["scoring"] == "published" and "calibrate-gzsd" in scoring["source"]  # no file
     ckpt, cls = _made_for(tmp_path, JOINT)
     path = str(tmp_path / "gzsd_calibration.json")
-    assert resolve_scoring(InferenceConfig(), ckpt, cls) == {"scoring": "joint", "threshold": -1.25, "source": path}
+    assert resolve_scoring(InferenceConfig(), ckpt, cls) == {"scoring": "joint", "threshold": -1.25, "slope": None,
+                                                             "source": path}
+    assert resolve_scoring(InferenceConfig(gzsd_scoring="soft"), ckpt, cls) == {
+        "scoring": "soft", "threshold": -1.0, "slope": 0.8, "source": path}
     assert resolve_scoring(InferenceConfig(gzsd_threshold=2.0), ckpt, cls) == {
-        "scoring": "joint", "threshold": 2.0, "source": "inference.gzsd_threshold"}
+        "scoring": "joint", "threshold": 2.0, "slope": None, "source": "inference.gzsd_threshold"}
+    assert resolve_scoring(InferenceConfig(gzsd_scoring="soft", gzsd_threshold=2.0, gzsd_slope=3.0), ckpt, cls) == {
+        "scoring": "soft", "threshold": 2.0, "slope": 3.0, "source": "inference.gzsd_threshold and inference.gzsd_slope"}
     assert resolve_scoring(InferenceConfig(gzsd_scoring="published"), ckpt, cls)["scoring"] == "published"
     (tmp_path / "gzsd_calibration.json").write_text("{")
     with pytest.raises(InputError, match="unreadable GZSD calibration.*calibrate-gzsd"):
         resolve_scoring(InferenceConfig(), ckpt, cls)
 
 
-@pytest.mark.parametrize("change", ["classifier", "detector", "bg_blend", "no scoring key", "no sha256"])
+@pytest.mark.parametrize("change", ["classifier", "detector", "bg_blend", "no scoring key", "no sha256", "no soft fit"])
 def test_calibration_made_for_other_files_is_refused(tmp_path, change):
     """A gzsd_calibration.json is trusted only for the checkpoint, classifier and bg_blend it
     was made for, and only with every key (a missing 'scoring' does not mean joint)."""
@@ -176,7 +184,7 @@ def test_calibration_made_for_other_files_is_refused(tmp_path, change):
         inference = InferenceConfig(bg_blend=0.5)
     else:
         data = json.loads(path.read_text())
-        del data["scoring" if change == "no scoring key" else "classifier_sha256"]
+        del data[{"no scoring key": "scoring", "no sha256": "classifier_sha256", "no soft fit": "soft_slope"}[change]]
         path.write_text(json.dumps(data))
     with pytest.raises(InputError) as e:
         resolve_scoring(inference, ckpt, cls, "configs/toy.yaml")
@@ -194,3 +202,37 @@ def test_ties_keep_the_threshold_that_removes_fewest_seen_boxes():
     # rows in another order, repeated values
     t, acc = best_threshold(torch.tensor([2.0, 0.0, 2.0, 0.0]), torch.tensor([3.0, 1.0, 3.0, 1.0]))
     assert acc == pytest.approx(0.75) and t == pytest.approx(2.5)
+
+
+def test_soft_scoring_weighs_seen_scores_by_the_calibrated_probability():
+    """soft: each box keeps 1 - sigmoid(slope (e_u - e_s - t)) of its seen scores, so the
+    look-alike drops far below the real blue square without leaving the list; unseen scores and
+    background rows stay those of the published scoring; a steep slope is the hard rule."""
+    logits, bg = _rows("look-alike", "real seen", "background")
+    published = gzsd_probs(logits, bg, SPLIT)
+    soft = gzsd_probs(logits, bg, SPLIT, joint_threshold=0.0, joint_slope=1.0)
+    e_s, e_u = group_evidence(logits, bg, SPLIT)
+    kept = 1 - torch.sigmoid(e_u - e_s)
+    blue_square, blue_circle = 2, 3
+    torch.testing.assert_close(soft[:, SPLIT.seen_ids], published[:, SPLIT.seen_ids] * kept[:, None])
+    assert 0 < soft[0, blue_square] < 0.1 * soft[1, blue_square]
+    assert torch.equal(soft[:, SPLIT.unseen_ids], published[:, SPLIT.unseen_ids])
+    torch.testing.assert_close(soft.sum(1), torch.ones(3))
+    torch.testing.assert_close(unseen_weight(logits, bg, SPLIT, 0.0, None), unseen_wins(logits, bg, SPLIT, 0.0).float())
+    steep = gzsd_probs(logits, bg, SPLIT, joint_threshold=0.0, joint_slope=1e4)
+    torch.testing.assert_close(steep, gzsd_probs(logits, bg, SPLIT, joint_threshold=0.0))
+
+
+def test_soft_fit_recovers_a_known_logistic_and_weighs_both_groups_equally():
+    """Margins N(-1, 1) for seen rows and N(+1, 1) for unseen rows: the true log-odds are 2 m, so
+    slope 2 and threshold 0 -- also with four times as many seen rows (each group weighs half)."""
+    g = torch.Generator().manual_seed(0)
+    seen = torch.randn(40000, generator=g) - 1
+    unseen = torch.randn(10000, generator=g) + 1
+    slope, threshold = fit_soft_gate(seen, unseen)
+    assert slope == pytest.approx(2.0, abs=0.1) and threshold == pytest.approx(0.0, abs=0.05)
+    # swapped groups would give a negative slope: the calibration then keeps the published scoring
+    assert fit_soft_gate(unseen, seen)[0] < 0
+    # separable rows: a large, finite slope at the gap
+    slope, threshold = fit_soft_gate(torch.tensor([-2.0, -1.0]), torch.tensor([1.0, 2.0]))
+    assert math.isfinite(slope) and slope > 10 and threshold == pytest.approx(0.0, abs=1e-6)

@@ -227,6 +227,8 @@ def test_joint_scoring_only_removes_seen_detections(project, tmp_path, capsys):
     (["--syn-weights", "CLS", "--gzsd", "--set", "inference.seen_score_cut=3"], "seen_score_cut: 3.0 is not"),
     (["--syn-weights", "CLS", "--zsd", "--gzsd-scoring", "joint"], "--gzsd-scoring: applies to --gzsd only"),
     (["--syn-weights", "CLS", "--gzsd", "--set", "inference.gzsd_scoring=max"], "inference.gzsd_scoring: 'max'"),
+    (["--syn-weights", "CLS", "--gzsd", "--gzsd-scoring", "soft", "--gzsd-threshold", "1"],
+     "inference.gzsd_threshold with the soft scoring needs inference.gzsd_slope"),
     (["--syn-weights", "CLS", "--zsd", "--set", "data.test.ann_file=SEEN_ONLY"], "seen_only.json: no test image"),
     (["--seen", "--max-images", "0"], "--max-images: must be positive"),
 ])
@@ -262,7 +264,7 @@ def test_calibration_file_is_used_recorded_and_refused_for_another_classifier(pr
     cls = tmp_path / "classifier_best.pth"
     shutil.copy(project / "cls.pth", cls)
     calibration = {"scoring": "joint", "threshold": -2.0, "balanced_accuracy": 0.9, "min_separation": 0.75,
-                   "bg_blend": load_config(str(project / "tiny.yaml")).inference.bg_blend,
+                   "soft_slope": 0.5, "soft_threshold": -1.5, "bg_blend": load_config(str(project / "tiny.yaml")).inference.bg_blend,
                    "detector_sha256": sha256_file(str(project / "det.pth")),
                    "classifier_sha256": sha256_file(str(cls))}
     (tmp_path / "gzsd_calibration.json").write_text(json.dumps(calibration))
@@ -270,7 +272,10 @@ def test_calibration_file_is_used_recorded_and_refused_for_another_classifier(pr
                     "--metrics", str(tmp_path / "m.json"))
     assert main(args) == 0
     assert _read(tmp_path / "m.json")["gzsd_scoring"] == {
-        "scoring": "joint", "threshold": -2.0, "source": str(tmp_path / "gzsd_calibration.json")}
+        "scoring": "joint", "threshold": -2.0, "slope": None, "source": str(tmp_path / "gzsd_calibration.json")}
+    assert main(args + ["--gzsd-scoring", "soft"]) == 0
+    assert _read(tmp_path / "m.json")["gzsd_scoring"] == {
+        "scoring": "soft", "threshold": -1.5, "slope": 0.5, "source": str(tmp_path / "gzsd_calibration.json")}
     assert main(args + ["--gzsd-scoring", "published"]) == 0
     assert _read(tmp_path / "m.json")["gzsd_scoring"]["scoring"] == "published"
     torch.save({"fc.weight": torch.zeros(3, 1024), "fc.bias": torch.zeros(3)}, cls)  # another classifier

@@ -155,7 +155,7 @@ class ZeroShotDetector:
         """Detect ``names`` from now on (and, with ``gzsd``, the bundle's seen classes too).
 
         GZSD scores as ``vldus test --gzsd`` does (``inference.gzsd_scoring`` of the bundle's
-        config): the joint scoring with ``inference.gzsd_threshold`` when set, else a threshold
+        config): the configured scoring with ``inference.gzsd_threshold`` when set, else one
         calibrated here on the bundle's real seen validation features against features of the
         new names synthesized by the generator (:func:`vldus.synthesis.calibrate.calibrate_generator`,
         the calibration train-generator runs); ``self.gzsd_scoring`` says what runs."""
@@ -181,37 +181,34 @@ class ZeroShotDetector:
         inf = self.cfg.inference
         self.head = install_zsd_head(model, ext, "gzsd" if gzsd else "zsd", (weight, bias), bg_blend=inf.bg_blend,
                                      seen_score_cut=inf.seen_score_cut, excluded="mask",
-                                     gzsd_threshold=scoring["threshold"] if scoring else None)
+                                     gzsd_threshold=scoring["threshold"] if scoring else None,
+                                     gzsd_slope=scoring["slope"] if scoring else None)
         self.model, self.classes, self.gzsd, self.ext_split = model, names, gzsd, ext
         self.gzsd_scoring = scoring
         self.label_names = list(split.classes) + names  # detector index k -> label_names[k - 1]
 
     def _gzsd_scoring(self, model, ext, names: list[str], weight: torch.Tensor, bias: torch.Tensor) -> dict:
-        """``{"scoring", "threshold", "source"}`` as :func:`vldus.detection.gzsd.resolve_scoring`,
+        """``{"scoring", "threshold", "slope", "source"}`` as :func:`vldus.detection.gzsd.resolve_scoring`,
         with the calibration computed for the new names (see :meth:`set_classes`)."""
+        from vldus.detection.gzsd import calibrated_scoring, configured_scoring, published
         from vldus.synthesis.calibrate import SEED_KEY, calibrate_generator
         from vldus.synthesis.data import derive_seed
 
         inf = self.cfg.inference
-        if inf.gzsd_scoring == "published":
-            return {"scoring": "published", "threshold": None, "source": "inference.gzsd_scoring"}
-        if inf.gzsd_threshold is not None:
-            return {"scoring": "joint", "threshold": float(inf.gzsd_threshold), "source": "inference.gzsd_threshold"}
+        configured = configured_scoring(inf)
+        if configured is not None:
+            return configured
         stored = self.bundle.tensors(BACKGROUND_FILE)
         if "seen_features" not in stored:
-            return {"scoring": "published", "threshold": None,
-                    "source": "the bundle has no seen features to calibrate on (export it again)"}
+            return published("the bundle has no seen features to calibrate on (export it again)")
         keep = torch.isin(stored["seen_labels"], torch.tensor(ext.seen_ids))
         cls = model.roi_heads.box_predictor.cls_score
         calibration = calibrate_generator(
             stored["seen_features"][keep], self._generator(), torch.from_numpy(embed_names(self.bundle.encoder, names)),
             (cls.weight.cpu(), cls.bias.cpu()), (weight, bias), ext, inf, derive_seed(self.cfg.gan.seed, SEED_KEY),
             "the bundle's seen features vs synthesized features of the new names", GENERATOR_FILE)
-        source = (f"calibrated for these names on {int(keep.sum())} seen features of the bundle, balanced "
-                  f"accuracy {calibration['balanced_accuracy']:.2f}")
-        if calibration["scoring"] == "published":
-            return {"scoring": "published", "threshold": None, "source": f"{source} < {inf.gzsd_min_separation}"}
-        return {"scoring": "joint", "threshold": calibration["threshold"], "source": source}
+        return calibrated_scoring(inf.gzsd_scoring, calibration,
+                                  f"calibrated for these names on {int(keep.sum())} seen features of the bundle")
 
     def _generator(self):
         from vldus.synthesis.models import load_generator

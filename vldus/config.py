@@ -211,12 +211,14 @@ class InferenceConfig:
     # excluded classes (COCO 48/17): 'softmax' = in the ZSD softmax with background and unseen
     # (released behaviour), probability 0 in GZSD; 'mask' = probability 0 in both settings
     excluded: str = "softmax"
-    # GZSD: 'joint' drops a box's seen scores when an unseen class explains it better
-    # (vldus.detection.gzsd); 'published' = the released two-softmax scoring (docs/design.md §8.3)
+    # GZSD: 'soft' weighs a box's seen scores by the calibrated probability that it is a seen
+    # object, 'joint' drops them when an unseen class explains it better (vldus.detection.gzsd);
+    # 'published' = the released two-softmax scoring (docs/design.md §8.3)
     gzsd_scoring: str = "joint"
-    # joint scoring threshold; null = gzsd_calibration.json next to the classifier (chosen by
-    # train-generator / calibrate-gzsd without test data), else the published scoring
+    # soft / joint scoring threshold; null = gzsd_calibration.json next to the classifier (chosen
+    # by train-generator / calibrate-gzsd without test data), else the published scoring
     gzsd_threshold: Optional[float] = None
+    gzsd_slope: Optional[float] = None  # the soft scoring's slope, with gzsd_threshold
     # the calibration keeps the published scoring when its best threshold separates real seen from
     # synthesized unseen features with a balanced accuracy below this (the rule cannot tell them apart)
     gzsd_min_separation: float = 0.75

@@ -5,7 +5,7 @@
 Writes, per image, ``DIR/<stem>.png`` (detections drawn; new names in the unseen colour) and
 ``DIR/<stem>.json`` = {"image": path, "width", "height", "classes": [names], "setting": "zsd" |
 "gzsd", "boxes": [[x1, y1, x2, y2], ...] (pixels), "labels": [name, ...], "scores": [...]},
-best first, and with ``--gzsd`` "gzsd_scoring": {"scoring", "threshold", "source"} (scored as
+best first, and with ``--gzsd`` "gzsd_scoring": {"scoring", "threshold", "slope", "source"} (scored as
 ``vldus test --gzsd``: see :meth:`vldus.api.ZeroShotDetector.set_classes`). Everything goes through :class:`vldus.api.ZeroShotDetector`, so the Python API
 gives the same boxes.
 """

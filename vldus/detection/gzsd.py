@@ -1,4 +1,4 @@
-"""Joint GZSD scoring: drop a box's seen scores when an unseen class explains it better.
+"""Joint and soft GZSD scoring: take a box's seen scores away when an unseen class explains it better.
 
 The released GZSD scoring (:func:`vldus.detection.zsd.gzsd_probs`, ``--gzsd-scoring published``)
 keeps two independent softmaxes per box, so an unseen object that the detector takes for a seen
@@ -11,8 +11,12 @@ positive for that seen class. ``joint`` compares, per box, the evidence of the t
     e_u = log sum_{k in unseen} exp z_k - z_bg_blend   (same for the injected unseen classifier)
 
 and when ``e_u - e_s > threshold`` the box's seen probabilities are set to 0 (their mass goes to
-the seen group's background). Unseen scores are those of the published scoring, so the unseen
-detections do not change (except for places freed in the per-image budget).
+the seen group's background). ``soft`` keeps, instead, the share ``1 - sigmoid(slope (e_u - e_s
+- threshold'))`` of them: the calibrated probability that the box is a seen object, so a
+look-alike falls below the real objects of its seen class rather than out of the list, and a
+real seen object that the rule would have cut keeps part of its score. Unseen scores are those
+of the published scoring in both, so the unseen detections do not change (except for places
+freed in the per-image budget).
 
 The one setting, ``threshold``, is chosen WITHOUT test data by :func:`calibrate`: on real seen
 RoI features of held-out VALIDATION images (``val_{fg}_{bg}_feats.npy`` of ``vldus
@@ -20,7 +24,9 @@ extract-features --data-split val``: rows with a seen label; a config without ``
 back to the detector's training images' features, with a warning, ``"calibration_source":
 "train"``) and unseen features synthesized by the trained generator, it is the value that best
 separates the two (highest balanced accuracy of "unseen wins"; among equal ones the highest
-threshold, which removes the fewest seen detections). ``vldus train-generator`` writes
+threshold, which removes the fewest seen detections). The soft scoring's ``slope`` and
+``threshold'`` come from a logistic regression of "unseen" on ``e_u - e_s`` over the same rows,
+both groups weighted equally (:func:`fit_soft_gate`). ``vldus train-generator`` writes
 ``gzsd_calibration.json`` next to ``classifier_best.pth``; ``vldus calibrate-gzsd`` rewrites the
 same file (:mod:`vldus.synthesis.calibrate`). ``inference.gzsd_threshold`` / ``--gzsd-threshold``
 override it. Without either, ``vldus test`` uses the published scoring and says so (an
@@ -28,7 +34,8 @@ uncalibrated threshold can cost more seen mAP than it saves).
 
 ``gzsd_calibration.json``: ``{"scoring": "joint" | "published", "threshold": float,
 "balanced_accuracy": float, "min_separation": float, "seen_rows": int, "unseen_rows": int,
-"bg_blend": float, "source": str, "calibration_source": "val" | "train", "seen_features": path,
+"soft_slope": float, "soft_threshold": float, "bg_blend": float, "source": str,
+"calibration_source": "val" | "train", "seen_features": path,
 "detector_checkpoint": path, "detector_sha256": hex, "classifier": path, "classifier_sha256":
 hex}``. "published" when the best threshold separates the two with a balanced accuracy below
 ``inference.gzsd_min_separation``: then the rule would remove real seen detections about as
@@ -49,11 +56,11 @@ from vldus.detection.zsd import group_evidence, inject_classifier, unseen_wins  
 from vldus.errors import InputError
 from vldus.files import sha256_file
 
-SCORINGS = ("joint", "published")
+SCORINGS = ("soft", "joint", "published")
 CALIBRATION_FILE = "gzsd_calibration.json"
 # keys vldus test needs to trust a calibration file
-CALIBRATION_KEYS = ("scoring", "threshold", "balanced_accuracy", "min_separation", "bg_blend",
-                    "detector_sha256", "classifier_sha256")
+CALIBRATION_KEYS = ("scoring", "threshold", "balanced_accuracy", "min_separation", "soft_slope", "soft_threshold",
+                    "bg_blend", "detector_sha256", "classifier_sha256")
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,6 +93,30 @@ def best_threshold(seen_margin: Tensor, unseen_margin: Tensor) -> tuple[float, f
     return float((values[i] + upper) / 2), float(balanced[i])
 
 
+def fit_soft_gate(seen_margin: Tensor, unseen_margin: Tensor, iterations: int = 50) -> tuple[float, float]:
+    """(slope, threshold) of ``P(unseen | m) = sigmoid(slope (m - threshold))``: a logistic
+    regression on the margins of seen rows (label 0) and unseen rows (label 1), each group
+    weighted to half of the total as in the balanced accuracy; Newton's method in float64, with
+    a tiny ridge on the slope so that separable rows give a large finite one."""
+    m = torch.cat([seen_margin, unseen_margin]).double()
+    y = torch.cat([torch.zeros(len(seen_margin)), torch.ones(len(unseen_margin))]).double()
+    w = torch.cat([torch.full((len(seen_margin),), 0.5 / len(seen_margin)),
+                   torch.full((len(unseen_margin),), 0.5 / len(unseen_margin))]).double()
+    x = torch.stack([m, torch.ones_like(m)], dim=1)  # (N, 2): slope and offset columns
+    ridge = torch.diag(torch.tensor([1e-6, 0.0], dtype=torch.float64))
+    params = torch.zeros(2, dtype=torch.float64)
+    for _ in range(iterations):
+        p = torch.sigmoid(x @ params)
+        grad = x.T @ (w * (p - y)) + ridge @ params
+        hessian = (x * (w * p * (1 - p))[:, None]).T @ x + ridge
+        step = torch.linalg.solve(hessian + 1e-12 * torch.eye(2, dtype=torch.float64), grad)
+        params = params - step
+        if float(step.abs().max()) < 1e-10:
+            break
+    slope, offset = float(params[0]), float(params[1])
+    return slope, (-offset / slope if slope != 0 else 0.0)
+
+
 @torch.no_grad()
 def margins(features: Tensor, cls_weight: Tensor, cls_bias: Tensor, syn_weight: Tensor, syn_bias: Tensor,
             split: Split, bg_blend: float) -> Tensor:
@@ -106,14 +137,18 @@ def calibrate(seen_features: Tensor, unseen_features: Tensor, cls_weight: Tensor
               min_separation: float = 0.0) -> dict:
     """The ``gzsd_calibration.json`` dict (see the module doc) from seen / unseen RoI features.
 
-    When the best threshold's balanced accuracy is below ``min_separation`` the rule cannot tell
-    seen from unseen boxes here, and the file says ``"scoring": "published"`` (the threshold is
-    still recorded)."""
+    When the best threshold's balanced accuracy is below ``min_separation`` (or the fitted slope
+    is not positive) the rules cannot tell seen from unseen boxes here, and the file says
+    ``"scoring": "published"`` (the fitted values are still recorded); else ``"joint"``: either
+    rule may run (``inference.gzsd_scoring`` chooses)."""
     args = (cls_weight.float(), cls_bias.float(), syn_weight.float(), syn_bias.float(), split, bg_blend)
-    threshold, accuracy = best_threshold(margins(seen_features, *args), margins(unseen_features, *args))
-    return {"scoring": "joint" if accuracy >= min_separation else "published",
+    seen_margin, unseen_margin = margins(seen_features, *args), margins(unseen_features, *args)
+    threshold, accuracy = best_threshold(seen_margin, unseen_margin)
+    slope, soft_threshold = fit_soft_gate(seen_margin, unseen_margin)
+    return {"scoring": "joint" if accuracy >= min_separation and slope > 0 else "published",
             "threshold": round(threshold, 6), "balanced_accuracy": round(accuracy, 6),
-            "min_separation": min_separation,
+            "min_separation": min_separation, "soft_slope": round(slope, 6),
+            "soft_threshold": round(soft_threshold, 6),
             "seen_rows": len(seen_features), "unseen_rows": len(unseen_features), "bg_blend": bg_blend,
             "source": source}
 
@@ -133,8 +168,8 @@ def read_calibration(path: str, hint: str = "re-run vldus calibrate-gzsd") -> di
     missing = [k for k in CALIBRATION_KEYS if not isinstance(calibration, dict) or k not in calibration]
     if missing:
         raise InputError(path, f"GZSD calibration without {', '.join(missing)} (an older vldus wrote it); {hint}")
-    if calibration["scoring"] not in SCORINGS:
-        raise InputError(path, f"scoring {calibration['scoring']!r} is not one of {', '.join(SCORINGS)}; {hint}")
+    if calibration["scoring"] not in SCORINGS[1:]:
+        raise InputError(path, f"scoring {calibration['scoring']!r} is not one of {', '.join(SCORINGS[1:])}; {hint}")
     return calibration
 
 
@@ -145,25 +180,24 @@ def recalibrate_hint(syn_weights: str, checkpoint: str, config: Optional[str]) -
 
 def resolve_scoring(inference, checkpoint: str, syn_weights: Optional[str],
                     config: Optional[str] = None) -> dict:
-    """The GZSD scoring ``vldus test`` runs: ``{"scoring": "joint" | "published", "threshold":
-    float | None, "source": str}`` (also written to ``--metrics`` as ``gzsd_scoring``).
+    """The GZSD scoring ``vldus test`` runs: ``{"scoring": "soft" | "joint" | "published",
+    "threshold": float | None, "slope": float | None, "source": str}`` (also written to
+    ``--metrics`` as ``gzsd_scoring``).
 
-    ``inference``: the config's section (``gzsd_scoring``, ``gzsd_threshold``, ``bg_blend``).
-    Order: ``gzsd_scoring: published``; a configured ``gzsd_threshold``; ``gzsd_calibration.json``
-    next to ``syn_weights``, which must have been made for this ``checkpoint``, this classifier
-    file and this ``bg_blend`` (InputError naming the file and the recalibration command
-    otherwise); no file: the published scoring, with the reason as ``source``.
+    ``inference``: the config's section (``gzsd_scoring``, ``gzsd_threshold``, ``gzsd_slope``,
+    ``bg_blend``). Order: ``gzsd_scoring: published``; a configured ``gzsd_threshold`` (with
+    ``gzsd_slope`` for ``soft``); ``gzsd_calibration.json`` next to ``syn_weights``, which must
+    have been made for this ``checkpoint``, this classifier file and this ``bg_blend``
+    (InputError naming the file and the recalibration command otherwise); no file: the
+    published scoring, with the reason as ``source``.
     """
-    if inference.gzsd_scoring == "published":
-        return {"scoring": "published", "threshold": None, "source": "inference.gzsd_scoring"}
-    if inference.gzsd_threshold is not None:
-        return {"scoring": "joint", "threshold": float(inference.gzsd_threshold),
-                "source": "inference.gzsd_threshold"}
+    configured = configured_scoring(inference)
+    if configured is not None:
+        return configured
     path = calibration_path(syn_weights) if syn_weights else None
     if path is None or not os.path.isfile(path):
-        return {"scoring": "published", "threshold": None,
-                "source": f"no {CALIBRATION_FILE} next to the classifier: run vldus calibrate-gzsd "
-                          "or set --gzsd-threshold"}
+        return published(f"no {CALIBRATION_FILE} next to the classifier: run vldus calibrate-gzsd "
+                         "or set --gzsd-threshold")
     hint = recalibrate_hint(syn_weights, checkpoint, config)
     calibration = read_calibration(path, hint)
     if calibration["bg_blend"] != inference.bg_blend:
@@ -173,15 +207,42 @@ def resolve_scoring(inference, checkpoint: str, syn_weights: Optional[str],
                             ("classifier_sha256", "classifier", syn_weights)):
         if calibration[key] != sha256_file(file):
             raise InputError(path, f"made for another {name} than {file} (sha256 differs); {hint}")
+    return calibrated_scoring(inference.gzsd_scoring, calibration, path)
+
+
+def published(source: str) -> dict:
+    return {"scoring": "published", "threshold": None, "slope": None, "source": source}
+
+
+def configured_scoring(inference) -> Optional[dict]:
+    """The scoring the config fixes by itself (``gzsd_scoring: published``, or a configured
+    ``gzsd_threshold``), else None: a calibration decides."""
+    if inference.gzsd_scoring == "published":
+        return published("inference.gzsd_scoring")
+    if inference.gzsd_threshold is None:
+        return None
+    soft = inference.gzsd_scoring == "soft"
+    return {"scoring": inference.gzsd_scoring, "threshold": float(inference.gzsd_threshold),
+            "slope": float(inference.gzsd_slope) if soft else None,
+            "source": "inference.gzsd_threshold" + (" and inference.gzsd_slope" if soft else "")}
+
+
+def calibrated_scoring(wanted: str, calibration: dict, source: str) -> dict:
+    """The scoring dict of a calibration (``wanted``: "soft" or "joint", the configured scoring):
+    the published one when the calibration cannot separate seen from unseen boxes."""
     if calibration["scoring"] == "published":
-        return {"scoring": "published", "threshold": None,
-                "source": f"{path}: the calibration separates seen from unseen boxes with balanced "
-                          f"accuracy {calibration['balanced_accuracy']:.2f} < {calibration['min_separation']}"}
-    return {"scoring": "joint", "threshold": float(calibration["threshold"]), "source": path}
+        return published(f"{source}: the calibration separates seen from unseen boxes with balanced "
+                         f"accuracy {calibration['balanced_accuracy']:.2f} < {calibration['min_separation']}")
+    if wanted == "soft":
+        return {"scoring": "soft", "threshold": float(calibration["soft_threshold"]),
+                "slope": float(calibration["soft_slope"]), "source": source}
+    return {"scoring": "joint", "threshold": float(calibration["threshold"]), "slope": None, "source": source}
 
 
 def describe_scoring(scoring: dict) -> str:
     """One line for a :func:`resolve_scoring` dict, e.g. ``joint, threshold 1.5 (PATH)``."""
+    if scoring["scoring"] == "soft":
+        return f"soft, threshold {scoring['threshold']:g}, slope {scoring['slope']:g} ({scoring['source']})"
     if scoring["scoring"] == "joint":
         return f"joint, threshold {scoring['threshold']:g} ({scoring['source']})"
     return f"published ({scoring['source']})"

@@ -252,13 +252,16 @@ def add_parser(sub, common) -> None:
                    help="score shown in pictures (default: inference.show_score_thresh)")
     p.add_argument("--seen-score-cut", type=float, default=None,
                    help="GZSD: zero seen scores below this (SU used 0.3; default: inference.seen_score_cut)")
-    p.add_argument("--gzsd-scoring", default=None, choices=("joint", "published"),
-                   help="GZSD scoring: joint (drop a box's seen scores when an unseen class explains "
-                        "it better) or published (the released two-softmax scoring, docs/design.md §8.3); "
+    p.add_argument("--gzsd-scoring", default=None, choices=("soft", "joint", "published"),
+                   help="GZSD scoring: soft (weigh a box's seen scores by the calibrated probability "
+                        "that it is a seen object), joint (drop them when an unseen class explains it "
+                        "better) or published (the released two-softmax scoring, docs/design.md §8.3); "
                         "default: inference.gzsd_scoring")
     p.add_argument("--gzsd-threshold", type=float, default=None,
-                   help="joint scoring threshold (default: inference.gzsd_threshold, else "
+                   help="soft / joint scoring threshold (default: inference.gzsd_threshold, else "
                         "gzsd_calibration.json next to --syn-weights, else the published scoring)")
+    p.add_argument("--gzsd-slope", type=float, default=None,
+                   help="soft scoring slope, with --gzsd-threshold (default: inference.gzsd_slope)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N test images")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="detector-output cache: store what the detector computes before its "
@@ -301,7 +304,7 @@ def _check_args(args: argparse.Namespace, cfg: Config) -> None:
         if args.setting != "gzsd":
             raise InputError("--seen-score-cut", "applies to --gzsd only")
         cfg.inference.seen_score_cut = args.seen_score_cut
-    for name in ("gzsd_scoring", "gzsd_threshold"):
+    for name in ("gzsd_scoring", "gzsd_threshold", "gzsd_slope"):
         value = getattr(args, name)
         if value is not None:
             if args.setting != "gzsd":
@@ -336,6 +339,9 @@ def check_inference_config(cfg: Config) -> None:
     if inf.gzsd_scoring not in SCORINGS:
         raise InputError(cfg.source_file, f"inference.gzsd_scoring: {inf.gzsd_scoring!r} is not one of "
                                           f"{', '.join(SCORINGS)}")
+    if inf.gzsd_scoring == "soft" and inf.gzsd_threshold is not None and inf.gzsd_slope is None:
+        raise InputError(cfg.source_file, "inference.gzsd_threshold with the soft scoring needs "
+                                          "inference.gzsd_slope too (--gzsd-slope)")
     if inf.excluded not in EXCLUDED_MODES:
         raise InputError(cfg.source_file, f"inference.excluded: {inf.excluded!r} is not one of "
                                           f"{', '.join(EXCLUDED_MODES)}")
@@ -427,7 +433,8 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         head = install_zsd_head(model, split, setting if classifier else "seen", classifier,
                                 bg_blend=cfg.inference.bg_blend,
                                 seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded,
-                                gzsd_threshold=gzsd_scoring["threshold"] if gzsd_scoring else None)
+                                gzsd_threshold=gzsd_scoring["threshold"] if gzsd_scoring else None,
+                                gzsd_slope=gzsd_scoring["slope"] if gzsd_scoring else None)
         regions = None
         if scoring != "vldus":
             regions = region_scorer(scoring, split, setting, device, cache, clip_weights, clip_arch, clip_margin,

@@ -40,9 +40,11 @@ Linear(F, C+1), ``bbox_pred`` Linear(F, 4(C+1)); detector index 0 = background):
      logits in the score matrix (not probabilities; they are never evaluated but can take
      places in the 100-per-image budget), which no softmax output can express.
      ``seen_score_cut`` (SU's 0.3; VLDUS removed it): seen probabilities ``q_s < cut`` are set to 0
-     and their mass moves to the seen group's background. ``joint_threshold`` (the default
-     ``--gzsd-scoring joint``, :mod:`vldus.detection.gzsd`): boxes an unseen class explains
-     better lose their seen probabilities the same way; None = the released scoring.
+     and their mass moves to the seen group's background. ``joint_threshold`` (``--gzsd-scoring
+     joint``, :mod:`vldus.detection.gzsd`): boxes an unseen class explains better lose their
+     seen probabilities the same way; with ``joint_slope`` as well (``--gzsd-scoring soft``) each
+     box keeps the fraction ``1 - sigmoid(slope (e_u - e_s - threshold))`` of them instead;
+     None = the released scoring.
    * ``seen``: the plain detector restricted to [background, seen] (no injection needed; a
      baseline without synthesis).
 """
@@ -179,15 +181,28 @@ def unseen_wins(logits: Tensor, detector_bg_logit: Tensor, split: Split, thresho
     return (e_u - e_s) > threshold
 
 
+def unseen_weight(logits: Tensor, detector_bg_logit: Tensor, split: Split, threshold: float,
+                  slope: Optional[float]) -> Tensor:
+    """(R,) float: the share of each box's seen scores that the joint scoring removes: 0 or 1
+    (:func:`unseen_wins`) without ``slope``; ``sigmoid(slope (e_u - e_s - threshold))``, the
+    calibrated probability that the box is not a seen object, with it (the soft scoring)."""
+    if slope is None:
+        return unseen_wins(logits, detector_bg_logit, split, threshold).to(logits.dtype)
+    e_s, e_u = group_evidence(logits, detector_bg_logit, split)
+    return torch.sigmoid(slope * (e_u - e_s - threshold))
+
+
 def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
-               seen_score_cut: Optional[float] = None, joint_threshold: Optional[float] = None) -> Tensor:
+               seen_score_cut: Optional[float] = None, joint_threshold: Optional[float] = None,
+               joint_slope: Optional[float] = None) -> Tensor:
     """§8.3 as a distribution: (R, C+1) mixture ``(q_seen + q_unseen) / 2`` (see module doc).
 
     logits (R, C+1) after injection (column 0 = blended background), detector_bg_logit (R,) =
     the detector's own background logit. Rows sum to 1; excluded classes get 0.
     ``joint_threshold``: the joint scoring (:mod:`vldus.detection.gzsd`): boxes where an unseen
     class wins by more than this lose their seen probabilities (mass to the seen background);
-    None = the published scoring.
+    with ``joint_slope`` (the soft scoring) they lose the share :func:`unseen_weight`; None = the
+    published scoring.
     """
     seen, unseen = split.seen_ids, split.unseen_ids
     q_s = F.softmax(torch.cat([detector_bg_logit[:, None], logits[:, seen]], dim=1), dim=1)
@@ -197,9 +212,9 @@ def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
         moved = (q_s[:, 1:] * cut).sum(dim=1)
         q_s = torch.cat([q_s[:, :1] + moved[:, None], q_s[:, 1:].masked_fill(cut, 0.0)], dim=1)
     if joint_threshold is not None:
-        wins = unseen_wins(logits, detector_bg_logit, split, joint_threshold)[:, None]
-        q_s = torch.cat([torch.where(wins, torch.ones_like(q_s[:, :1]), q_s[:, :1]),
-                         q_s[:, 1:].masked_fill(wins, 0.0)], dim=1)
+        removed = unseen_weight(logits, detector_bg_logit, split, joint_threshold, joint_slope)[:, None]
+        moved = q_s[:, 1:] * removed
+        q_s = torch.cat([q_s[:, :1] + moved.sum(dim=1, keepdim=True), q_s[:, 1:] - moved], dim=1)
     probs = logits.new_zeros(logits.shape)
     probs[:, 0] = 0.5 * (q_s[:, 0] + q_u[:, 0])
     probs[:, seen] = 0.5 * q_s[:, 1:]
@@ -213,8 +228,8 @@ class ZSDPredictor(nn.Module):
     Install as ``model.roi_heads.box_predictor`` (see the module docstring). ``mode`` is
     'zsd', 'gzsd' or 'seen'. GZSD needs the detector's own background row: ``detector_bg``
     ``(weight (F,), bias ())``, by default the one :func:`inject_classifier` left on the predictor.
-    ``seen_score_cut`` and ``gzsd_threshold`` (the joint scoring, :mod:`vldus.detection.gzsd`;
-    None = published) apply to GZSD only. Detection scores from torchvision's postprocess are
+    ``seen_score_cut``, ``gzsd_threshold`` (the joint scoring, :mod:`vldus.detection.gzsd`;
+    None = published) and ``gzsd_slope`` (with the threshold: the soft scoring) apply to GZSD only. Detection scores from torchvision's postprocess are
     probabilities of this distribution; multiply by :attr:`score_scale` (or use
     :func:`rescale_scores`) for the released per-group scores.
     """
@@ -222,7 +237,7 @@ class ZSDPredictor(nn.Module):
     def __init__(self, base_predictor: nn.Module, split: Split, mode: str,
                  seen_score_cut: Optional[float] = None,
                  detector_bg: Optional[tuple[Tensor, Tensor]] = None, excluded: str = "softmax",
-                 gzsd_threshold: Optional[float] = None):
+                 gzsd_threshold: Optional[float] = None, gzsd_slope: Optional[float] = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -234,6 +249,7 @@ class ZSDPredictor(nn.Module):
         self.excluded = excluded
         self.seen_score_cut = seen_score_cut if mode == "gzsd" else None
         self.gzsd_threshold = gzsd_threshold if mode == "gzsd" else None
+        self.gzsd_slope = gzsd_slope if mode == "gzsd" else None
         if detector_bg is None:
             detector_bg = getattr(base_predictor, "detector_background", None)
         if mode == "gzsd" and detector_bg is None:
@@ -262,11 +278,12 @@ class ZSDPredictor(nn.Module):
         deltas = borrow_box_regression(logits, deltas, self.split.seen_ids, self.split.unseen_ids)
         if self.mode == "zsd":
             return zsd_log_probs(logits, self.split, self.excluded), deltas
-        return torch.log(gzsd_probs(logits, bg, self.split, self.seen_score_cut, self.gzsd_threshold)), deltas
+        return torch.log(gzsd_probs(logits, bg, self.split, self.seen_score_cut, self.gzsd_threshold,
+                                    self.gzsd_slope)), deltas
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, excluded={self.excluded}, seen_score_cut={self.seen_score_cut}, "
-                f"gzsd_threshold={self.gzsd_threshold}, "
+                f"gzsd_threshold={self.gzsd_threshold}, gzsd_slope={self.gzsd_slope}, "
                 f"unseen={len(self.split.unseen_ids)}")
 
 
@@ -276,11 +293,12 @@ class ZSDPredictor(nn.Module):
 def install_zsd_head(model: nn.Module, split: Split, mode: str,
                      classifier: Optional[tuple[Tensor, Tensor]] = None, bg_blend: float = 0.35,
                      seen_score_cut: Optional[float] = None, excluded: str = "softmax",
-                     gzsd_threshold: Optional[float] = None) -> ZSDPredictor:
+                     gzsd_threshold: Optional[float] = None, gzsd_slope: Optional[float] = None) -> ZSDPredictor:
     """Inject ``classifier`` (weight, bias) into ``model``'s predictor and install a ZSDPredictor.
 
     ``classifier`` is required for 'zsd' / 'gzsd' and ignored for 'seen'. ``gzsd_threshold``:
-    the joint GZSD scoring's threshold (None = published scoring). Also divides
+    the joint GZSD scoring's threshold (None = published scoring); ``gzsd_slope``: the soft
+    scoring's slope (None = the hard joint rule). Also divides
     ``model.roi_heads.score_thresh`` by the predictor's score_scale (see :func:`rescale_scores`).
     """
     base = model.roi_heads.box_predictor
@@ -291,7 +309,7 @@ def install_zsd_head(model: nn.Module, split: Split, mode: str,
             raise ValueError(f"mode {mode!r} needs the synthesized classifier")
         inject_classifier(base, split, classifier[0], classifier[1], bg_blend)
     head = ZSDPredictor(base, split, mode, seen_score_cut=seen_score_cut, excluded=excluded,
-                        gzsd_threshold=gzsd_threshold)
+                        gzsd_threshold=gzsd_threshold, gzsd_slope=gzsd_slope)
     model.roi_heads.box_predictor = head
     prepare_postprocess(model, head)
     return head
