@@ -65,29 +65,34 @@ def test_distillation_was_active(run):
 
 
 def test_default_gzsd_scoring_follows_its_calibration(run):
-    """What the joint scoring guarantees, on any machine: it acts only when its calibration (no test
-    data) separates seen from unseen well enough, and then it removes seen detections and leaves
-    the unseen side as the published scoring has it. Whether that raises the HM is measured, not
-    asserted: on the default demo it moved the HM by -1.0 to +1.0 (docs/history.md, "GZSD calibration")."""
+    """What the default (soft) scoring guarantees, on any machine: it acts only when its
+    calibration (no test data) separates seen from unseen well enough, runs with the calibrated
+    slope and threshold, lowers seen scores only and leaves the unseen side as the published
+    scoring has it. Whether that raises the HM is measured, not asserted (docs/gzsd.md: +1.2 to
+    +1.4 HM over the joint rule on three default-demo seeds)."""
     m = run.metrics
-    joint, published = m["gzsd"], m["gzsd_published"]
-    assert joint["setting"] == published["setting"] == "gzsd"
-    calib = json.load(open(os.path.join(run.synth_dir, "gzsd_calibration.json")))
-    assert (calib["scoring"] == "joint") == (calib["balanced_accuracy"] >= calib["min_separation"])
+    default, published = m["gzsd"], m["gzsd_published"]
+    assert default["setting"] == published["setting"] == "gzsd"
+    path = os.path.join(run.synth_dir, "gzsd_calibration.json")
+    calib = json.load(open(path))
+    usable = calib["balanced_accuracy"] >= calib["min_separation"] and calib["soft_slope"] > 0
+    assert calib["scoring"] == ("joint" if usable else "published")
 
     def dets(metrics: dict, group: str) -> int:
         return sum(c["num_dets"] for c in metrics["classes"].values() if c["group"] == group)
 
-    assert joint["gzsd_scoring"]["scoring"] == calib["scoring"]  # --metrics records what ran
     assert published["gzsd_scoring"] == {"scoring": "published", "threshold": None, "slope": None,
                                          "source": "inference.gzsd_scoring"}
-    if calib["scoring"] == "published":
-        assert {k: v for k, v in joint.items() if k != "gzsd_scoring"} == {
+    if not usable:  # --metrics records what ran
+        assert default["gzsd_scoring"]["scoring"] == "published"
+        assert {k: v for k, v in default.items() if k != "gzsd_scoring"} == {
             k: v for k, v in published.items() if k != "gzsd_scoring"}
     else:
-        assert dets(joint, "seen") < 0.97 * dets(published, "seen")  # measured 12 % and 8 % fewer
-        assert abs(joint["groups"]["unseen"]["map"]["0.5"] - published["groups"]["unseen"]["map"]["0.5"]) < 1.0
-    assert joint["groups"]["unseen"]["map"]["0.5"] > 0
+        assert default["gzsd_scoring"] == {"scoring": "soft", "threshold": calib["soft_threshold"],
+                                           "slope": calib["soft_slope"], "source": path}
+        assert dets(default, "seen") < dets(published, "seen")  # lower seen scores: fewer above the score floor
+        assert abs(default["groups"]["unseen"]["map"]["0.5"] - published["groups"]["unseen"]["map"]["0.5"]) < 1.0
+    assert default["groups"]["unseen"]["map"]["0.5"] > 0
 
 
 def test_report_and_pictures(run):

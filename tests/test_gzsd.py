@@ -155,11 +155,11 @@ def test_resolve_scoring_order(tmp_path):
     assert scoring["scoring"] == "published" and "calibrate-gzsd" in scoring["source"]  # no file
     ckpt, cls = _made_for(tmp_path, JOINT)
     path = str(tmp_path / "gzsd_calibration.json")
-    assert resolve_scoring(InferenceConfig(), ckpt, cls) == {"scoring": "joint", "threshold": -1.25, "slope": None,
-                                                             "source": path}
-    assert resolve_scoring(InferenceConfig(gzsd_scoring="soft"), ckpt, cls) == {
+    assert resolve_scoring(InferenceConfig(), ckpt, cls) == {  # the default: soft
         "scoring": "soft", "threshold": -1.0, "slope": 0.8, "source": path}
-    assert resolve_scoring(InferenceConfig(gzsd_threshold=2.0), ckpt, cls) == {
+    assert resolve_scoring(InferenceConfig(gzsd_scoring="joint"), ckpt, cls) == {
+        "scoring": "joint", "threshold": -1.25, "slope": None, "source": path}
+    assert resolve_scoring(InferenceConfig(gzsd_scoring="joint", gzsd_threshold=2.0), ckpt, cls) == {
         "scoring": "joint", "threshold": 2.0, "slope": None, "source": "inference.gzsd_threshold"}
     assert resolve_scoring(InferenceConfig(gzsd_scoring="soft", gzsd_threshold=2.0, gzsd_slope=3.0), ckpt, cls) == {
         "scoring": "soft", "threshold": 2.0, "slope": 3.0, "source": "inference.gzsd_threshold and inference.gzsd_slope"}

@@ -194,17 +194,22 @@ def test_gzsd_end_to_end_and_seen_score_cut(project, tmp_path):
     assert len(gt["annotations"]) == 6
 
 
-def test_joint_scoring_only_removes_seen_detections(project, tmp_path, capsys):
-    """joint vs published on the same detector: seen detections a subset, every unseen one kept
-    (more may enter the 100-per-image budget the removed seen ones free)."""
+def test_joint_and_soft_scorings_only_lower_seen_detections(project, tmp_path, capsys):
+    """joint and soft vs published on the same detector: joint's seen detections a subset, soft's
+    seen scores never higher, every unseen detection kept (more may enter the 100-per-image budget
+    the removed seen ones free)."""
     runs = {}
-    for name, extra in (("published", ["--gzsd-scoring", "published"]), ("joint", ["--gzsd-threshold", "-2"])):
+    for name, extra in (("published", ["--gzsd-scoring", "published"]),
+                        ("joint", ["--gzsd-scoring", "joint", "--gzsd-threshold", "-2"]),
+                        ("soft", ["--gzsd-threshold", "-2", "--gzsd-slope", "1"])):
         out = tmp_path / f"{name}.json"
         assert main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--gzsd", "--out", str(out),
                              *extra)) == 0
         runs[name] = {(d["image_id"], d["category_id"], tuple(round(v, 2) for v in d["bbox"])): d["score"]
                       for d in _read(out)}
-    assert "gzsd scoring: joint, threshold -2 (inference.gzsd_threshold)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "gzsd scoring: joint, threshold -2 (inference.gzsd_threshold)" in out
+    assert "gzsd scoring: soft, threshold -2, slope 1 (inference.gzsd_threshold and inference.gzsd_slope)" in out
     # no calibration file next to cls.pth and no threshold: the published scoring, said so
     assert main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--gzsd", "--out",
                          str(tmp_path / "default.json"))) == 0
@@ -216,6 +221,12 @@ def test_joint_scoring_only_removes_seen_detections(project, tmp_path, capsys):
     assert joint_seen < pub_seen  # a low threshold removes some seen detections, adds none
     for key in set(pub) - pub_seen:  # every unseen detection kept, same score (up to round-off)
         assert joint[key] == pytest.approx(pub[key], abs=1e-5)
+        assert runs["soft"][key] == pytest.approx(pub[key], abs=1e-5)
+    # soft: a seen box keeps a share of its score (boxes below the 100 kept per image may move up)
+    soft_seen = {k: v for k, v in runs["soft"].items() if k[1] in seen_cats}
+    both = soft_seen.keys() & pub_seen
+    assert both and all(soft_seen[k] <= pub[k] + 1e-6 for k in both)
+    assert sum(soft_seen[k] for k in both) < 0.9 * sum(pub[k] for k in both)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -271,11 +282,11 @@ def test_calibration_file_is_used_recorded_and_refused_for_another_classifier(pr
     args = cli_args(project, "--syn-weights", str(cls), "--gzsd", "--out", str(tmp_path / "d.json"),
                     "--metrics", str(tmp_path / "m.json"))
     assert main(args) == 0
+    assert _read(tmp_path / "m.json")["gzsd_scoring"] == {  # the default: soft
+        "scoring": "soft", "threshold": -1.5, "slope": 0.5, "source": str(tmp_path / "gzsd_calibration.json")}
+    assert main(args + ["--gzsd-scoring", "joint"]) == 0
     assert _read(tmp_path / "m.json")["gzsd_scoring"] == {
         "scoring": "joint", "threshold": -2.0, "slope": None, "source": str(tmp_path / "gzsd_calibration.json")}
-    assert main(args + ["--gzsd-scoring", "soft"]) == 0
-    assert _read(tmp_path / "m.json")["gzsd_scoring"] == {
-        "scoring": "soft", "threshold": -1.5, "slope": 0.5, "source": str(tmp_path / "gzsd_calibration.json")}
     assert main(args + ["--gzsd-scoring", "published"]) == 0
     assert _read(tmp_path / "m.json")["gzsd_scoring"]["scoring"] == "published"
     torch.save({"fc.weight": torch.zeros(3, 1024), "fc.bias": torch.zeros(3)}, cls)  # another classifier

@@ -133,7 +133,7 @@ class ZeroShotDetector:
         self.classifier_path: Optional[str] = None
         self.model = None
         self.head = None
-        self.gzsd_scoring: Optional[dict] = None  # GZSD: {"scoring", "threshold", "source"} that runs
+        self.gzsd_scoring: Optional[dict] = None  # GZSD: {"scoring", "threshold", "slope", "source"} that runs
 
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu", cache_dir: Optional[str] = None) -> "ZeroShotDetector":

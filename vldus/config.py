@@ -214,7 +214,7 @@ class InferenceConfig:
     # GZSD: 'soft' weighs a box's seen scores by the calibrated probability that it is a seen
     # object, 'joint' drops them when an unseen class explains it better (vldus.detection.gzsd);
     # 'published' = the released two-softmax scoring (docs/design.md §8.3)
-    gzsd_scoring: str = "joint"
+    gzsd_scoring: str = "soft"
     # soft / joint scoring threshold; null = gzsd_calibration.json next to the classifier (chosen
     # by train-generator / calibrate-gzsd without test data), else the published scoring
     gzsd_threshold: Optional[float] = None

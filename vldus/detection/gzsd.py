@@ -18,7 +18,7 @@ real seen object that the rule would have cut keeps part of its score. Unseen sc
 of the published scoring in both, so the unseen detections do not change (except for places
 freed in the per-image budget).
 
-The one setting, ``threshold``, is chosen WITHOUT test data by :func:`calibrate`: on real seen
+The joint rule's ``threshold`` is chosen WITHOUT test data by :func:`calibrate`: on real seen
 RoI features of held-out VALIDATION images (``val_{fg}_{bg}_feats.npy`` of ``vldus
 extract-features --data-split val``: rows with a seen label; a config without ``data.val`` falls
 back to the detector's training images' features, with a warning, ``"calibration_source":
@@ -211,6 +211,7 @@ def resolve_scoring(inference, checkpoint: str, syn_weights: Optional[str],
 
 
 def published(source: str) -> dict:
+    """The scoring dict of the published scoring, with why it runs."""
     return {"scoring": "published", "threshold": None, "slope": None, "source": source}
 
 
