@@ -167,9 +167,9 @@ def test_folder_input_and_unique_output_names(bundle, test_records, tmp_path):
 
 def test_gzsd_scores_as_vldus_test(bundle, tmp_path):
     """Given vldus test's own classifier (put in the API's classifier cache), GZSD through the API
-    runs the same scoring as `vldus test --gzsd` (default scoring, threshold calibrated on the
-    same seen features against the same generator) and the same inference path: same boxes,
-    scores and labels. With inference.gzsd_scoring: published both drop the joint rule."""
+    runs the same scoring as `vldus test --gzsd` (default scoring, threshold and slope calibrated
+    on the same seen features against the same generator) and the same inference path: same
+    boxes, scores and labels. With inference.gzsd_scoring: published both drop the rule."""
     from safetensors.torch import save_file
 
     from vldus.config import load_config
@@ -211,6 +211,8 @@ def test_gzsd_scores_as_vldus_test(bundle, tmp_path):
         assert det.gzsd_scoring["threshold"] == pytest.approx(ran["threshold"], abs=1e-3)
         assert det.head.gzsd_threshold == det.gzsd_scoring["threshold"]
         assert det.head.gzsd_slope == det.gzsd_scoring["slope"]
+        if ran["slope"] is not None:  # soft
+            assert det.gzsd_scoring["slope"] == pytest.approx(ran["slope"], abs=1e-3)
     with open(out) as f:
         tested = json.load(f)
     with open(str(out)[:-5] + ".gt.json") as f:
