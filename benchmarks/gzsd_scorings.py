@@ -5,13 +5,14 @@ so the scorings are compared on the same detector, classifier and calibration::
 
     python benchmarks/gzsd_scorings.py demo_out --out docs/results/scorings_seed0.json \\
         --note "2-core Intel Xeon, torch 2.14.1, default kernels"
-    python benchmarks/make_tables.py        # the `scorings` table of docs/gzsd.md
+    python benchmarks/make_tables.py        # the `scorings` table of docs/results.md
 
 A row whose ``gzsd_calibration.json`` an older vldus wrote (without the soft fit) is calibrated
 again first with ``vldus calibrate-gzsd`` (validation features and the generator; no test data).
 
 Output JSON: ``{"note": str, "seed": int, "rows": {ROW: {SCORING: {"seen", "unseen", "hm":
-mAP@0.5, "threshold": float | null, "slope": float | null}}}}``.
+mAP@0.5, "threshold": float | null, "slope": float | null, "ran": the scoring that ran (published
+when the calibration cannot separate the groups)}}}}``.
 """
 from __future__ import annotations
 

@@ -99,17 +99,17 @@ def fit_soft_gate(seen_margin: Tensor, unseen_margin: Tensor, iterations: int = 
     weighted to half of the total as in the balanced accuracy; Newton's method in float64, with
     a tiny ridge on the slope so that separable rows give a large finite one."""
     m = torch.cat([seen_margin, unseen_margin]).double()
-    y = torch.cat([torch.zeros(len(seen_margin)), torch.ones(len(unseen_margin))]).double()
-    w = torch.cat([torch.full((len(seen_margin),), 0.5 / len(seen_margin)),
-                   torch.full((len(unseen_margin),), 0.5 / len(unseen_margin))]).double()
+    n_seen, n_unseen = len(seen_margin), len(unseen_margin)
+    y = torch.cat([m.new_zeros(n_seen), m.new_ones(n_unseen)])
+    w = torch.cat([m.new_full((n_seen,), 0.5 / n_seen), m.new_full((n_unseen,), 0.5 / n_unseen)])
     x = torch.stack([m, torch.ones_like(m)], dim=1)  # (N, 2): slope and offset columns
-    ridge = torch.diag(torch.tensor([1e-6, 0.0], dtype=torch.float64))
-    params = torch.zeros(2, dtype=torch.float64)
+    ridge = torch.diag(m.new_tensor([1e-6, 0.0]))
+    params = m.new_zeros(2)
     for _ in range(iterations):
         p = torch.sigmoid(x @ params)
         grad = x.T @ (w * (p - y)) + ridge @ params
         hessian = (x * (w * p * (1 - p))[:, None]).T @ x + ridge
-        step = torch.linalg.solve(hessian + 1e-12 * torch.eye(2, dtype=torch.float64), grad)
+        step = torch.linalg.solve(hessian + 1e-12 * torch.eye(2, dtype=m.dtype, device=m.device), grad)
         params = params - step
         if float(step.abs().max()) < 1e-10:
             break

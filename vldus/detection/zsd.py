@@ -229,9 +229,9 @@ class ZSDPredictor(nn.Module):
     'zsd', 'gzsd' or 'seen'. GZSD needs the detector's own background row: ``detector_bg``
     ``(weight (F,), bias ())``, by default the one :func:`inject_classifier` left on the predictor.
     ``seen_score_cut``, ``gzsd_threshold`` (the joint scoring, :mod:`vldus.detection.gzsd`;
-    None = published) and ``gzsd_slope`` (with the threshold: the soft scoring) apply to GZSD only. Detection scores from torchvision's postprocess are
-    probabilities of this distribution; multiply by :attr:`score_scale` (or use
-    :func:`rescale_scores`) for the released per-group scores.
+    None = published) and ``gzsd_slope`` (with the threshold: the soft scoring) apply to GZSD
+    only. Detection scores from torchvision's postprocess are probabilities of this distribution;
+    multiply by :attr:`score_scale` (or use :func:`rescale_scores`) for the released per-group scores.
     """
 
     def __init__(self, base_predictor: nn.Module, split: Split, mode: str,
