@@ -1,4 +1,5 @@
-"""GZSD under each scoring (published, joint, soft) on a finished ``vldus demo`` run.
+"""GZSD under each scoring (published, joint, soft), and ZSD under each of its own (published,
+soft), on a finished ``vldus demo`` run.
 
 Every synthesis row of the demo is re-scored from the demo's test cache (seconds per scoring),
 so the scorings are compared on the same detector, classifier and calibration::
@@ -12,7 +13,8 @@ again first with ``vldus calibrate-gzsd`` (validation features and the generator
 
 Output JSON: ``{"note": str, "seed": int, "rows": {ROW: {SCORING: {"seen", "unseen", "hm":
 mAP@0.5, "threshold": float | null, "slope": float | null, "ran": the scoring that ran (published
-when the calibration cannot separate the groups)}}}}``.
+when the calibration cannot separate the groups)}}}, "zsd": {ROW: {SCORING: {"map": ZSD mAP@0.5,
+"threshold", "slope", "ran"}}}}`` (GZSD under "rows").
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 from vldus import cli  # noqa: E402
 from vldus.config import load_config  # noqa: E402
-from vldus.detection.gzsd import CALIBRATION_FILE, CALIBRATION_KEYS, SCORINGS  # noqa: E402
+from vldus.detection.gzsd import CALIBRATION_FILE, CALIBRATION_KEYS, SCORINGS, ZSD_SCORINGS  # noqa: E402
 from vldus.detection.train import latest_checkpoint  # noqa: E402
 
 
@@ -49,25 +51,27 @@ def synthesis_rows(demo: str) -> list[str]:
     return [r for r in rows if os.path.isfile(os.path.join(demo, "work", f"synth_{r}", "generator.pth"))]
 
 
-def score_row(demo: str, row: str, checkpoint: str) -> dict:
-    """{scoring: {"seen", "unseen", "hm", "threshold", "slope"}} of one row."""
+def score_row(demo: str, row: str, checkpoint: str, setting: str = "gzsd") -> dict:
+    """{scoring: {"seen", "unseen", "hm" (GZSD) or "map" (ZSD), "threshold", "slope", "ran"}} of
+    one row in ``setting``."""
     config, synth = os.path.join(demo, "config.yaml"), os.path.join(demo, "work", f"synth_{row}")
     with open(os.path.join(synth, CALIBRATION_FILE)) as f:
         if not set(CALIBRATION_KEYS) <= set(json.load(f)):
             quiet_cli(["calibrate-gzsd", "--config", config, "--synth-dir", synth, "--checkpoint", checkpoint])
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for scoring in SCORINGS:
+        for scoring in SCORINGS if setting == "gzsd" else ZSD_SCORINGS:
             metrics = os.path.join(tmp, "metrics.json")
-            quiet_cli(["test", "--config", config, "--checkpoint", checkpoint, "--gzsd",
-                       "--syn-weights", os.path.join(synth, "classifier_best.pth"), "--gzsd-scoring", scoring,
+            quiet_cli(["test", "--config", config, "--checkpoint", checkpoint, f"--{setting}",
+                       "--syn-weights", os.path.join(synth, "classifier_best.pth"), f"--{setting}-scoring", scoring,
                        "--cache", os.path.join(demo, "work", "test_cache"),
                        "--out", os.path.join(tmp, "dets.json"), "--metrics", metrics])
             with open(metrics) as f:
                 m = json.load(f)
-            result[scoring] = {"seen": m["groups"]["seen"]["map"]["0.5"], "unseen": m["groups"]["unseen"]["map"]["0.5"],
-                               "hm": m["hm"]["map"]["0.5"], "threshold": m["gzsd_scoring"]["threshold"],
-                               "slope": m["gzsd_scoring"]["slope"], "ran": m["gzsd_scoring"]["scoring"]}
+            ran = m[f"{setting}_scoring"]
+            scores = ({"seen": m["groups"]["seen"]["map"]["0.5"], "unseen": m["groups"]["unseen"]["map"]["0.5"],
+                       "hm": m["hm"]["map"]["0.5"]} if setting == "gzsd" else {"map": m["groups"]["unseen"]["map"]["0.5"]})
+            result[scoring] = {**scores, "threshold": ran["threshold"], "slope": ran["slope"], "ran": ran["scoring"]}
     return result
 
 
@@ -79,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     seed = load_config(os.path.join(args.demo, "config.yaml")).train.seed  # the demo's --seed
     checkpoint = latest_checkpoint(os.path.join(args.demo, "work", "detector"))
-    rows = {row: score_row(args.demo, row, checkpoint) for row in synthesis_rows(args.demo)}
+    names = synthesis_rows(args.demo)
+    rows = {row: score_row(args.demo, row, checkpoint) for row in names}
+    zsd = {row: score_row(args.demo, row, checkpoint, "zsd") for row in names}
     with open(args.out, "w") as f:
-        json.dump({"note": args.note, "seed": seed, "rows": rows}, f, indent=1)
+        json.dump({"note": args.note, "seed": seed, "rows": rows, "zsd": zsd}, f, indent=1)
         f.write("\n")
     for row, scorings in rows.items():
-        print(row, ", ".join(f"{s} HM {v['hm']:.1f} (seen {v['seen']:.1f})" for s, v in scorings.items()))
+        print(row, ", ".join(f"{s} HM {v['hm']:.1f} (seen {v['seen']:.1f})" for s, v in scorings.items()) + "; ZSD " +
+              ", ".join(f"{s} {v['map']:.1f}" for s, v in zsd[row].items()))
     return 0
 
 

@@ -262,19 +262,22 @@ def kernels_table(root: str) -> str:
 
 
 def scorings_table(root: str) -> str:
-    """GZSD seen mAP and HM at IoU 0.5 of each synthesis row under each scoring, per seed and mean
-    (files written by benchmarks/gzsd_scorings.py)."""
+    """ZSD mAP and GZSD seen / unseen mAP and HM at IoU 0.5 of each synthesis row under each
+    scoring, per seed and mean (files written by benchmarks/gzsd_scorings.py; ZSD has no joint
+    scoring)."""
     runs = load_family(root, "scorings")
     if not runs:
         return ("_No file yet: `python benchmarks/gzsd_scorings.py DEMO_OUT --out "
                 "docs/results/scorings_seedN.json`, then `python benchmarks/make_tables.py`._\n")
     seeds = " / ".join(str(r.get("seed")) for r in runs)
-    header = ["row", "scoring", f"GZSD seen (seeds {seeds})", "mean ± sd", f"GZSD unseen (seeds {seeds})",
-              "mean ± sd", f"GZSD HM (seeds {seeds})", "mean ± sd"]
+    header = ["row", "scoring", f"ZSD (seeds {seeds})", "mean ± sd", f"GZSD seen (seeds {seeds})", "mean ± sd",
+              f"GZSD unseen (seeds {seeds})", "mean ± sd", f"GZSD HM (seeds {seeds})", "mean ± sd"]
     rows = []
     for name in dict.fromkeys(n for r in runs for n in r["rows"]):
         for scoring in dict.fromkeys(s for r in runs for s in r["rows"].get(name, {})):
             row = [f"`{name}`", scoring]
+            zsd = [(((r.get("zsd") or {}).get(name) or {}).get(scoring) or {}).get("map") for r in runs]
+            row += [" / ".join(fmt(v) for v in zsd), mean_sd(zsd)]
             for key in ("seen", "unseen", "hm"):
                 vals = [((r["rows"].get(name) or {}).get(scoring) or {}).get(key) for r in runs]
                 row += [" / ".join(fmt(v) for v in vals), mean_sd(vals)]

@@ -206,13 +206,13 @@ def test_gzsd_scores_as_vldus_test(bundle, tmp_path):
                      "--metrics", str(tmp_path / "m.json"), "--max-images", "4", "--quiet"]) == 0
     with open(tmp_path / "m.json") as f:
         ran = json.load(f)["gzsd_scoring"]
-    assert det.gzsd_scoring["scoring"] == ran["scoring"]
+    assert det.scoring["scoring"] == ran["scoring"]
     if ran["scoring"] != "published":
-        assert det.gzsd_scoring["threshold"] == pytest.approx(ran["threshold"], abs=1e-3)
-        assert det.head.gzsd_threshold == det.gzsd_scoring["threshold"]
-        assert det.head.gzsd_slope == det.gzsd_scoring["slope"]
+        assert det.scoring["threshold"] == pytest.approx(ran["threshold"], abs=1e-3)
+        assert det.head.gate_threshold == det.scoring["threshold"]
+        assert det.head.gate_slope == det.scoring["slope"]
         if ran["slope"] is not None:  # soft
-            assert det.gzsd_scoring["slope"] == pytest.approx(ran["slope"], abs=1e-3)
+            assert det.scoring["slope"] == pytest.approx(ran["slope"], abs=1e-3)
     with open(out) as f:
         tested = json.load(f)
     with open(str(out)[:-5] + ".gt.json") as f:
@@ -226,6 +226,11 @@ def test_gzsd_scores_as_vldus_test(bundle, tmp_path):
         assert [n for n, _ in got] == [n for n, _ in expected]
         np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=2e-4)
 
+    # ZSD: the same calibration gates the unseen scores, in the API as in vldus test --zsd
+    det.set_classes(names)
+    assert det.head.mode == "zsd" and det.scoring == {**det.scoring, "scoring": ran["scoring"]}
+    if ran["scoring"] == "soft":
+        assert (det.head.gate_threshold, det.head.gate_slope) == pytest.approx((ran["threshold"], ran["slope"]), abs=1e-3)
     det.cfg.inference.gzsd_scoring = "published"
     det.set_classes(names, gzsd=True)
-    assert det.gzsd_scoring["scoring"] == "published" and det.head.gzsd_threshold is None
+    assert det.scoring["scoring"] == "published" and det.head.gate_threshold is None

@@ -77,8 +77,9 @@ def test_cached_rescoring_equals_torchvision_forward(project, tmp_path, setting)
     head = None
     if setting != "plain":
         classifier = load_syn_classifier(str(project / "cls.pth"), split, 1024)
-        head = install_zsd_head(model, split, setting, classifier, bg_blend=0.35,
-                                gzsd_threshold=-2.0 if setting == "gzsd" else None)
+        head = install_zsd_head(model, split, setting, classifier, bg_blend=0.35,  # gzsd: joint, zsd: soft
+                                gate_threshold=-2.0 if setting != "seen" else None,
+                                gate_slope=1.0 if setting == "zsd" else None)
     with torch.inference_mode():
         expected = model([image])[0]
     if head is not None:

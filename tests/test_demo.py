@@ -64,12 +64,12 @@ def test_distillation_was_active(run):
     assert clip["source"].startswith("trained") and clip["zero_shot_accuracy"]["all"] > CLIP_ACCURACY_FLOOR
 
 
-def test_default_gzsd_scoring_follows_its_calibration(run):
-    """What the default (soft) scoring guarantees, on any machine: it acts only when its
-    calibration (no test data) separates seen from unseen well enough, runs with the calibrated
-    slope and threshold, lowers seen scores only and leaves the unseen side as the published
-    scoring has it. Whether that raises the HM is measured, not asserted (docs/gzsd.md: +1.2 to
-    +1.4 HM over the joint rule on three default-demo seeds)."""
+def test_default_scoring_follows_its_calibration(run):
+    """What the default (soft) scoring guarantees, on any machine, in ZSD and GZSD: it acts only
+    when its calibration (no test data) separates seen from unseen well enough, runs with the
+    calibrated slope and threshold and lowers scores (fewer boxes above the score floor), never
+    raises them. Whether that raises the mAP is measured, not asserted (docs/gzsd.md, on three
+    default-demo seeds)."""
     m = run.metrics
     default, published = m["gzsd"], m["gzsd_published"]
     assert default["setting"] == published["setting"] == "gzsd"
@@ -91,8 +91,11 @@ def test_default_gzsd_scoring_follows_its_calibration(run):
         assert default["gzsd_scoring"] == {"scoring": "soft", "threshold": calib["soft_threshold"],
                                            "slope": calib["soft_slope"], "source": path}
         assert dets(default, "seen") < dets(published, "seen")  # lower seen scores: fewer above the score floor
-        assert abs(default["groups"]["unseen"]["map"]["0.5"] - published["groups"]["unseen"]["map"]["0.5"]) < 1.0
+        assert dets(default, "unseen") <= dets(published, "unseen")
     assert default["groups"]["unseen"]["map"]["0.5"] > 0
+    # ZSD: the same calibration, on the unseen scores only
+    assert m["zsd"]["zsd_scoring"] == (default["gzsd_scoring"] if usable else {
+        "scoring": "published", "threshold": None, "slope": None, "source": m["zsd"]["zsd_scoring"]["source"]})
 
 
 def test_scorings_benchmark_rescores_the_demo(run, tmp_path):
@@ -113,6 +116,10 @@ def test_scorings_benchmark_rescores_the_demo(run, tmp_path):
         assert row[scoring]["hm"] == pytest.approx(run.metrics[setting]["hm"]["map"]["0.5"], abs=1e-9)
         assert row[scoring]["ran"] == run.metrics[setting]["gzsd_scoring"]["scoring"]
     assert row["joint"]["slope"] is None and row["published"]["threshold"] is None
+    zsd = result["zsd"]["synthesis_vldus"]
+    assert list(zsd) == ["soft", "published"] and zsd["published"]["ran"] == "published"
+    assert zsd["soft"]["map"] == pytest.approx(run.metrics["zsd"]["groups"]["unseen"]["map"]["0.5"], abs=1e-9)
+    assert zsd["soft"]["ran"] == run.metrics["zsd"]["zsd_scoring"]["scoring"]
 
 
 def test_report_and_pictures(run):

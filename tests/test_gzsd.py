@@ -12,7 +12,7 @@ from vldus.config import InferenceConfig
 from vldus.detection.gzsd import (best_threshold, calibrate, fit_soft_gate, group_evidence, resolve_scoring,
                                   unseen_wins)
 from vldus.files import sha256_file
-from vldus.detection.zsd import gzsd_probs, unseen_weight
+from vldus.detection.zsd import ZSDPredictor, gzsd_probs, unseen_weight, zsd_log_probs
 from vldus.errors import InputError
 
 # detector order: 1 red square, 2 blue square, 3 blue circle, 4 green circle; unseen: blue circle
@@ -37,6 +37,20 @@ def _rows(*names):
     logits = torch.tensor([TABLE[n][0] for n in names])
     bg = torch.tensor([TABLE[n][1] for n in names])
     return logits, bg
+
+
+class _FixedPredictor(torch.nn.Module):
+    """A box predictor that returns the given logits for inputs torch.eye(R); its detector
+    background row reads bg off the same one-hot inputs."""
+
+    def __init__(self, logits: torch.Tensor, bg: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+        self.detector_background = (bg.clone(), torch.tensor(0.0))
+
+    def forward(self, x):
+        return x @ self.logits, torch.zeros(x.shape[0], 4 * self.logits.shape[1])
+
 
 
 def test_evidence_is_the_log_odds_of_each_group():
@@ -164,6 +178,14 @@ def test_resolve_scoring_order(tmp_path):
     assert resolve_scoring(InferenceConfig(gzsd_scoring="soft", gzsd_threshold=2.0, gzsd_slope=3.0), ckpt, cls) == {
         "scoring": "soft", "threshold": 2.0, "slope": 3.0, "source": "inference.gzsd_threshold and inference.gzsd_slope"}
     assert resolve_scoring(InferenceConfig(gzsd_scoring="published"), ckpt, cls)["scoring"] == "published"
+    # ZSD: its own scoring, the same gate
+    assert resolve_scoring(InferenceConfig(gzsd_scoring="published"), ckpt, cls, setting="zsd") == {
+        "scoring": "soft", "threshold": -1.0, "slope": 0.8, "source": path}
+    assert resolve_scoring(InferenceConfig(zsd_scoring="published"), ckpt, cls, setting="zsd")["source"] == \
+        "inference.zsd_scoring"
+    assert resolve_scoring(InferenceConfig(gzsd_threshold=2.0, gzsd_slope=3.0), ckpt, cls, setting="zsd")["slope"] == 3.0
+    with pytest.raises(InputError, match="soft ZSD scoring needs inference.gzsd_slope"):
+        resolve_scoring(InferenceConfig(gzsd_scoring="joint", gzsd_threshold=2.0), ckpt, cls, setting="zsd")
     (tmp_path / "gzsd_calibration.json").write_text("{")
     with pytest.raises(InputError, match="unreadable GZSD calibration.*calibrate-gzsd"):
         resolve_scoring(InferenceConfig(), ckpt, cls)
@@ -204,23 +226,54 @@ def test_ties_keep_the_threshold_that_removes_fewest_seen_boxes():
     assert acc == pytest.approx(0.75) and t == pytest.approx(2.5)
 
 
-def test_soft_scoring_weighs_seen_scores_by_the_calibrated_probability():
-    """soft: each box keeps 1 - sigmoid(slope (e_u - e_s - t)) of its seen scores, so the
-    look-alike drops far below the real blue square without leaving the list; unseen scores and
-    background rows stay those of the published scoring; a steep slope is the hard rule."""
+def test_soft_scoring_weighs_both_groups_by_the_calibrated_probability():
+    """soft: each box keeps w = sigmoid(slope (e_u - e_s - t)) of its unseen scores and 1 - w of
+    its seen ones, so the look-alike drops far below the real blue square without leaving the
+    list and the real blue square's unseen score (blue circle) drops too; each group's removed
+    mass goes to its background; a steep slope removes the seen scores as the hard joint rule
+    does, and the unseen scores where the seen group wins."""
     logits, bg = _rows("look-alike", "real seen", "background")
     published = gzsd_probs(logits, bg, SPLIT)
     soft = gzsd_probs(logits, bg, SPLIT, joint_threshold=0.0, joint_slope=1.0)
     e_s, e_u = group_evidence(logits, bg, SPLIT)
-    kept = 1 - torch.sigmoid(e_u - e_s)
+    w = torch.sigmoid(e_u - e_s)
     blue_square, blue_circle = 2, 3
-    torch.testing.assert_close(soft[:, SPLIT.seen_ids], published[:, SPLIT.seen_ids] * kept[:, None])
+    torch.testing.assert_close(soft[:, SPLIT.seen_ids], published[:, SPLIT.seen_ids] * (1 - w[:, None]))
+    torch.testing.assert_close(soft[:, SPLIT.unseen_ids], published[:, SPLIT.unseen_ids] * w[:, None])
     assert 0 < soft[0, blue_square] < 0.1 * soft[1, blue_square]
-    assert torch.equal(soft[:, SPLIT.unseen_ids], published[:, SPLIT.unseen_ids])
+    assert 0 < soft[1, blue_circle] < 0.1 * published[1, blue_circle]
+    torch.testing.assert_close(soft[0, blue_circle], published[0, blue_circle], rtol=0.02, atol=0)
     torch.testing.assert_close(soft.sum(1), torch.ones(3))
     torch.testing.assert_close(unseen_weight(logits, bg, SPLIT, 0.0, None), unseen_wins(logits, bg, SPLIT, 0.0).float())
     steep = gzsd_probs(logits, bg, SPLIT, joint_threshold=0.0, joint_slope=1e4)
-    torch.testing.assert_close(steep, gzsd_probs(logits, bg, SPLIT, joint_threshold=0.0))
+    joint = gzsd_probs(logits, bg, SPLIT, joint_threshold=0.0)
+    torch.testing.assert_close(steep[:, SPLIT.seen_ids], joint[:, SPLIT.seen_ids])
+    wins = unseen_wins(logits, bg, SPLIT, 0.0).float()[:, None]
+    torch.testing.assert_close(steep[:, SPLIT.unseen_ids], published[:, SPLIT.unseen_ids] * wins)
+    assert torch.equal(joint[:, SPLIT.unseen_ids], published[:, SPLIT.unseen_ids])
+
+
+def test_soft_zsd_scoring_weighs_unseen_scores_by_the_calibrated_probability():
+    """ZSD soft: each box keeps w of its unseen probabilities (rest to background): the real blue
+    square no longer scores as a confident blue circle, the look-alike barely changes, seen
+    columns stay 0; the head does it with both gate values and refuses a threshold alone."""
+    logits, bg = _rows("look-alike", "real seen", "background")
+    published = zsd_log_probs(logits, SPLIT).exp()
+    e_s, e_u = group_evidence(logits, bg, SPLIT)
+    w = torch.sigmoid(2.0 * (e_u - e_s - 0.5))
+    soft = zsd_log_probs(logits, SPLIT, gate=w).exp()
+    torch.testing.assert_close(soft[:, SPLIT.unseen_ids], published[:, SPLIT.unseen_ids] * w[:, None])
+    torch.testing.assert_close(soft.sum(1), torch.ones(3))
+    assert torch.equal(soft[:, SPLIT.seen_ids], torch.zeros(3, len(SPLIT.seen_ids)))
+    blue_circle = 3
+    assert soft[1, blue_circle] < 0.1 * published[1, blue_circle]
+    assert soft[0, blue_circle] > 0.9 * published[0, blue_circle]
+    predictor = _FixedPredictor(logits, bg)
+    head = ZSDPredictor(predictor, SPLIT, "zsd", gate_threshold=0.5, gate_slope=2.0)
+    log_probs, _ = head(torch.eye(3))
+    torch.testing.assert_close(log_probs.exp(), soft)
+    with pytest.raises(ValueError, match="soft gate"):
+        ZSDPredictor(predictor, SPLIT, "zsd", gate_threshold=0.5)
 
 
 def test_soft_fit_recovers_a_known_logistic_and_weighs_both_groups_equally():

@@ -118,15 +118,19 @@ def test_breakdown_table_means_the_gains_over_seeds(tmp_path):
 
 def test_scorings_table_one_line_per_row_and_scoring(tmp_path):
     """docs/results/scorings_seed*.json (benchmarks/gzsd_scorings.py): per seed and mean, in the
-    order of the files' rows and scorings."""
+    order of the files' rows and scorings; ZSD where the scoring exists for it."""
     results = tmp_path / "docs" / "results"
     results.mkdir(parents=True)
     for seed, seen in ((0, 70.0), (1, 80.0)):
         rows = {"synthesis_vldus": {s: {"seen": seen + k, "unseen": 90.0, "hm": seen + k + 5, "threshold": None,
-                                        "slope": None} for k, s in enumerate(("soft", "published"))}}
-        (results / f"scorings_seed{seed}.json").write_text(json.dumps({"note": "made-up", "seed": seed, "rows": rows}))
+                                        "slope": None} for k, s in enumerate(("soft", "joint", "published"))}}
+        zsd = {"synthesis_vldus": {"soft": {"map": 91.0 + seed}, "published": {"map": 85.0 + seed}}}
+        (results / f"scorings_seed{seed}.json").write_text(json.dumps({"note": "made-up", "seed": seed, "rows": rows,
+                                                                       "zsd": zsd}))
     text = make_tables.scorings_table(str(tmp_path))
     lines = [line for line in text.splitlines() if line.startswith("| `")]
-    assert lines == ["| `synthesis_vldus` | soft | 70.0 / 80.0 | 75.0 ± 7.1 | 90.0 / 90.0 | 90.0 ± 0.0 | 75.0 / 85.0 | 80.0 ± 7.1 |",
-                     "| `synthesis_vldus` | published | 71.0 / 81.0 | 76.0 ± 7.1 | 90.0 / 90.0 | 90.0 ± 0.0 | 76.0 / 86.0 | 81.0 ± 7.1 |"]
+    assert lines == [
+        "| `synthesis_vldus` | soft | 91.0 / 92.0 | 91.5 ± 0.7 | 70.0 / 80.0 | 75.0 ± 7.1 | 90.0 / 90.0 | 90.0 ± 0.0 | 75.0 / 85.0 | 80.0 ± 7.1 |",
+        "| `synthesis_vldus` | joint | – / – | – | 71.0 / 81.0 | 76.0 ± 7.1 | 90.0 / 90.0 | 90.0 ± 0.0 | 76.0 / 86.0 | 81.0 ± 7.1 |",
+        "| `synthesis_vldus` | published | 85.0 / 86.0 | 85.5 ± 0.7 | 72.0 / 82.0 | 77.0 ± 7.1 | 90.0 / 90.0 | 90.0 ± 0.0 | 77.0 / 87.0 | 82.0 ± 7.1 |"]
     assert "(seeds 0 / 1)" in text and "`docs/results/scorings_seed0.json`" in text and "(made-up)" in text

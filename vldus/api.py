@@ -133,7 +133,7 @@ class ZeroShotDetector:
         self.classifier_path: Optional[str] = None
         self.model = None
         self.head = None
-        self.gzsd_scoring: Optional[dict] = None  # GZSD: {"scoring", "threshold", "slope", "source"} that runs
+        self.scoring: Optional[dict] = None  # {"scoring", "threshold", "slope", "source"} that runs
 
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu", cache_dir: Optional[str] = None) -> "ZeroShotDetector":
@@ -154,11 +154,12 @@ class ZeroShotDetector:
     def set_classes(self, names: Union[str, Sequence[str]], gzsd: bool = False) -> None:
         """Detect ``names`` from now on (and, with ``gzsd``, the bundle's seen classes too).
 
-        GZSD scores as ``vldus test --gzsd`` does (``inference.gzsd_scoring`` of the bundle's
-        config): the configured scoring with ``inference.gzsd_threshold`` when set, else one
-        calibrated here on the bundle's real seen validation features against features of the
-        new names synthesized by the generator (:func:`vldus.synthesis.calibrate.calibrate_generator`,
-        the calibration train-generator runs); ``self.gzsd_scoring`` says what runs."""
+        Scores as ``vldus test --zsd`` / ``--gzsd`` does (``inference.zsd_scoring`` /
+        ``gzsd_scoring`` of the bundle's config): the configured scoring with
+        ``inference.gzsd_threshold`` when set, else one calibrated here on the bundle's real seen
+        validation features against features of the new names synthesized by the generator
+        (:func:`vldus.synthesis.calibrate.calibrate_generator`, the calibration train-generator
+        runs); ``self.scoring`` says what runs."""
         from vldus.data.splits import Split, normalize_name
         from vldus.detection.model import build_detector
         from vldus.detection.zsd import install_zsd_head
@@ -177,25 +178,25 @@ class ZeroShotDetector:
         model.load_state_dict(self._detector_state)
         model.roi_heads.box_predictor = _extend_predictor(model.roi_heads.box_predictor, len(names))
         model.to(self.device).eval()
-        scoring = self._gzsd_scoring(model, ext, names, weight, bias) if gzsd else None
+        setting = "gzsd" if gzsd else "zsd"
+        scoring = self._scoring(model, ext, names, weight, bias, setting)
         inf = self.cfg.inference
-        self.head = install_zsd_head(model, ext, "gzsd" if gzsd else "zsd", (weight, bias), bg_blend=inf.bg_blend,
+        self.head = install_zsd_head(model, ext, setting, (weight, bias), bg_blend=inf.bg_blend,
                                      seen_score_cut=inf.seen_score_cut, excluded="mask",
-                                     gzsd_threshold=scoring["threshold"] if scoring else None,
-                                     gzsd_slope=scoring["slope"] if scoring else None)
+                                     gate_threshold=scoring["threshold"], gate_slope=scoring["slope"])
         self.model, self.classes, self.gzsd, self.ext_split = model, names, gzsd, ext
-        self.gzsd_scoring = scoring
+        self.scoring = scoring
         self.label_names = list(split.classes) + names  # detector index k -> label_names[k - 1]
 
-    def _gzsd_scoring(self, model, ext, names: list[str], weight: torch.Tensor, bias: torch.Tensor) -> dict:
+    def _scoring(self, model, ext, names: list[str], weight: torch.Tensor, bias: torch.Tensor, setting: str) -> dict:
         """``{"scoring", "threshold", "slope", "source"}`` as :func:`vldus.detection.gzsd.resolve_scoring`,
         with the calibration computed for the new names (see :meth:`set_classes`)."""
-        from vldus.detection.gzsd import calibrated_scoring, configured_scoring, published
+        from vldus.detection.gzsd import calibrated_scoring, configured_scoring, published, wanted_scoring
         from vldus.synthesis.calibrate import SEED_KEY, calibrate_generator
         from vldus.synthesis.data import derive_seed
 
         inf = self.cfg.inference
-        configured = configured_scoring(inf)
+        configured = configured_scoring(inf, setting)
         if configured is not None:
             return configured
         stored = self.bundle.tensors(BACKGROUND_FILE)
@@ -207,7 +208,7 @@ class ZeroShotDetector:
             stored["seen_features"][keep], self._generator(), torch.from_numpy(embed_names(self.bundle.encoder, names)),
             (cls.weight.cpu(), cls.bias.cpu()), (weight, bias), ext, inf, derive_seed(self.cfg.gan.seed, SEED_KEY),
             "the bundle's seen features vs synthesized features of the new names", GENERATOR_FILE)
-        return calibrated_scoring(inf.gzsd_scoring, calibration,
+        return calibrated_scoring(wanted_scoring(inf, setting), calibration,
                                   f"calibrated for these names on {int(keep.sum())} seen features of the bundle")
 
     def _generator(self):

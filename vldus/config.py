@@ -211,12 +211,15 @@ class InferenceConfig:
     # excluded classes (COCO 48/17): 'softmax' = in the ZSD softmax with background and unseen
     # (released behaviour), probability 0 in GZSD; 'mask' = probability 0 in both settings
     excluded: str = "softmax"
+    # ZSD: 'soft' weighs a box's unseen scores by the calibrated probability that it is not a
+    # seen object (vldus.detection.gzsd); 'published' = the released scoring (docs/design.md §8.2)
+    zsd_scoring: str = "soft"
     # GZSD: 'soft' weighs a box's seen scores by the calibrated probability that it is a seen
-    # object, 'joint' drops them when an unseen class explains it better (vldus.detection.gzsd);
-    # 'published' = the released two-softmax scoring (docs/design.md §8.3)
+    # object and its unseen scores by the rest, 'joint' drops the seen scores when an unseen class
+    # explains it better; 'published' = the released two-softmax scoring (docs/design.md §8.3)
     gzsd_scoring: str = "soft"
-    # soft / joint scoring threshold; null = gzsd_calibration.json next to the classifier (chosen
-    # by train-generator / calibrate-gzsd without test data), else the published scoring
+    # the gate's threshold (soft and joint, both settings); null = gzsd_calibration.json next to
+    # the classifier (chosen by train-generator / calibrate-gzsd without test data), else published
     gzsd_threshold: Optional[float] = None
     gzsd_slope: Optional[float] = None  # the soft scoring's slope, with gzsd_threshold
     # the calibration keeps the published scoring when its best threshold separates real seen from

@@ -5,9 +5,10 @@
 Writes, per image, ``DIR/<stem>.png`` (detections drawn; new names in the unseen colour) and
 ``DIR/<stem>.json`` = {"image": path, "width", "height", "classes": [names], "setting": "zsd" |
 "gzsd", "boxes": [[x1, y1, x2, y2], ...] (pixels), "labels": [name, ...], "scores": [...]},
-best first, and with ``--gzsd`` "gzsd_scoring": {"scoring", "threshold", "slope", "source"} (scored as
-``vldus test --gzsd``: see :meth:`vldus.api.ZeroShotDetector.set_classes`). Everything goes through :class:`vldus.api.ZeroShotDetector`, so the Python API
-gives the same boxes.
+best first, and "zsd_scoring" or "gzsd_scoring": {"scoring", "threshold", "slope", "source"}
+(scored as ``vldus test --zsd`` / ``--gzsd``: see :meth:`vldus.api.ZeroShotDetector.set_classes`).
+Everything goes through :class:`vldus.api.ZeroShotDetector`, so the Python API gives the same
+boxes.
 """
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     how = "loaded from the cache" if det.classifier_source == "cache" else "trained"
     print(f"detect: classifier for {len(det.classes)} names {how} ({det.classifier_path}), "
           f"{time.time() - start:.1f} s")
-    if args.gzsd:
-        print(f"detect: gzsd scoring: {describe_scoring(det.gzsd_scoring)}")
+    setting = "gzsd" if args.gzsd else "zsd"
+    print(f"detect: {setting} scoring: {describe_scoring(det.scoring)}")
     os.makedirs(args.out, exist_ok=True)
     count = 0
     for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="detect", unit="img", disable=args.quiet):
@@ -74,11 +75,9 @@ def run(args: argparse.Namespace) -> int:
         result = det.detect_tensor(image, args.score)
         det.draw(image, result, args.score).save(os.path.join(args.out, f"{stem}.png"))
         record = {"image": path, "width": int(image.shape[2]), "height": int(image.shape[1]),
-                  "classes": det.classes, "setting": "gzsd" if args.gzsd else "zsd",
+                  "classes": det.classes, "setting": setting, f"{setting}_scoring": det.scoring,
                   "boxes": result["boxes"].tolist(), "labels": result["labels"],
                   "scores": result["scores"].tolist()}
-        if args.gzsd:
-            record["gzsd_scoring"] = det.gzsd_scoring
         write_json(os.path.join(args.out, f"{stem}.json"), record)
         count += len(result["labels"])
     print(f"detect: {len(paths)} images, {count} detections, {time.time() - start:.1f} s -> {args.out}")

@@ -1,4 +1,5 @@
-"""Joint and soft GZSD scoring: take a box's seen scores away when an unseen class explains it better.
+"""Joint and soft scoring: a box's seen scores go when an unseen class explains it better, and
+(soft) its unseen scores go when a seen class does.
 
 The released GZSD scoring (:func:`vldus.detection.zsd.gzsd_probs`, ``--gzsd-scoring published``)
 keeps two independent softmaxes per box, so an unseen object that the detector takes for a seen
@@ -14,9 +15,11 @@ and when ``e_u - e_s > threshold`` the box's seen probabilities are set to 0 (th
 the seen group's background). ``soft`` keeps, instead, the share ``1 - sigmoid(slope (e_u - e_s
 - threshold'))`` of them: the calibrated probability that the box is a seen object, so a
 look-alike falls below the real objects of its seen class rather than out of the list, and a
-real seen object that the rule would have cut keeps part of its score. Unseen scores are those
-of the published scoring in both, so the unseen detections do not change (except for places
-freed in the per-image budget).
+real seen object that the rule would have cut keeps part of its score. ``soft`` also keeps only
+the share ``sigmoid(...)`` of the box's unseen scores, in GZSD and in ZSD (``--zsd-scoring
+soft``): the unseen classifier alone cannot say "a seen object", so a seen object that looks
+like an unseen class (a blue square for a blue circle) would otherwise be a confident unseen
+false positive. ``joint`` leaves the unseen scores as published.
 
 The joint rule's ``threshold`` is chosen WITHOUT test data by :func:`calibrate`: on real seen
 RoI features of held-out VALIDATION images (``val_{fg}_{bg}_feats.npy`` of ``vldus
@@ -56,7 +59,8 @@ from vldus.detection.zsd import group_evidence, inject_classifier, unseen_wins  
 from vldus.errors import InputError
 from vldus.files import sha256_file
 
-SCORINGS = ("soft", "joint", "published")
+SCORINGS = ("soft", "joint", "published")  # GZSD (inference.gzsd_scoring)
+ZSD_SCORINGS = ("soft", "published")  # ZSD (inference.zsd_scoring): the gate acts on unseen scores only
 CALIBRATION_FILE = "gzsd_calibration.json"
 # keys vldus test needs to trust a calibration file
 CALIBRATION_KEYS = ("scoring", "threshold", "balanced_accuracy", "min_separation", "soft_slope", "soft_threshold",
@@ -179,19 +183,20 @@ def recalibrate_hint(syn_weights: str, checkpoint: str, config: Optional[str]) -
 
 
 def resolve_scoring(inference, checkpoint: str, syn_weights: Optional[str],
-                    config: Optional[str] = None) -> dict:
-    """The GZSD scoring ``vldus test`` runs: ``{"scoring": "soft" | "joint" | "published",
-    "threshold": float | None, "slope": float | None, "source": str}`` (also written to
-    ``--metrics`` as ``gzsd_scoring``).
+                    config: Optional[str] = None, setting: str = "gzsd") -> dict:
+    """The scoring ``vldus test`` runs in ``setting`` ('zsd' or 'gzsd'): ``{"scoring": "soft" |
+    "joint" | "published", "threshold": float | None, "slope": float | None, "source": str}``
+    (also written to ``--metrics`` as ``zsd_scoring`` / ``gzsd_scoring``).
 
-    ``inference``: the config's section (``gzsd_scoring``, ``gzsd_threshold``, ``gzsd_slope``,
-    ``bg_blend``). Order: ``gzsd_scoring: published``; a configured ``gzsd_threshold`` (with
-    ``gzsd_slope`` for ``soft``); ``gzsd_calibration.json`` next to ``syn_weights``, which must
-    have been made for this ``checkpoint``, this classifier file and this ``bg_blend``
-    (InputError naming the file and the recalibration command otherwise); no file: the
-    published scoring, with the reason as ``source``.
+    ``inference``: the config's section (``zsd_scoring`` / ``gzsd_scoring``, ``gzsd_threshold``,
+    ``gzsd_slope``, ``bg_blend``). Order: the setting's scoring is ``published``; a configured
+    ``gzsd_threshold`` (with ``gzsd_slope`` for ``soft``; the gate of both settings);
+    ``gzsd_calibration.json`` next to ``syn_weights``, which must have been made for this
+    ``checkpoint``, this classifier file and this ``bg_blend`` (InputError naming the file and
+    the recalibration command otherwise); no file: the published scoring, with the reason as
+    ``source``.
     """
-    configured = configured_scoring(inference)
+    configured = configured_scoring(inference, setting)
     if configured is not None:
         return configured
     path = calibration_path(syn_weights) if syn_weights else None
@@ -207,7 +212,7 @@ def resolve_scoring(inference, checkpoint: str, syn_weights: Optional[str],
                             ("classifier_sha256", "classifier", syn_weights)):
         if calibration[key] != sha256_file(file):
             raise InputError(path, f"made for another {name} than {file} (sha256 differs); {hint}")
-    return calibrated_scoring(inference.gzsd_scoring, calibration, path)
+    return calibrated_scoring(wanted_scoring(inference, setting), calibration, path)
 
 
 def published(source: str) -> dict:
@@ -215,15 +220,24 @@ def published(source: str) -> dict:
     return {"scoring": "published", "threshold": None, "slope": None, "source": source}
 
 
-def configured_scoring(inference) -> Optional[dict]:
-    """The scoring the config fixes by itself (``gzsd_scoring: published``, or a configured
-    ``gzsd_threshold``), else None: a calibration decides."""
-    if inference.gzsd_scoring == "published":
-        return published("inference.gzsd_scoring")
+def wanted_scoring(inference, setting: str) -> str:
+    """The configured scoring of ``setting`` ('zsd' or 'gzsd')."""
+    return inference.zsd_scoring if setting == "zsd" else inference.gzsd_scoring
+
+
+def configured_scoring(inference, setting: str = "gzsd") -> Optional[dict]:
+    """The scoring the config fixes by itself in ``setting`` (its scoring ``published``, or a
+    configured ``gzsd_threshold``), else None: a calibration decides."""
+    wanted = wanted_scoring(inference, setting)
+    if wanted == "published":
+        return published(f"inference.{setting}_scoring")
     if inference.gzsd_threshold is None:
         return None
-    soft = inference.gzsd_scoring == "soft"
-    return {"scoring": inference.gzsd_scoring, "threshold": float(inference.gzsd_threshold),
+    soft = wanted == "soft"
+    if soft and inference.gzsd_slope is None:  # joint GZSD may configure a threshold alone
+        raise InputError("inference.gzsd_threshold", f"the soft {setting.upper()} scoring needs "
+                         f"inference.gzsd_slope too (--gzsd-slope), or --{setting}-scoring published")
+    return {"scoring": wanted, "threshold": float(inference.gzsd_threshold),
             "slope": float(inference.gzsd_slope) if soft else None,
             "source": "inference.gzsd_threshold" + (" and inference.gzsd_slope" if soft else "")}
 

@@ -9,14 +9,17 @@ write
   "score"}]``, at most ``detector.detections_per_img`` per image, boxes in original image pixels;
 - ``DETS.gt.json`` next to it: the ground truth of the chosen images (only unseen annotations in
   ZSD) in COCO format, so ``vldus evaluate --ann DETS.gt.json --dets DETS.json`` re-scores them;
-- ``--metrics M.json`` (docs/formats.md metrics layout; with ``--gzsd`` also ``"gzsd_scoring":
-  {"scoring": "joint" | "published", "threshold": float | null, "source": str}``, the scoring
-  that ran) and the printed table;
+- ``--metrics M.json`` (docs/formats.md metrics layout; with ``--zsd`` / ``--gzsd`` also
+  ``"zsd_scoring"`` / ``"gzsd_scoring"``: ``{"scoring": "soft" | "joint" | "published",
+  "threshold": float | null, "slope": float | null, "source": str}``, the scoring that ran) and
+  the printed table;
 - ``--show-dir DIR``: one PNG per image with the detections above a display threshold.
 
-``--gzsd-scoring joint`` (default) drops a box's seen scores when an unseen class explains it
-better, with the threshold of ``gzsd_calibration.json`` next to ``--syn-weights`` (refused when
-made for another checkpoint, classifier or ``bg_blend``; :func:`vldus.detection.gzsd.resolve_scoring`);
+The default scoring of both settings, ``soft``, weighs each box's unseen scores (ZSD and GZSD)
+by the calibrated probability that it is not a seen object and its seen scores (GZSD) by the
+rest, with the gate of ``gzsd_calibration.json`` next to ``--syn-weights`` (refused when made
+for another checkpoint, classifier or ``bg_blend``; :func:`vldus.detection.gzsd.resolve_scoring`);
+``--gzsd-scoring joint`` drops a box's seen scores when an unseen class explains it better;
 ``published`` is the released scoring. Detection runs :func:`score_image` on
 :func:`vldus.detection.cache.box_inputs`, the path the Python API runs too. ``--cache DIR``
 stores the detector's per-image outputs before its classification layer and re-scores them in
@@ -257,9 +260,13 @@ def add_parser(sub, common) -> None:
                         "that it is a seen object), joint (drop them when an unseen class explains it "
                         "better) or published (the released two-softmax scoring, docs/design.md §8.3); "
                         "default: inference.gzsd_scoring")
+    p.add_argument("--zsd-scoring", default=None, choices=("soft", "published"),
+                   help="ZSD scoring: soft (weigh a box's unseen scores by the calibrated probability "
+                        "that it is not a seen object) or published (docs/design.md §8.2); default: "
+                        "inference.zsd_scoring")
     p.add_argument("--gzsd-threshold", type=float, default=None,
-                   help="soft / joint scoring threshold (default: inference.gzsd_threshold, else "
-                        "gzsd_calibration.json next to --syn-weights, else the published scoring)")
+                   help="soft / joint scoring threshold, both settings (default: inference.gzsd_threshold, "
+                        "else gzsd_calibration.json next to --syn-weights, else the published scoring)")
     p.add_argument("--gzsd-slope", type=float, default=None,
                    help="soft scoring slope, with --gzsd-threshold (default: inference.gzsd_slope)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N test images")
@@ -304,11 +311,12 @@ def _check_args(args: argparse.Namespace, cfg: Config) -> None:
         if args.setting != "gzsd":
             raise InputError("--seen-score-cut", "applies to --gzsd only")
         cfg.inference.seen_score_cut = args.seen_score_cut
-    for name in ("gzsd_scoring", "gzsd_threshold", "gzsd_slope"):
+    for name, settings in (("zsd_scoring", ("zsd",)), ("gzsd_scoring", ("gzsd",)),
+                           ("gzsd_threshold", ("zsd", "gzsd")), ("gzsd_slope", ("zsd", "gzsd"))):
         value = getattr(args, name)
         if value is not None:
-            if args.setting != "gzsd":
-                raise InputError(f"--{name.replace('_', '-')}", "applies to --gzsd only")
+            if args.setting not in settings:
+                raise InputError(f"--{name.replace('_', '-')}", f"applies to {' / '.join('--' + s for s in settings)} only")
             setattr(cfg.inference, name, value)
     if args.scoring != "vldus":
         if args.setting not in ("zsd", "gzsd"):
@@ -328,7 +336,7 @@ def _check_args(args: argparse.Namespace, cfg: Config) -> None:
 
 def check_inference_config(cfg: Config) -> None:
     """InputError naming the config file for an impossible ``inference`` value."""
-    from vldus.detection.gzsd import SCORINGS
+    from vldus.detection.gzsd import SCORINGS, ZSD_SCORINGS
     from vldus.detection.zsd import EXCLUDED_MODES
 
     inf = cfg.inference
@@ -339,6 +347,9 @@ def check_inference_config(cfg: Config) -> None:
     if inf.gzsd_scoring not in SCORINGS:
         raise InputError(cfg.source_file, f"inference.gzsd_scoring: {inf.gzsd_scoring!r} is not one of "
                                           f"{', '.join(SCORINGS)}")
+    if inf.zsd_scoring not in ZSD_SCORINGS:
+        raise InputError(cfg.source_file, f"inference.zsd_scoring: {inf.zsd_scoring!r} is not one of "
+                                          f"{', '.join(ZSD_SCORINGS)}")
     if inf.gzsd_scoring == "soft" and inf.gzsd_threshold is not None and inf.gzsd_slope is None:
         raise InputError(cfg.source_file, "inference.gzsd_threshold with the soft scoring needs "
                                           "inference.gzsd_slope too (--gzsd-slope)")
@@ -425,16 +436,16 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
         if setting != "seen" and syn_weights:
             in_features = model.roi_heads.box_predictor.cls_score.in_features
             classifier = load_syn_classifier(syn_weights, split, in_features)
-        gzsd_scoring = None
-        if setting == "gzsd" and classifier:
-            gzsd_scoring = resolve_scoring(cfg.inference, checkpoint, syn_weights, cfg.source_file)
+        rule = None  # the scoring of the seen/unseen gate (vldus.detection.gzsd)
+        if setting != "seen" and classifier:
+            rule = resolve_scoring(cfg.inference, checkpoint, syn_weights, cfg.source_file, setting)
             if rank == 0:
-                print(f"gzsd scoring: {describe_scoring(gzsd_scoring)}", file=sys.stdout)
+                print(f"{setting} scoring: {describe_scoring(rule)}", file=sys.stdout)
         head = install_zsd_head(model, split, setting if classifier else "seen", classifier,
                                 bg_blend=cfg.inference.bg_blend,
                                 seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded,
-                                gzsd_threshold=gzsd_scoring["threshold"] if gzsd_scoring else None,
-                                gzsd_slope=gzsd_scoring["slope"] if gzsd_scoring else None)
+                                gate_threshold=rule["threshold"] if rule else None,
+                                gate_slope=rule["slope"] if rule else None)
         regions = None
         if scoring != "vldus":
             regions = region_scorer(scoring, split, setting, device, cache, clip_weights, clip_arch, clip_margin,
@@ -468,8 +479,8 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
     write_json(out, results, indent=None)
     write_json(gt_path(out), records_to_coco(records, split, category_ids), indent=None)
     metrics = evaluate(cfg, split, setting, records, detections)
-    if gzsd_scoring is not None:
-        metrics["gzsd_scoring"] = gzsd_scoring  # the scoring and threshold that ran
+    if rule is not None:
+        metrics[f"{setting}_scoring"] = rule  # the scoring and threshold that ran
     if regions is not None:
         metrics["scoring"] = {**regions.describe(), "clip_time_s": round(sum(t for _, _, t in gathered), 2),
                               "crop_cache_hits": regions.hits}

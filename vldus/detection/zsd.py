@@ -25,7 +25,11 @@ Linear(F, C+1), ``bbox_pred`` Linear(F, 4(C+1)); detector index 0 = background):
      regression rows were never trained).
    * ``zsd`` (§8.2): seen columns get probability 0; softmax over background, unseen and — with
      ``excluded='softmax'``, as in the released code — the excluded classes. ``excluded='mask'``
-     gives the excluded classes probability 0 as well.
+     gives the excluded classes probability 0 as well. With a gate slope (``--zsd-scoring
+     soft``, :mod:`vldus.detection.gzsd`) each box keeps the fraction ``w = sigmoid(slope (e_u -
+     e_s - threshold))`` of its unseen probabilities (the calibrated probability that it is not
+     a seen object; the rest goes to background), so a seen object that looks like an unseen
+     class ranks below the real unseen objects; None = the released scoring.
    * ``gzsd`` (§8.3): two softmaxes, ``q_s`` over [detector's own background, seen] and ``q_u``
      over [blended background (column 0), unseen]; each group is calibrated on its own.
      The released code reports ``q_s`` and ``q_u`` directly as scores and a background of
@@ -43,8 +47,8 @@ Linear(F, C+1), ``bbox_pred`` Linear(F, 4(C+1)); detector index 0 = background):
      and their mass moves to the seen group's background. ``joint_threshold`` (``--gzsd-scoring
      joint``, :mod:`vldus.detection.gzsd`): boxes an unseen class explains better lose their
      seen probabilities the same way; with ``joint_slope`` as well (``--gzsd-scoring soft``) each
-     box keeps the fraction ``1 - sigmoid(slope (e_u - e_s - threshold))`` of them instead;
-     None = the released scoring.
+     box keeps the fraction ``1 - w`` of its seen probabilities and ``w`` of its unseen ones
+     (each group's removed mass goes to its background); None = the released scoring.
    * ``seen``: the plain detector restricted to [background, seen] (no injection needed; a
      baseline without synthesis).
 """
@@ -150,11 +154,21 @@ def _column_mask(cols: int, ids: Sequence[int], device) -> Tensor:
     return mask
 
 
-def zsd_log_probs(logits: Tensor, split: Split, excluded: str = "softmax") -> Tensor:
-    """§8.2: (R, C+1) log-probabilities; seen classes (and excluded ones with 'mask') get log 0."""
+def zsd_log_probs(logits: Tensor, split: Split, excluded: str = "softmax",
+                  gate: Optional[Tensor] = None) -> Tensor:
+    """§8.2: (R, C+1) log-probabilities; seen classes (and excluded ones with 'mask') get log 0.
+    ``gate`` (R,) in [0, 1] (the soft scoring's :func:`unseen_weight`): each box keeps that
+    share of its unseen probabilities, the rest goes to the background column."""
     keep = [0] + split.unseen_ids + (split.excluded_ids if excluded == "softmax" else [])
     masked = logits.masked_fill(~_column_mask(logits.shape[1], keep, logits.device), float("-inf"))
-    return F.log_softmax(masked, dim=1)
+    if gate is None:
+        return F.log_softmax(masked, dim=1)
+    probs = F.softmax(masked, dim=1)
+    unseen = torch.as_tensor(split.unseen_ids, device=logits.device)
+    moved = probs.index_select(1, unseen) * (1.0 - gate[:, None])
+    probs = probs.index_add(1, unseen, -moved)
+    probs[:, 0] += moved.sum(dim=1)
+    return torch.log(probs)
 
 
 def seen_log_probs(logits: Tensor, split: Split, background_logit: Optional[Tensor] = None) -> Tensor:
@@ -201,8 +215,8 @@ def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
     the detector's own background logit. Rows sum to 1; excluded classes get 0.
     ``joint_threshold``: the joint scoring (:mod:`vldus.detection.gzsd`): boxes where an unseen
     class wins by more than this lose their seen probabilities (mass to the seen background);
-    with ``joint_slope`` (the soft scoring) they lose the share :func:`unseen_weight`; None = the
-    published scoring.
+    with ``joint_slope`` (the soft scoring) they lose the share w = :func:`unseen_weight` of
+    them and keep the share w of their unseen ones; None = the published scoring.
     """
     seen, unseen = split.seen_ids, split.unseen_ids
     q_s = F.softmax(torch.cat([detector_bg_logit[:, None], logits[:, seen]], dim=1), dim=1)
@@ -212,14 +226,22 @@ def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
         moved = (q_s[:, 1:] * cut).sum(dim=1)
         q_s = torch.cat([q_s[:, :1] + moved[:, None], q_s[:, 1:].masked_fill(cut, 0.0)], dim=1)
     if joint_threshold is not None:
-        removed = unseen_weight(logits, detector_bg_logit, split, joint_threshold, joint_slope)[:, None]
-        moved = q_s[:, 1:] * removed
-        q_s = torch.cat([q_s[:, :1] + moved.sum(dim=1, keepdim=True), q_s[:, 1:] - moved], dim=1)
+        w = unseen_weight(logits, detector_bg_logit, split, joint_threshold, joint_slope)[:, None]
+        q_s = _move_to_background(q_s, w)
+        if joint_slope is not None:  # soft: the unseen side keeps the share w
+            q_u = _move_to_background(q_u, 1.0 - w)
     probs = logits.new_zeros(logits.shape)
     probs[:, 0] = 0.5 * (q_s[:, 0] + q_u[:, 0])
     probs[:, seen] = 0.5 * q_s[:, 1:]
     probs[:, unseen] = 0.5 * q_u[:, 1:]
     return probs
+
+
+def _move_to_background(q: Tensor, share: Tensor) -> Tensor:
+    """q (R, 1+K) [background, classes]: move the share (R, 1) of each class probability to
+    the background."""
+    moved = q[:, 1:] * share
+    return torch.cat([q[:, :1] + moved.sum(dim=1, keepdim=True), q[:, 1:] - moved], dim=1)
 
 
 class ZSDPredictor(nn.Module):
@@ -228,16 +250,17 @@ class ZSDPredictor(nn.Module):
     Install as ``model.roi_heads.box_predictor`` (see the module docstring). ``mode`` is
     'zsd', 'gzsd' or 'seen'. GZSD needs the detector's own background row: ``detector_bg``
     ``(weight (F,), bias ())``, by default the one :func:`inject_classifier` left on the predictor.
-    ``seen_score_cut``, ``gzsd_threshold`` (the joint scoring, :mod:`vldus.detection.gzsd`;
-    None = published) and ``gzsd_slope`` (with the threshold: the soft scoring) apply to GZSD
-    only. Detection scores from torchvision's postprocess are probabilities of this distribution;
+    ``seen_score_cut`` applies to GZSD only; ``gate_threshold`` and ``gate_slope`` are the
+    seen/unseen gate of :mod:`vldus.detection.gzsd`: in GZSD the threshold alone is the joint
+    scoring and both the soft one; in ZSD only the soft one exists (both or neither); None =
+    the published scoring. Detection scores from torchvision's postprocess are probabilities of this distribution;
     multiply by :attr:`score_scale` (or use :func:`rescale_scores`) for the released per-group scores.
     """
 
     def __init__(self, base_predictor: nn.Module, split: Split, mode: str,
                  seen_score_cut: Optional[float] = None,
                  detector_bg: Optional[tuple[Tensor, Tensor]] = None, excluded: str = "softmax",
-                 gzsd_threshold: Optional[float] = None, gzsd_slope: Optional[float] = None):
+                 gate_threshold: Optional[float] = None, gate_slope: Optional[float] = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -248,13 +271,15 @@ class ZSDPredictor(nn.Module):
         self.mode = mode
         self.excluded = excluded
         self.seen_score_cut = seen_score_cut if mode == "gzsd" else None
-        self.gzsd_threshold = gzsd_threshold if mode == "gzsd" else None
-        self.gzsd_slope = gzsd_slope if mode == "gzsd" else None
+        if mode == "zsd" and (gate_threshold is None) != (gate_slope is None):
+            raise ValueError("ZSD scores with the soft gate (threshold and slope) or without one")
+        self.gate_threshold = gate_threshold if mode != "seen" else None
+        self.gate_slope = gate_slope if mode != "seen" else None
         if detector_bg is None:
             detector_bg = getattr(base_predictor, "detector_background", None)
-        if mode == "gzsd" and detector_bg is None:
-            raise ValueError("GZSD needs the detector's own background row: call inject_classifier first "
-                             "or pass detector_bg")
+        if (mode == "gzsd" or self.gate_slope is not None) and detector_bg is None:
+            raise ValueError(f"{mode} needs the detector's own background row: call inject_classifier "
+                             "first or pass detector_bg")
         if detector_bg is not None:
             self.register_buffer("detector_bg_weight", detector_bg[0].detach().clone(), persistent=False)
             self.register_buffer("detector_bg_bias", detector_bg[1].detach().clone().reshape(()),
@@ -277,13 +302,15 @@ class ZSDPredictor(nn.Module):
             return seen_log_probs(logits, self.split, bg), deltas
         deltas = borrow_box_regression(logits, deltas, self.split.seen_ids, self.split.unseen_ids)
         if self.mode == "zsd":
-            return zsd_log_probs(logits, self.split, self.excluded), deltas
-        return torch.log(gzsd_probs(logits, bg, self.split, self.seen_score_cut, self.gzsd_threshold,
-                                    self.gzsd_slope)), deltas
+            gate = None if self.gate_slope is None else \
+                unseen_weight(logits, bg, self.split, self.gate_threshold, self.gate_slope)
+            return zsd_log_probs(logits, self.split, self.excluded, gate), deltas
+        return torch.log(gzsd_probs(logits, bg, self.split, self.seen_score_cut, self.gate_threshold,
+                                    self.gate_slope)), deltas
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, excluded={self.excluded}, seen_score_cut={self.seen_score_cut}, "
-                f"gzsd_threshold={self.gzsd_threshold}, gzsd_slope={self.gzsd_slope}, "
+                f"gate_threshold={self.gate_threshold}, gate_slope={self.gate_slope}, "
                 f"unseen={len(self.split.unseen_ids)}")
 
 
@@ -293,12 +320,11 @@ class ZSDPredictor(nn.Module):
 def install_zsd_head(model: nn.Module, split: Split, mode: str,
                      classifier: Optional[tuple[Tensor, Tensor]] = None, bg_blend: float = 0.35,
                      seen_score_cut: Optional[float] = None, excluded: str = "softmax",
-                     gzsd_threshold: Optional[float] = None, gzsd_slope: Optional[float] = None) -> ZSDPredictor:
+                     gate_threshold: Optional[float] = None, gate_slope: Optional[float] = None) -> ZSDPredictor:
     """Inject ``classifier`` (weight, bias) into ``model``'s predictor and install a ZSDPredictor.
 
-    ``classifier`` is required for 'zsd' / 'gzsd' and ignored for 'seen'. ``gzsd_threshold``:
-    the joint GZSD scoring's threshold (None = published scoring); ``gzsd_slope``: the soft
-    scoring's slope (None = the hard joint rule). Also divides
+    ``classifier`` is required for 'zsd' / 'gzsd' and ignored for 'seen'. ``gate_threshold``,
+    ``gate_slope``: the scoring's seen/unseen gate (:class:`ZSDPredictor`; None = published). Also divides
     ``model.roi_heads.score_thresh`` by the predictor's score_scale (see :func:`rescale_scores`).
     """
     base = model.roi_heads.box_predictor
@@ -309,7 +335,7 @@ def install_zsd_head(model: nn.Module, split: Split, mode: str,
             raise ValueError(f"mode {mode!r} needs the synthesized classifier")
         inject_classifier(base, split, classifier[0], classifier[1], bg_blend)
     head = ZSDPredictor(base, split, mode, seen_score_cut=seen_score_cut, excluded=excluded,
-                        gzsd_threshold=gzsd_threshold, gzsd_slope=gzsd_slope)
+                        gate_threshold=gate_threshold, gate_slope=gate_slope)
     model.roi_heads.box_predictor = head
     prepare_postprocess(model, head)
     return head
