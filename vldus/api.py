@@ -135,6 +135,11 @@ class ZeroShotDetector:
         self.head = None
         self.scoring: Optional[dict] = None  # {"scoring", "threshold", "slope", "source"} that runs
 
+    @property
+    def gzsd_scoring(self) -> Optional[dict]:
+        """:attr:`scoring` in GZSD, else None (the name before ZSD had a scoring of its own)."""
+        return self.scoring if self.gzsd else None
+
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu", cache_dir: Optional[str] = None) -> "ZeroShotDetector":
         """Open and verify the bundle at ``path`` (InputError when it is not a valid bundle)."""
