@@ -316,7 +316,8 @@ def _check_args(args: argparse.Namespace, cfg: Config) -> None:
         value = getattr(args, name)
         if value is not None:
             if args.setting not in settings:
-                raise InputError(f"--{name.replace('_', '-')}", f"applies to {' / '.join('--' + s for s in settings)} only")
+                allowed = " / ".join("--" + s for s in settings)
+                raise InputError(f"--{name.replace('_', '-')}", f"applies to {allowed} only")
             setattr(cfg.inference, name, value)
     if args.scoring != "vldus":
         if args.setting not in ("zsd", "gzsd"):

@@ -253,8 +253,9 @@ class ZSDPredictor(nn.Module):
     ``seen_score_cut`` applies to GZSD only; ``gate_threshold`` and ``gate_slope`` are the
     seen/unseen gate of :mod:`vldus.detection.gzsd`: in GZSD the threshold alone is the joint
     scoring and both the soft one; in ZSD only the soft one exists (both or neither); None =
-    the published scoring. Detection scores from torchvision's postprocess are probabilities of this distribution;
-    multiply by :attr:`score_scale` (or use :func:`rescale_scores`) for the released per-group scores.
+    the published scoring. Detection scores from torchvision's postprocess are probabilities
+    of this distribution; multiply by :attr:`score_scale` (or use :func:`rescale_scores`) for
+    the released per-group scores.
     """
 
     def __init__(self, base_predictor: nn.Module, split: Split, mode: str,
@@ -324,7 +325,8 @@ def install_zsd_head(model: nn.Module, split: Split, mode: str,
     """Inject ``classifier`` (weight, bias) into ``model``'s predictor and install a ZSDPredictor.
 
     ``classifier`` is required for 'zsd' / 'gzsd' and ignored for 'seen'. ``gate_threshold``,
-    ``gate_slope``: the scoring's seen/unseen gate (:class:`ZSDPredictor`; None = published). Also divides
+    ``gate_slope``: the scoring's seen/unseen gate (:class:`ZSDPredictor`; None = published).
+    Also divides
     ``model.roi_heads.score_thresh`` by the predictor's score_scale (see :func:`rescale_scores`).
     """
     base = model.roi_heads.box_predictor
