@@ -276,10 +276,8 @@ def scorings_table(root: str) -> str:
     for name in dict.fromkeys(n for r in runs for n in r["rows"]):
         for scoring in dict.fromkeys(s for r in runs for s in r["rows"].get(name, {})):
             row = [f"`{name}`", scoring]
-            zsd = [(((r.get("zsd") or {}).get(name) or {}).get(scoring) or {}).get("map") for r in runs]
-            row += [" / ".join(fmt(v) for v in zsd), mean_sd(zsd)]
-            for key in ("seen", "unseen", "hm"):
-                vals = [((r["rows"].get(name) or {}).get(scoring) or {}).get(key) for r in runs]
+            for part, key in (("zsd", "map"), ("rows", "seen"), ("rows", "unseen"), ("rows", "hm")):
+                vals = [(((r.get(part) or {}).get(name) or {}).get(scoring) or {}).get(key) for r in runs]
                 row += [" / ".join(fmt(v) for v in vals), mean_sd(vals)]
             rows.append(row)
     return table(header, rows) + sources(runs)

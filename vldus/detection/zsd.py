@@ -222,9 +222,7 @@ def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
     q_s = F.softmax(torch.cat([detector_bg_logit[:, None], logits[:, seen]], dim=1), dim=1)
     q_u = F.softmax(torch.cat([logits[:, :1], logits[:, unseen]], dim=1), dim=1)
     if seen_score_cut is not None:
-        cut = q_s[:, 1:] < seen_score_cut
-        moved = (q_s[:, 1:] * cut).sum(dim=1)
-        q_s = torch.cat([q_s[:, :1] + moved[:, None], q_s[:, 1:].masked_fill(cut, 0.0)], dim=1)
+        q_s = _move_to_background(q_s, (q_s[:, 1:] < seen_score_cut).to(q_s.dtype))
     if joint_threshold is not None:
         w = unseen_weight(logits, detector_bg_logit, split, joint_threshold, joint_slope)[:, None]
         q_s = _move_to_background(q_s, w)
@@ -238,8 +236,8 @@ def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
 
 
 def _move_to_background(q: Tensor, share: Tensor) -> Tensor:
-    """q (R, 1+K) [background, classes]: move the share (R, 1) of each class probability to
-    the background."""
+    """q (R, 1+K) [background, classes]: move the share (R, 1) or (R, K) of each class
+    probability to the background."""
     moved = q[:, 1:] * share
     return torch.cat([q[:, :1] + moved.sum(dim=1, keepdim=True), q[:, 1:] - moved], dim=1)
 
