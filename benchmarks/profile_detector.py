@@ -351,7 +351,8 @@ def main() -> int:
     result = {
         "machine": machine(), "device": str(device), "load": " ".join(load), "repeat": args.repeat,
         "settings": (f"{d.backbone} FPN {d.fpn_channels}, {d.min_size}-{d.max_size} px, batch {cfg.train.batch_size}, "
-                     f"{d.roi_batch_size} RoIs/image, proposals {d.rpn_post_nms_train} train / "
+                     f"{d.roi_batch_size} RoIs/image, RoIAlign {d.roi_align} (ratio {d.roi_sampling_ratio}), "
+                     f"proposals {d.rpn_post_nms_train} train / "
                      f"{f.proposals or d.rpn_post_nms_train} extraction / {d.rpn_post_nms_test} test"
                      f"{', channels-last' if d.channels_last else ''}"
                      f"{', checkpoint ' + args.checkpoint if args.checkpoint else ', untrained'}"),

@@ -51,6 +51,14 @@ def test_config_values_reach_the_model():
     assert model.roi_heads.box_coder.weights == (1.0, 2.0, 3.0, 4.0)
     assert model.rpn.anchor_generator.sizes[0] == (8,)
     assert model.transform.min_size == (96,)
+    assert model.roi_heads.box_roi_pool.kernel == "auto"  # the gather RoIAlign on a CPU
+    assert build_detector(tiny_cfg(roi_align="torchvision"), SPLIT).roi_heads.box_roi_pool.kernel == "torchvision"
+
+
+@pytest.mark.parametrize("kernel,ratio", [("fast", 2), ("gather", 0)])
+def test_a_roi_align_kernel_it_cannot_run_is_one_input_error(kernel, ratio):
+    with pytest.raises(InputError, match="detector.roi_align"):
+        build_detector(tiny_cfg(roi_align=kernel, roi_sampling_ratio=ratio), SPLIT)
 
 
 def test_backbone_weights_are_loaded(tmp_path):

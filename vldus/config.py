@@ -87,6 +87,7 @@ class DetectorConfig:
     roi_batch_size: int = 512
     roi_pos_fraction: float = 0.25
     roi_sampling_ratio: int = 2  # RoIAlign sampling points per bin side (2: torchvision and mmdet)
+    roi_align: str = "auto"  # gather (one weighted gather, fast on CPU) | torchvision | auto (gather on CPU)
     representation_size: int = 1024
     bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])  # 1/stds
     score_thresh: float = 0.05

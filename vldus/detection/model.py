@@ -2,7 +2,8 @@
 
     image -> backbone (ResNet-18/34/50/101 or MobileNetV2) -> FPN (5 levels: strides 4..64)
           -> RPN (one anchor size per level x aspect ratios)
-          -> MultiScaleRoIAlign 7x7 (sampling ratio detector.roi_sampling_ratio, 2 as mmdet) -> two FC layers of 1024 + ReLU
+          -> MultiScaleRoIAlign 7x7 (sampling ratio detector.roi_sampling_ratio, 2 as mmdet; on a CPU
+             computed as one weighted gather, vldus.detection.roi_align) -> two FC layers of 1024 + ReLU
           -> FastRCNNPredictor: cls_score Linear(1024, C+1), bbox_pred Linear(1024, 4(C+1))
 
 The predictor covers ALL classes of the split plus background: unseen rows exist but never
@@ -30,11 +31,12 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import FrozenBatchNorm2d
 
 from vldus.config import Config, DetectorConfig
 from vldus.data.splits import Split
 from vldus.detection.legacy import apply_legacy_mmdet
+from vldus.detection.roi_align import KERNELS as ROI_ALIGN_KERNELS, GatherRoIAlign
 from vldus.errors import InputError
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -172,8 +174,12 @@ def build_detector(cfg: Config, split: Split, load_backbone: bool = True) -> Fas
     backbone = build_backbone(det, load_weights=load_backbone)
     anchors = AnchorGenerator(sizes=tuple((s,) for s in det.anchor_sizes),
                               aspect_ratios=(tuple(det.aspect_ratios),) * len(det.anchor_sizes))
-    roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7,
-                                  sampling_ratio=det.roi_sampling_ratio)
+    if det.roi_align not in ROI_ALIGN_KERNELS:
+        raise InputError("detector.roi_align", f"unknown kernel {det.roi_align!r}; choose one of {ROI_ALIGN_KERNELS}")
+    if det.roi_align == "gather" and det.roi_sampling_ratio < 1:
+        raise InputError("detector.roi_align", "gather needs detector.roi_sampling_ratio >= 1")
+    roi_pool = GatherRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=det.roi_sampling_ratio,
+                              kernel=det.roi_align)
     box_head = TwoMLPHead(det.fpn_channels * 7 * 7, det.representation_size)
     predictor = FastRCNNPredictor(det.representation_size, split.num_classes + 1)
     model = FasterRCNN(
