@@ -137,7 +137,7 @@ def test_report_and_pictures(run):
     from vldus.demo import usable_cores
 
     concurrent = run.metrics["concurrent_stages"]
-    assert concurrent == ({} if usable_cores() < 2 else {"train-clip": "train-detector"})
+    assert concurrent == ({} if usable_cores() < 2 else {"train-clip": "make-shapes, train-detector"})
     assert sum(v for k, v in timings.items() if k not in concurrent) <= run.metrics["total_s"] <= run.seconds
     assert "## Stage timings" in report and "| **total** |" in report
 

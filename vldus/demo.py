@@ -12,9 +12,9 @@ nothing of the pipeline is implemented twice. The detector runs once over the te
 Stages that do not depend on each other run side by side on a machine with two or more cores,
 each with a share of torch's threads (intra-op threads speed these small models up far less than
 a second process does): the CLIP trains in a child process (``python -m vldus.cli train-clip``,
-output in ``OUT/work/clip*.log``) while the detector trains as two torchrun processes (half of
-the batch each, :func:`detector_ranks`), and the synthesizers train two at a time (the second in
-a child process, ``OUT/work/synth_<row>.log``).
+output in ``OUT/work/clip*.log``) while make-shapes draws the benchmark and the detector trains
+as two torchrun processes (half of the batch each, :func:`detector_ranks`), and the synthesizers
+train two at a time (the second in a child process, ``OUT/work/synth_<row>.log``).
 
 Variants (same detector, features and class embeddings):
 
@@ -99,10 +99,11 @@ FULL = DemoSize(train_images=600, test_images=200, detector_epochs=None, detecto
 # The quick demo and the smoke run train a cheaper detector than the config's: the images at their
 # own 160 px (no upscale), 64 FPN channels (RoIAlign, box head and RPN head all shrink with them),
 # 150 proposals, 32 RoIs per image and one RoIAlign sample per bin (RoIAlign's backward is the
-# largest part of a CPU step; docs/benchmarks.md), lr 0.005.
+# largest part of a CPU step; docs/benchmarks.md), lr 0.005, contiguous (NCHW) memory: channels-last
+# did not speed this small detector up.
 SMALL_DETECTOR = ("detector.min_size=160", "detector.max_size=160", "detector.anchor_sizes=[10,20,40,80,160]",
                   "detector.fpn_channels=64", "detector.rpn_post_nms_train=150", "detector.roi_batch_size=32",
-                  "detector.roi_sampling_ratio=1", "train.lr=0.005")
+                  "detector.roi_sampling_ratio=1", "detector.channels_last=false", "train.lr=0.005")
 # The quick detector must converge (5 epochs at 64 FPN channels: a fifth less time than 4 epochs
 # at 128, and a better detector): an unconverged one turns another CPU's fp32 round-off into a
 # different result (docs/history.md, quick demo). The test suite runs it; the other candidates
@@ -528,7 +529,14 @@ def run_demo(args: argparse.Namespace) -> dict:
     """The whole demo, step by step; every step runs stage commands (see the module docstring)."""
     started = time.perf_counter()
     run = prepare_inputs(args)
-    clip_jobs = start_clip_training(run)
+    # The main CLIP renders its own images: it trains while make-shapes draws the benchmark (one
+    # core) and the detector trains; a CLIP trained without the unseen classes reads their names
+    # from the benchmark's split, so it starts after make-shapes.
+    clip_jobs = start_clip_training(run, [c for c in needed_clips(run) if c == "main"],
+                                    "make-shapes, train-detector")
+    with beside(list(clip_jobs.values())):
+        make_benchmark(run)
+    clip_jobs |= start_clip_training(run, [c for c in needed_clips(run) if c != "main"], "train-detector")
     detector = train_seen_detector(run, list(clip_jobs.values()))
     prepare_clips(run, clip_jobs)
     extract_features(run)
@@ -546,22 +554,23 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 
 def prepare_inputs(args: argparse.Namespace) -> DemoRun:
-    """Check the options, write the benchmark (train, validation, test) and the demo's config."""
+    """Check the options and write the demo's config (the benchmark: :func:`make_benchmark`)."""
     out = os.path.abspath(args.out)
     size = TINY if args.tiny else QUICK if args.quick else FULL
     check_inputs(args)
     os.makedirs(out, exist_ok=True)
-    stages = Stages(args.quiet)
-    shapes_argv = ["make-shapes", "--out", os.path.join(out, "shapes"), "--seed", str(args.seed),
-                   "--train-images", str(size.train_images), "--test-images", str(size.test_images)]
-    if args.unseen:
-        shapes_argv += ["--unseen", args.unseen]
-    stages.run("make-shapes", shapes_argv)
     cfg = demo_config(out, size, args.seed, args.set)
     os.makedirs(cfg.work_dir, exist_ok=True)
     cfg_path = os.path.join(out, "config.yaml")
     save_config(cfg, cfg_path)  # rewritten with the CLIP's width (prepare_clips)
-    return DemoRun(args, out, size, stages, cfg, cfg_path, *demo_rows(size, args.ablation))
+    return DemoRun(args, out, size, Stages(args.quiet), cfg, cfg_path, *demo_rows(size, args.ablation))
+
+
+def make_benchmark(run: DemoRun) -> None:
+    """``vldus make-shapes``: the benchmark's train, validation and test images under OUT/shapes."""
+    argv = ["make-shapes", "--out", os.path.join(run.out, "shapes"), "--seed", str(run.args.seed),
+            "--train-images", str(run.size.train_images), "--test-images", str(run.size.test_images)]
+    run.stages.run("make-shapes", argv + (["--unseen", run.args.unseen] if run.args.unseen else []))
 
 
 def demo_rows(size: DemoSize, ablation: bool) -> tuple[dict[str, Variant], dict[str, RegionRow]]:
@@ -584,21 +593,22 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def start_clip_training(run: DemoRun) -> dict[str, Background]:
-    """On two or more cores: start training the CLIPs the demo trains itself, each in a child
-    process with half of torch's threads (module doc); {which: job}. {} on one core or when the
-    size says so (they train in turn in :func:`prepare_clips`)."""
+def start_clip_training(run: DemoRun, which_clips: Sequence[str], alongside: str) -> dict[str, Background]:
+    """On two or more cores: start training those of ``which_clips`` the demo trains itself, each
+    in a child process with half of torch's threads (module doc), beside the stages named
+    ``alongside``; {which: job}. {} on one core or when the size says so (they train in turn in
+    :func:`prepare_clips`)."""
     if usable_cores() < 2 or not run.size.clip_beside:
         return {}
     threads = child_threads()
     jobs = {}
-    for which in needed_clips(run):
+    for which in which_clips:
         training = clip_training(run.args, run.out, run.size, which, run.cfg.split)
         if training is not None:
             name, argv, folder = training
             jobs[which] = run.stages.start(name, argv, threads,
                                            os.path.join(run.cfg.work_dir, os.path.basename(folder) + ".log"),
-                                           "train-detector")
+                                           alongside)
     return jobs
 
 
