@@ -36,7 +36,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from vldus.config import Config, DetectorConfig
 from vldus.data.splits import Split
 from vldus.detection.legacy import apply_legacy_mmdet
-from vldus.detection.roi_align import KERNELS as ROI_ALIGN_KERNELS, GatherRoIAlign
+from vldus.detection.roi_align import GatherRoIAlign
 from vldus.errors import InputError
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -174,12 +174,11 @@ def build_detector(cfg: Config, split: Split, load_backbone: bool = True) -> Fas
     backbone = build_backbone(det, load_weights=load_backbone)
     anchors = AnchorGenerator(sizes=tuple((s,) for s in det.anchor_sizes),
                               aspect_ratios=(tuple(det.aspect_ratios),) * len(det.anchor_sizes))
-    if det.roi_align not in ROI_ALIGN_KERNELS:
-        raise InputError("detector.roi_align", f"unknown kernel {det.roi_align!r}; choose one of {ROI_ALIGN_KERNELS}")
-    if det.roi_align == "gather" and det.roi_sampling_ratio < 1:
-        raise InputError("detector.roi_align", "gather needs detector.roi_sampling_ratio >= 1")
-    roi_pool = GatherRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=det.roi_sampling_ratio,
-                              kernel=det.roi_align)
+    try:
+        roi_pool = GatherRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=det.roi_sampling_ratio,
+                                  kernel=det.roi_align)
+    except ValueError as e:  # a kernel it does not know, or one it cannot run at this sampling ratio
+        raise InputError("detector.roi_align", str(e)) from None
     box_head = TwoMLPHead(det.fpn_channels * 7 * 7, det.representation_size)
     predictor = FastRCNNPredictor(det.representation_size, split.num_classes + 1)
     model = FasterRCNN(

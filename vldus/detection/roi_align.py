@@ -43,7 +43,7 @@ class GatherRoIAlign(MultiScaleRoIAlign):
         if kernel not in KERNELS:
             raise ValueError(f"unknown RoIAlign kernel {kernel!r}; choose one of {KERNELS}")
         if kernel == "gather" and sampling_ratio < 1:
-            raise ValueError("the gather RoIAlign needs a fixed sampling ratio (>= 1)")
+            raise ValueError("the gather RoIAlign needs a fixed sampling ratio (roi_sampling_ratio >= 1)")
         self.kernel = kernel
 
     def uses_gather(self, device: torch.device) -> bool:
@@ -60,9 +60,7 @@ class GatherRoIAlign(MultiScaleRoIAlign):
         height = max(h for h, _ in image_shapes)
         scales = [2.0 ** round(math.log2(m.shape[-2] / height)) for m in maps]
         mapper = LevelMapper(int(-math.log2(scales[0])), int(-math.log2(scales[-1])))
-        levels = mapper(boxes) if len(maps) > 1 else torch.zeros(sum(len(b) for b in boxes), dtype=torch.long,
-                                                                    device=maps[0].device)
-        return gather_roi_align(maps, scales, boxes, levels, self.output_size[0], self.sampling_ratio)
+        return gather_roi_align(maps, scales, boxes, mapper(boxes), self.output_size[0], self.sampling_ratio)
 
 
 def gather_roi_align(maps: list[Tensor], scales: list[float], boxes: list[Tensor], levels: Tensor,

@@ -324,8 +324,8 @@ def install_zsd_head(model: nn.Module, split: Split, mode: str,
 
     ``classifier`` is required for 'zsd' / 'gzsd' and ignored for 'seen'. ``gate_threshold``,
     ``gate_slope``: the scoring's seen/unseen gate (:class:`ZSDPredictor`; None = published).
-    Also divides
-    ``model.roi_heads.score_thresh`` by the predictor's score_scale (see :func:`rescale_scores`).
+    Also divides ``model.roi_heads.score_thresh`` by the predictor's score_scale (see
+    :func:`rescale_scores`).
     """
     base = model.roi_heads.box_predictor
     if isinstance(base, ZSDPredictor):
