@@ -12,9 +12,9 @@ A row whose ``gzsd_calibration.json`` an older vldus wrote (without the soft fit
 again first with ``vldus calibrate-gzsd`` (validation features and the generator; no test data).
 
 Output JSON: ``{"note": str, "seed": int, "rows": {ROW: {SCORING: {"seen", "unseen", "hm":
-mAP@0.5, "threshold": float | null, "slope": float | null, "ran": the scoring that ran (published
-when the calibration cannot separate the groups)}}}, "zsd": {ROW: {SCORING: {"map": ZSD mAP@0.5,
-"threshold", "slope", "ran"}}}}`` (GZSD under "rows").
+mAP@0.5, "threshold": float | null, "slope": float | null, "seen_weight": float | null, "ran": the
+scoring that ran (published when the calibration cannot separate the groups)}}}, "zsd": {ROW: {SCORING: {"map": ZSD mAP@0.5,
+"threshold", "slope", "seen_weight", "ran"}}}}`` (GZSD under "rows").
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def synthesis_rows(demo: str) -> list[str]:
 
 
 def score_row(demo: str, row: str, checkpoint: str, setting: str = "gzsd") -> dict:
-    """{scoring: {"seen", "unseen", "hm" (GZSD) or "map" (ZSD), "threshold", "slope", "ran"}} of
+    """{scoring: {"seen", "unseen", "hm" (GZSD) or "map" (ZSD), "threshold", "slope", "seen_weight", "ran"}} of
     one row in ``setting``."""
     config, synth = os.path.join(demo, "config.yaml"), os.path.join(demo, "work", f"synth_{row}")
     with open(os.path.join(synth, CALIBRATION_FILE)) as f:
@@ -71,7 +71,8 @@ def score_row(demo: str, row: str, checkpoint: str, setting: str = "gzsd") -> di
             ran = m[f"{setting}_scoring"]
             scores = ({"seen": m["groups"]["seen"]["map"]["0.5"], "unseen": m["groups"]["unseen"]["map"]["0.5"],
                        "hm": m["hm"]["map"]["0.5"]} if setting == "gzsd" else {"map": m["groups"]["unseen"]["map"]["0.5"]})
-            result[scoring] = {**scores, "threshold": ran["threshold"], "slope": ran["slope"], "ran": ran["scoring"]}
+            result[scoring] = {**scores, "threshold": ran["threshold"], "slope": ran["slope"],
+                               "seen_weight": ran["seen_weight"], "ran": ran["scoring"]}
     return result
 
 

@@ -213,6 +213,8 @@ def test_gzsd_scores_as_vldus_test(bundle, tmp_path):
         assert det.head.gate_slope == det.scoring["slope"]
         if ran["slope"] is not None:  # soft
             assert det.scoring["slope"] == pytest.approx(ran["slope"], abs=1e-3)
+            assert det.head.gate_seen_weight == det.scoring["seen_weight"]
+            assert det.scoring["seen_weight"] == pytest.approx(ran["seen_weight"], abs=1e-3)
     with open(out) as f:
         tested = json.load(f)
     with open(str(out)[:-5] + ".gt.json") as f:

@@ -82,20 +82,22 @@ def test_default_scoring_follows_its_calibration(run):
         return sum(c["num_dets"] for c in metrics["classes"].values() if c["group"] == group)
 
     assert published["gzsd_scoring"] == {"scoring": "published", "threshold": None, "slope": None,
-                                         "source": "inference.gzsd_scoring"}
+                                         "seen_weight": None, "source": "inference.gzsd_scoring"}
     if not usable:  # --metrics records what ran
         assert default["gzsd_scoring"]["scoring"] == "published"
         assert {k: v for k, v in default.items() if k != "gzsd_scoring"} == {
             k: v for k, v in published.items() if k != "gzsd_scoring"}
     else:
         assert default["gzsd_scoring"] == {"scoring": "soft", "threshold": calib["soft_threshold"],
-                                           "slope": calib["soft_slope"], "source": path}
+                                           "slope": calib["soft_slope"], "seen_weight": calib["soft_seen_weight"],
+                                           "source": path}
         assert dets(default, "seen") < dets(published, "seen")  # lower seen scores: fewer above the score floor
         assert dets(default, "unseen") <= dets(published, "unseen")
     assert default["groups"]["unseen"]["map"]["0.5"] > 0
     # ZSD: the same calibration, on the unseen scores only
     assert m["zsd"]["zsd_scoring"] == (default["gzsd_scoring"] if usable else {
-        "scoring": "published", "threshold": None, "slope": None, "source": m["zsd"]["zsd_scoring"]["source"]})
+        "scoring": "published", "threshold": None, "slope": None, "seen_weight": None,
+        "source": m["zsd"]["zsd_scoring"]["source"]})
 
 
 def test_scorings_benchmark_rescores_the_demo(run, tmp_path):

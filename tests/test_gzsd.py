@@ -128,7 +128,7 @@ def test_calibrate_on_features_picks_a_separating_threshold():
     out = calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="hand-made")
     assert out["balanced_accuracy"] > 0.95 and out["scoring"] == "joint"
     assert out["seen_rows"] == 200 and out["unseen_rows"] == 100 and math.isfinite(out["threshold"])
-    assert out["soft_slope"] > 0 and math.isfinite(out["soft_threshold"])
+    assert out["soft_slope"] > 0 and math.isfinite(out["soft_threshold"]) and math.isfinite(out["soft_seen_weight"])
 
 
 def test_calibration_without_separation_keeps_the_published_scoring(tmp_path):
@@ -160,7 +160,7 @@ def _made_for(tmp_path, calibration: dict, bg_blend: float = 0.35) -> tuple[str,
 
 
 JOINT = {"scoring": "joint", "threshold": -1.25, "balanced_accuracy": 0.9, "min_separation": 0.75,
-         "soft_slope": 0.8, "soft_threshold": -1.0}
+         "soft_slope": 0.8, "soft_seen_weight": 1.5, "soft_threshold": -1.0}
 
 
 def test_resolve_scoring_order(tmp_path):
@@ -170,17 +170,21 @@ def test_resolve_scoring_order(tmp_path):
     ckpt, cls = _made_for(tmp_path, JOINT)
     path = str(tmp_path / "gzsd_calibration.json")
     assert resolve_scoring(InferenceConfig(), ckpt, cls) == {  # the default: soft
-        "scoring": "soft", "threshold": -1.0, "slope": 0.8, "source": path}
+        "scoring": "soft", "threshold": -1.0, "slope": 0.8, "seen_weight": 1.5, "source": path}
     assert resolve_scoring(InferenceConfig(gzsd_scoring="joint"), ckpt, cls) == {
-        "scoring": "joint", "threshold": -1.25, "slope": None, "source": path}
+        "scoring": "joint", "threshold": -1.25, "slope": None, "seen_weight": None, "source": path}
     assert resolve_scoring(InferenceConfig(gzsd_scoring="joint", gzsd_threshold=2.0), ckpt, cls) == {
-        "scoring": "joint", "threshold": 2.0, "slope": None, "source": "inference.gzsd_threshold"}
+        "scoring": "joint", "threshold": 2.0, "slope": None, "seen_weight": None, "source": "inference.gzsd_threshold"}
     assert resolve_scoring(InferenceConfig(gzsd_scoring="soft", gzsd_threshold=2.0, gzsd_slope=3.0), ckpt, cls) == {
-        "scoring": "soft", "threshold": 2.0, "slope": 3.0, "source": "inference.gzsd_threshold and inference.gzsd_slope"}
+        "scoring": "soft", "threshold": 2.0, "slope": 3.0, "seen_weight": 1.0,
+        "source": "inference.gzsd_threshold and inference.gzsd_slope"}
+    assert resolve_scoring(InferenceConfig(gzsd_threshold=2.0, gzsd_slope=3.0, gzsd_seen_weight=1.25), ckpt, cls) == {
+        "scoring": "soft", "threshold": 2.0, "slope": 3.0, "seen_weight": 1.25,
+        "source": "inference.gzsd_threshold and inference.gzsd_slope and inference.gzsd_seen_weight"}
     assert resolve_scoring(InferenceConfig(gzsd_scoring="published"), ckpt, cls)["scoring"] == "published"
     # ZSD: its own scoring, the same gate
     assert resolve_scoring(InferenceConfig(gzsd_scoring="published"), ckpt, cls, setting="zsd") == {
-        "scoring": "soft", "threshold": -1.0, "slope": 0.8, "source": path}
+        "scoring": "soft", "threshold": -1.0, "slope": 0.8, "seen_weight": 1.5, "source": path}
     assert resolve_scoring(InferenceConfig(zsd_scoring="published"), ckpt, cls, setting="zsd")["source"] == \
         "inference.zsd_scoring"
     assert resolve_scoring(InferenceConfig(gzsd_threshold=2.0, gzsd_slope=3.0), ckpt, cls, setting="zsd")["slope"] == 3.0
@@ -191,7 +195,8 @@ def test_resolve_scoring_order(tmp_path):
         resolve_scoring(InferenceConfig(), ckpt, cls)
 
 
-@pytest.mark.parametrize("change", ["classifier", "detector", "bg_blend", "no scoring key", "no sha256", "no soft fit"])
+@pytest.mark.parametrize("change", ["classifier", "detector", "bg_blend", "no scoring key", "no sha256", "no soft fit",
+                                    "no seen weight"])
 def test_calibration_made_for_other_files_is_refused(tmp_path, change):
     """A gzsd_calibration.json is trusted only for the checkpoint, classifier and bg_blend it
     was made for, and only with every key (a missing 'scoring' does not mean joint)."""
@@ -206,7 +211,8 @@ def test_calibration_made_for_other_files_is_refused(tmp_path, change):
         inference = InferenceConfig(bg_blend=0.5)
     else:
         data = json.loads(path.read_text())
-        del data[{"no scoring key": "scoring", "no sha256": "classifier_sha256", "no soft fit": "soft_slope"}[change]]
+        del data[{"no scoring key": "scoring", "no sha256": "classifier_sha256", "no soft fit": "soft_slope",
+                  "no seen weight": "soft_seen_weight"}[change]]
         path.write_text(json.dumps(data))
     with pytest.raises(InputError) as e:
         resolve_scoring(inference, ckpt, cls, "configs/toy.yaml")
@@ -277,15 +283,42 @@ def test_soft_zsd_scoring_weighs_unseen_scores_by_the_calibrated_probability():
 
 
 def test_soft_fit_recovers_a_known_logistic_and_weighs_both_groups_equally():
-    """Margins N(-1, 1) for seen rows and N(+1, 1) for unseen rows: the true log-odds are 2 m, so
-    slope 2 and threshold 0 -- also with four times as many seen rows (each group weighs half)."""
+    """Evidences (e_u, e_s) ~ N((0, 2), I) for seen rows and N((1, 0), I) for unseen rows: the
+    true log-odds are e_u - 2 e_s + 1.5 = 1 (e_u - 2 e_s - (-1.5)), so slope 1, seen weight 2,
+    threshold -1.5 -- also with four times as many seen rows (each group weighs half)."""
     g = torch.Generator().manual_seed(0)
-    seen = torch.randn(40000, generator=g) - 1
-    unseen = torch.randn(10000, generator=g) + 1
-    slope, threshold = fit_soft_gate(seen, unseen)
-    assert slope == pytest.approx(2.0, abs=0.1) and threshold == pytest.approx(0.0, abs=0.05)
+    seen = torch.randn(40000, 2, generator=g) + torch.tensor([0.0, 2.0])
+    unseen = torch.randn(10000, 2, generator=g) + torch.tensor([1.0, 0.0])
+    slope, seen_weight, threshold = fit_soft_gate(seen, unseen)
+    assert slope == pytest.approx(1.0, abs=0.05) and seen_weight == pytest.approx(2.0, abs=0.1)
+    assert threshold == pytest.approx(-1.5, abs=0.1)
+    # a gate on the plain margin e_u - e_s gives seen weight 1
+    shift = torch.randn(50000, generator=g)[:, None]  # the same shift of both evidences
+    seen_m, unseen_m = torch.randn(40000, generator=g) - 1, torch.randn(10000, generator=g) + 1
+    slope, seen_weight, threshold = fit_soft_gate(torch.stack([seen_m, torch.zeros(40000)], 1) + shift[:40000],
+                                                  torch.stack([unseen_m, torch.zeros(10000)], 1) + shift[40000:])
+    assert slope == pytest.approx(2.0, abs=0.1) and seen_weight == pytest.approx(1.0, abs=0.05)
+    assert threshold == pytest.approx(0.0, abs=0.05)
     # swapped groups would give a negative slope: the calibration then keeps the published scoring
     assert fit_soft_gate(unseen, seen)[0] < 0
     # separable rows: a large, finite slope at the gap
-    slope, threshold = fit_soft_gate(torch.tensor([-2.0, -1.0]), torch.tensor([1.0, 2.0]))
+    slope, seen_weight, threshold = fit_soft_gate(torch.tensor([[-2.0, 0.0], [-1.0, 0.0]]),
+                                                  torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
     assert math.isfinite(slope) and slope > 10 and threshold == pytest.approx(0.0, abs=1e-6)
+
+
+def test_soft_gate_weighs_the_seen_evidence():
+    """unseen_weight = sigmoid(slope (e_u - seen_weight e_s - threshold)); a seen weight of 1 is
+    the margin gate, and the predictor passes its weight through."""
+    logits, bg = _rows("look-alike", "real seen", "background")
+    e_s, e_u = group_evidence(logits, bg, SPLIT)
+    for seen_weight in (1.0, 2.0):
+        expected = torch.sigmoid(1.5 * (e_u - seen_weight * e_s - 0.25))
+        torch.testing.assert_close(unseen_weight(logits, bg, SPLIT, 0.25, 1.5, seen_weight), expected)
+    # more weight on the seen evidence: the boxes with seen evidence look less unseen
+    assert torch.all(unseen_weight(logits, bg, SPLIT, 0.25, 1.5, 2.0)[e_s > 0] <
+                     unseen_weight(logits, bg, SPLIT, 0.25, 1.5)[e_s > 0])
+    predictor = _FixedPredictor(logits, bg)
+    head = ZSDPredictor(predictor, SPLIT, "zsd", gate_threshold=0.25, gate_slope=1.5, gate_seen_weight=2.0)
+    gate = unseen_weight(logits, bg, SPLIT, 0.25, 1.5, 2.0)
+    torch.testing.assert_close(head(torch.eye(3))[0].exp(), zsd_log_probs(logits, SPLIT, gate=gate).exp())

@@ -204,7 +204,8 @@ def test_joint_lowers_seen_detections_soft_both_groups(project, tmp_path, capsys
     runs = {}
     for name, extra in (("published", ["--gzsd-scoring", "published"]),
                         ("joint", ["--gzsd-scoring", "joint", "--gzsd-threshold", "-2"]),
-                        ("soft", ["--gzsd-threshold", "-2", "--gzsd-slope", "1"])):
+                        ("soft", ["--gzsd-threshold", "-2", "--gzsd-slope", "1"]),
+                        ("soft_seen_weight", ["--gzsd-threshold", "-2", "--gzsd-slope", "1", "--gzsd-seen-weight", "3"])):
         out = tmp_path / f"{name}.json"
         assert main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--gzsd", "--out", str(out),
                              *extra)) == 0
@@ -212,7 +213,12 @@ def test_joint_lowers_seen_detections_soft_both_groups(project, tmp_path, capsys
                       for d in _read(out)}
     out = capsys.readouterr().out
     assert "gzsd scoring: joint, threshold -2 (inference.gzsd_threshold)" in out
-    assert "gzsd scoring: soft, threshold -2, slope 1 (inference.gzsd_threshold and inference.gzsd_slope)" in out
+    assert "gzsd scoring: soft, threshold -2, slope 1, seen weight 1 (inference.gzsd_threshold and inference.gzsd_slope)" in out
+    assert ("gzsd scoring: soft, threshold -2, slope 1, seen weight 3 (inference.gzsd_threshold and "
+            "inference.gzsd_slope and inference.gzsd_seen_weight)") in out
+    # more weight on the seen evidence: seen detections keep more of their scores than with weight 1
+    seen_of = lambda r: sum(v for k, v in r.items() if k[1] in {CAT_IDS[i] for i in (0, 2, 3)})  # noqa: E731
+    assert seen_of(runs["soft_seen_weight"]) > seen_of(runs["soft"])
     # no calibration file next to cls.pth and no threshold: the published scoring, said so
     assert main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--gzsd", "--out",
                          str(tmp_path / "default.json"))) == 0
@@ -246,6 +252,7 @@ def test_joint_lowers_seen_detections_soft_both_groups(project, tmp_path, capsys
     (["--syn-weights", "CLS", "--zsd", "--gzsd-threshold", "1"], "needs inference.gzsd_slope too"),
     (["--syn-weights", "CLS", "--gzsd", "--gzsd-scoring", "soft", "--gzsd-threshold", "1"],
      "inference.gzsd_threshold with the soft scoring needs inference.gzsd_slope"),
+    (["--syn-weights", "CLS", "--gzsd", "--gzsd-seen-weight", "2"], "inference.gzsd_seen_weight needs"),
     (["--syn-weights", "CLS", "--zsd", "--set", "data.test.ann_file=SEEN_ONLY"], "seen_only.json: no test image"),
     (["--seen", "--max-images", "0"], "--max-images: must be positive"),
 ])
@@ -281,7 +288,7 @@ def test_calibration_file_is_used_recorded_and_refused_for_another_classifier(pr
     cls = tmp_path / "classifier_best.pth"
     shutil.copy(project / "cls.pth", cls)
     calibration = {"scoring": "joint", "threshold": -2.0, "balanced_accuracy": 0.9, "min_separation": 0.75,
-                   "soft_slope": 0.5, "soft_threshold": -1.5, "bg_blend": load_config(str(project / "tiny.yaml")).inference.bg_blend,
+                   "soft_slope": 0.5, "soft_seen_weight": 1.25, "soft_threshold": -1.5, "bg_blend": load_config(str(project / "tiny.yaml")).inference.bg_blend,
                    "detector_sha256": sha256_file(str(project / "det.pth")),
                    "classifier_sha256": sha256_file(str(cls))}
     (tmp_path / "gzsd_calibration.json").write_text(json.dumps(calibration))
@@ -289,16 +296,19 @@ def test_calibration_file_is_used_recorded_and_refused_for_another_classifier(pr
                     "--metrics", str(tmp_path / "m.json"))
     assert main(args) == 0
     assert _read(tmp_path / "m.json")["gzsd_scoring"] == {  # the default: soft
-        "scoring": "soft", "threshold": -1.5, "slope": 0.5, "source": str(tmp_path / "gzsd_calibration.json")}
+        "scoring": "soft", "threshold": -1.5, "slope": 0.5, "seen_weight": 1.25,
+        "source": str(tmp_path / "gzsd_calibration.json")}
     assert main(args + ["--gzsd-scoring", "joint"]) == 0
     assert _read(tmp_path / "m.json")["gzsd_scoring"] == {
-        "scoring": "joint", "threshold": -2.0, "slope": None, "source": str(tmp_path / "gzsd_calibration.json")}
+        "scoring": "joint", "threshold": -2.0, "slope": None, "seen_weight": None,
+        "source": str(tmp_path / "gzsd_calibration.json")}
     assert main(args + ["--gzsd-scoring", "published"]) == 0
     assert _read(tmp_path / "m.json")["gzsd_scoring"]["scoring"] == "published"
     zsd = [a if a != "--gzsd" else "--zsd" for a in args]  # ZSD: the same gate, on the unseen scores
     assert main(zsd) == 0
     assert _read(tmp_path / "m.json")["zsd_scoring"] == {
-        "scoring": "soft", "threshold": -1.5, "slope": 0.5, "source": str(tmp_path / "gzsd_calibration.json")}
+        "scoring": "soft", "threshold": -1.5, "slope": 0.5, "seen_weight": 1.25,
+        "source": str(tmp_path / "gzsd_calibration.json")}
     soft_zsd = _read(tmp_path / "d.json")
     assert main(zsd + ["--zsd-scoring", "published"]) == 0
     assert _read(tmp_path / "m.json")["zsd_scoring"]["scoring"] == "published"

@@ -133,7 +133,7 @@ class ZeroShotDetector:
         self.classifier_path: Optional[str] = None
         self.model = None
         self.head = None
-        self.scoring: Optional[dict] = None  # {"scoring", "threshold", "slope", "source"} that runs
+        self.scoring: Optional[dict] = None  # {"scoring", "threshold", "slope", "seen_weight", "source"} that runs
 
     @property
     def gzsd_scoring(self) -> Optional[dict]:
@@ -188,13 +188,14 @@ class ZeroShotDetector:
         inf = self.cfg.inference
         self.head = install_zsd_head(model, ext, setting, (weight, bias), bg_blend=inf.bg_blend,
                                      seen_score_cut=inf.seen_score_cut, excluded="mask",
-                                     gate_threshold=scoring["threshold"], gate_slope=scoring["slope"])
+                                     gate_threshold=scoring["threshold"], gate_slope=scoring["slope"],
+                                     gate_seen_weight=scoring["seen_weight"])
         self.model, self.classes, self.gzsd, self.ext_split = model, names, gzsd, ext
         self.scoring = scoring
         self.label_names = list(split.classes) + names  # detector index k -> label_names[k - 1]
 
     def _scoring(self, model, ext, names: list[str], weight: torch.Tensor, bias: torch.Tensor, setting: str) -> dict:
-        """``{"scoring", "threshold", "slope", "source"}`` as :func:`vldus.detection.gzsd.resolve_scoring`,
+        """``{"scoring", "threshold", "slope", "seen_weight", "source"}`` as :func:`vldus.detection.gzsd.resolve_scoring`,
         with the calibration computed for the new names (see :meth:`set_classes`)."""
         from vldus.detection.gzsd import calibrated_scoring, configured_scoring, published, wanted_scoring
         from vldus.synthesis.calibrate import SEED_KEY, calibrate_generator

@@ -5,7 +5,8 @@
 Writes, per image, ``DIR/<stem>.png`` (detections drawn; new names in the unseen colour) and
 ``DIR/<stem>.json`` = {"image": path, "width", "height", "classes": [names], "setting": "zsd" |
 "gzsd", "boxes": [[x1, y1, x2, y2], ...] (pixels), "labels": [name, ...], "scores": [...]},
-best first, and "zsd_scoring" or "gzsd_scoring": {"scoring", "threshold", "slope", "source"}
+best first, and "zsd_scoring" or "gzsd_scoring": {"scoring", "threshold", "slope", "seen_weight",
+"source"}
 (scored as ``vldus test --zsd`` / ``--gzsd``: see :meth:`vldus.api.ZeroShotDetector.set_classes`).
 Everything goes through :class:`vldus.api.ZeroShotDetector`, so the Python API gives the same
 boxes.

@@ -12,8 +12,8 @@ positive for that seen class. ``joint`` compares, per box, the evidence of the t
     e_u = log sum_{k in unseen} exp z_k - z_bg_blend   (same for the injected unseen classifier)
 
 and when ``e_u - e_s > threshold`` the box's seen probabilities are set to 0 (their mass goes to
-the seen group's background). ``soft`` keeps, instead, the share ``1 - sigmoid(slope (e_u - e_s
-- threshold'))`` of them: the calibrated probability that the box is a seen object, so a
+the seen group's background). ``soft`` keeps, instead, the share ``1 - sigmoid(slope (e_u -
+seen_weight e_s - threshold'))`` of them: the calibrated probability that the box is a seen object, so a
 look-alike falls below the real objects of its seen class rather than out of the list, and a
 real seen object that the rule would have cut keeps part of its score. ``soft`` also keeps only
 the share ``sigmoid(...)`` of the box's unseen scores, in GZSD and in ZSD (``--zsd-scoring
@@ -27,9 +27,12 @@ extract-features --data-split val``: rows with a seen label; a config without ``
 back to the detector's training images' features, with a warning, ``"calibration_source":
 "train"``) and unseen features synthesized by the trained generator, it is the value that best
 separates the two (highest balanced accuracy of "unseen wins"; among equal ones the highest
-threshold, which removes the fewest seen detections). The soft scoring's ``slope`` and
-``threshold'`` come from a logistic regression of "unseen" on ``e_u - e_s`` over the same rows,
-both groups weighted equally (:func:`fit_soft_gate`). ``vldus train-generator`` writes
+threshold, which removes the fewest seen detections). The soft scoring's ``slope``,
+``seen_weight`` and ``threshold'`` come from a logistic regression of "unseen" on the two
+evidences ``(e_u, e_s)`` over the same rows, both groups weighted equally (:func:`fit_soft_gate`).
+Fitting the two weights separately puts more weight on ``e_s`` than their difference does
+(seen_weight 1.5-1.8 on the default demo's three seeds), which separates real seen objects from
+real unseen look-alikes better (docs/gzsd.md). ``vldus train-generator`` writes
 ``gzsd_calibration.json`` next to ``classifier_best.pth``; ``vldus calibrate-gzsd`` rewrites the
 same file (:mod:`vldus.synthesis.calibrate`). ``inference.gzsd_threshold`` / ``--gzsd-threshold``
 override it. Without either, ``vldus test`` uses the published scoring and says so (an
@@ -37,7 +40,8 @@ uncalibrated threshold can cost more seen mAP than it saves).
 
 ``gzsd_calibration.json``: ``{"scoring": "joint" | "published", "threshold": float,
 "balanced_accuracy": float, "min_separation": float, "seen_rows": int, "unseen_rows": int,
-"soft_slope": float, "soft_threshold": float, "bg_blend": float, "source": str,
+"soft_slope": float, "soft_seen_weight": float, "soft_threshold": float, "bg_blend": float,
+"source": str,
 "calibration_source": "val" | "train", "seen_features": path,
 "detector_checkpoint": path, "detector_sha256": hex, "classifier": path, "classifier_sha256":
 hex}``. "published" when the best threshold separates the two with a balanced accuracy below
@@ -63,8 +67,8 @@ SCORINGS = ("soft", "joint", "published")  # GZSD (inference.gzsd_scoring)
 ZSD_SCORINGS = ("soft", "published")  # ZSD (inference.zsd_scoring): the gate acts on unseen scores only
 CALIBRATION_FILE = "gzsd_calibration.json"
 # keys vldus test needs to trust a calibration file
-CALIBRATION_KEYS = ("scoring", "threshold", "balanced_accuracy", "min_separation", "soft_slope", "soft_threshold",
-                    "bg_blend", "detector_sha256", "classifier_sha256")
+CALIBRATION_KEYS = ("scoring", "threshold", "balanced_accuracy", "min_separation", "soft_slope", "soft_seen_weight",
+                    "soft_threshold", "bg_blend", "detector_sha256", "classifier_sha256")
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,35 +101,39 @@ def best_threshold(seen_margin: Tensor, unseen_margin: Tensor) -> tuple[float, f
     return float((values[i] + upper) / 2), float(balanced[i])
 
 
-def fit_soft_gate(seen_margin: Tensor, unseen_margin: Tensor, iterations: int = 50) -> tuple[float, float]:
-    """(slope, threshold) of ``P(unseen | m) = sigmoid(slope (m - threshold))``: a logistic
-    regression on the margins of seen rows (label 0) and unseen rows (label 1), each group
-    weighted to half of the total as in the balanced accuracy; Newton's method in float64, with
-    a tiny ridge on the slope so that separable rows give a large finite one."""
-    m = torch.cat([seen_margin, unseen_margin]).double()
-    n_seen, n_unseen = len(seen_margin), len(unseen_margin)
-    y = torch.cat([m.new_zeros(n_seen), m.new_ones(n_unseen)])
-    w = torch.cat([m.new_full((n_seen,), 0.5 / n_seen), m.new_full((n_unseen,), 0.5 / n_unseen)])
-    x = torch.stack([m, torch.ones_like(m)], dim=1)  # (N, 2): slope and offset columns
-    ridge = torch.diag(m.new_tensor([1e-6, 0.0]))
-    params = m.new_zeros(2)
+def fit_soft_gate(seen_evidence: Tensor, unseen_evidence: Tensor, iterations: int = 50) -> tuple[float, float, float]:
+    """(slope, seen_weight, threshold) of ``P(unseen | e_u, e_s) = sigmoid(slope (e_u - seen_weight
+    e_s - threshold))``: a logistic regression on the evidences ``(e_u, e_s)`` (N, 2) of seen rows
+    (label 0) and unseen rows (label 1), each group weighted to half of the total as in the
+    balanced accuracy; Newton's method in float64, with a tiny ridge on the two coefficients so
+    that separable rows give large finite ones. A slope <= 0 (unseen rows do not carry more
+    unseen evidence) is returned as it is, with seen_weight 1; the caller treats it as no gate."""
+    x = torch.cat([seen_evidence, unseen_evidence]).double()
+    n_seen, n_unseen = len(seen_evidence), len(unseen_evidence)
+    y = torch.cat([x.new_zeros(n_seen), x.new_ones(n_unseen)])
+    w = torch.cat([x.new_full((n_seen,), 0.5 / n_seen), x.new_full((n_unseen,), 0.5 / n_unseen)])
+    x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (N, 3): e_u, e_s and offset columns
+    ridge = torch.diag(x.new_tensor([1e-6, 1e-6, 0.0]))
+    params = x.new_zeros(3)
     for _ in range(iterations):
         p = torch.sigmoid(x @ params)
         grad = x.T @ (w * (p - y)) + ridge @ params
         hessian = (x * (w * p * (1 - p))[:, None]).T @ x + ridge
-        step = torch.linalg.solve(hessian + 1e-12 * torch.eye(2, dtype=m.dtype, device=m.device), grad)
+        step = torch.linalg.solve(hessian + 1e-12 * torch.eye(3, dtype=x.dtype, device=x.device), grad)
         params = params - step
         if float(step.abs().max()) < 1e-10:
             break
-    slope, offset = float(params[0]), float(params[1])
-    return slope, (-offset / slope if slope != 0 else 0.0)
+    slope, seen_coef, offset = (float(v) for v in params)
+    if slope <= 0:
+        return slope, 1.0, 0.0
+    return slope, -seen_coef / slope, -offset / slope
 
 
 @torch.no_grad()
-def margins(features: Tensor, cls_weight: Tensor, cls_bias: Tensor, syn_weight: Tensor, syn_bias: Tensor,
-            split: Split, bg_blend: float) -> Tensor:
-    """``e_u - e_s`` (N,) of RoI features (N, F) under the detector's ``cls_score`` (C+1, F) with the
-    synthesized classifier (1+U, F) injected as ``vldus test`` does."""
+def evidence(features: Tensor, cls_weight: Tensor, cls_bias: Tensor, syn_weight: Tensor, syn_bias: Tensor,
+             split: Split, bg_blend: float) -> Tensor:
+    """``(e_u, e_s)`` (N, 2) of RoI features (N, F) under the detector's ``cls_score`` (C+1, F) with
+    the synthesized classifier (1+U, F) injected as ``vldus test`` does."""
     pred = nn.Module()
     pred.cls_score = nn.Linear(cls_weight.shape[1], cls_weight.shape[0])
     pred.cls_score.weight.copy_(cls_weight)
@@ -133,7 +141,7 @@ def margins(features: Tensor, cls_weight: Tensor, cls_bias: Tensor, syn_weight: 
     det_w, det_b = inject_classifier(pred, split, syn_weight, syn_bias, bg_blend)
     x = features.float()
     e_s, e_u = group_evidence(pred.cls_score(x), x @ det_w + det_b, split)
-    return e_u - e_s
+    return torch.stack([e_u, e_s], dim=1)
 
 
 def calibrate(seen_features: Tensor, unseen_features: Tensor, cls_weight: Tensor, cls_bias: Tensor,
@@ -146,13 +154,14 @@ def calibrate(seen_features: Tensor, unseen_features: Tensor, cls_weight: Tensor
     ``"scoring": "published"`` (the fitted values are still recorded); else ``"joint"``: either
     rule may run (``inference.gzsd_scoring`` chooses)."""
     args = (cls_weight.float(), cls_bias.float(), syn_weight.float(), syn_bias.float(), split, bg_blend)
-    seen_margin, unseen_margin = margins(seen_features, *args), margins(unseen_features, *args)
-    threshold, accuracy = best_threshold(seen_margin, unseen_margin)
-    slope, soft_threshold = fit_soft_gate(seen_margin, unseen_margin)
+    seen_ev, unseen_ev = evidence(seen_features, *args), evidence(unseen_features, *args)
+    # the joint rule's hard threshold is on the margin e_u - e_s
+    threshold, accuracy = best_threshold(seen_ev[:, 0] - seen_ev[:, 1], unseen_ev[:, 0] - unseen_ev[:, 1])
+    slope, seen_weight, soft_threshold = fit_soft_gate(seen_ev, unseen_ev)
     return {"scoring": "joint" if accuracy >= min_separation and slope > 0 else "published",
             "threshold": round(threshold, 6), "balanced_accuracy": round(accuracy, 6),
             "min_separation": min_separation, "soft_slope": round(slope, 6),
-            "soft_threshold": round(soft_threshold, 6),
+            "soft_seen_weight": round(seen_weight, 6), "soft_threshold": round(soft_threshold, 6),
             "seen_rows": len(seen_features), "unseen_rows": len(unseen_features), "bg_blend": bg_blend,
             "source": source}
 
@@ -185,12 +194,14 @@ def recalibrate_hint(syn_weights: str, checkpoint: str, config: Optional[str]) -
 def resolve_scoring(inference, checkpoint: str, syn_weights: Optional[str],
                     config: Optional[str] = None, setting: str = "gzsd") -> dict:
     """The scoring ``vldus test`` runs in ``setting`` ('zsd' or 'gzsd'): ``{"scoring": "soft" |
-    "joint" | "published", "threshold": float | None, "slope": float | None, "source": str}``
+    "joint" | "published", "threshold": float | None, "slope": float | None, "seen_weight": float |
+    None, "source": str}``
     (also written to ``--metrics`` as ``zsd_scoring`` / ``gzsd_scoring``).
 
     ``inference``: the config's section (``zsd_scoring`` / ``gzsd_scoring``, ``gzsd_threshold``,
-    ``gzsd_slope``, ``bg_blend``). Order: the setting's scoring is ``published``; a configured
-    ``gzsd_threshold`` (with ``gzsd_slope`` for ``soft``; the gate of both settings);
+    ``gzsd_slope``, ``gzsd_seen_weight``, ``bg_blend``). Order: the setting's scoring is
+    ``published``; a configured ``gzsd_threshold`` (with ``gzsd_slope`` and optionally
+    ``gzsd_seen_weight``, default 1, for ``soft``; the gate of both settings);
     ``gzsd_calibration.json`` next to ``syn_weights``, which must have been made for this
     ``checkpoint``, this classifier file and this ``bg_blend`` (InputError naming the file and
     the recalibration command otherwise); no file: the published scoring, with the reason as
@@ -217,7 +228,7 @@ def resolve_scoring(inference, checkpoint: str, syn_weights: Optional[str],
 
 def published(source: str) -> dict:
     """The scoring dict of the published scoring, with why it runs."""
-    return {"scoring": "published", "threshold": None, "slope": None, "source": source}
+    return {"scoring": "published", "threshold": None, "slope": None, "seen_weight": None, "source": source}
 
 
 def wanted_scoring(inference, setting: str) -> str:
@@ -237,9 +248,12 @@ def configured_scoring(inference, setting: str = "gzsd") -> Optional[dict]:
     if soft and inference.gzsd_slope is None:  # joint GZSD may configure a threshold alone
         raise InputError("inference.gzsd_threshold", f"the soft {setting.upper()} scoring needs "
                          f"inference.gzsd_slope too (--gzsd-slope), or --{setting}-scoring published")
+    seen_weight = inference.gzsd_seen_weight
     return {"scoring": wanted, "threshold": float(inference.gzsd_threshold),
             "slope": float(inference.gzsd_slope) if soft else None,
-            "source": "inference.gzsd_threshold" + (" and inference.gzsd_slope" if soft else "")}
+            "seen_weight": (1.0 if seen_weight is None else float(seen_weight)) if soft else None,
+            "source": "inference.gzsd_threshold" + (" and inference.gzsd_slope" if soft else "")
+                      + (" and inference.gzsd_seen_weight" if soft and seen_weight is not None else "")}
 
 
 def calibrated_scoring(wanted: str, calibration: dict, source: str) -> dict:
@@ -250,14 +264,17 @@ def calibrated_scoring(wanted: str, calibration: dict, source: str) -> dict:
                          f"accuracy {calibration['balanced_accuracy']:.2f} < {calibration['min_separation']}")
     if wanted == "soft":
         return {"scoring": "soft", "threshold": float(calibration["soft_threshold"]),
-                "slope": float(calibration["soft_slope"]), "source": source}
-    return {"scoring": "joint", "threshold": float(calibration["threshold"]), "slope": None, "source": source}
+                "slope": float(calibration["soft_slope"]), "seen_weight": float(calibration["soft_seen_weight"]),
+                "source": source}
+    return {"scoring": "joint", "threshold": float(calibration["threshold"]), "slope": None, "seen_weight": None,
+            "source": source}
 
 
 def describe_scoring(scoring: dict) -> str:
     """One line for a :func:`resolve_scoring` dict, e.g. ``joint, threshold 1.5 (PATH)``."""
     if scoring["scoring"] == "soft":
-        return f"soft, threshold {scoring['threshold']:g}, slope {scoring['slope']:g} ({scoring['source']})"
+        return (f"soft, threshold {scoring['threshold']:g}, slope {scoring['slope']:g}, seen weight "
+                f"{scoring['seen_weight']:g} ({scoring['source']})")
     if scoring["scoring"] == "joint":
         return f"joint, threshold {scoring['threshold']:g} ({scoring['source']})"
     return f"published ({scoring['source']})"

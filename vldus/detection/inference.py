@@ -11,7 +11,8 @@ write
   ZSD) in COCO format, so ``vldus evaluate --ann DETS.gt.json --dets DETS.json`` re-scores them;
 - ``--metrics M.json`` (docs/formats.md metrics layout; with ``--zsd`` / ``--gzsd`` also
   ``"zsd_scoring"`` / ``"gzsd_scoring"``: ``{"scoring": "soft" | "joint" | "published",
-  "threshold": float | null, "slope": float | null, "source": str}``, the scoring that ran) and
+  "threshold": float | null, "slope": float | null, "seen_weight": float | null, "source": str}``,
+  the scoring that ran) and
   the printed table;
 - ``--show-dir DIR``: one PNG per image with the detections above a display threshold.
 
@@ -269,6 +270,9 @@ def add_parser(sub, common) -> None:
                         "else gzsd_calibration.json next to --syn-weights, else the published scoring)")
     p.add_argument("--gzsd-slope", type=float, default=None,
                    help="soft scoring slope, with --gzsd-threshold (default: inference.gzsd_slope)")
+    p.add_argument("--gzsd-seen-weight", type=float, default=None,
+                   help="soft scoring weight of the seen evidence, with --gzsd-slope (default: "
+                        "inference.gzsd_seen_weight, else 1)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N test images")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="detector-output cache: store what the detector computes before its "
@@ -312,7 +316,8 @@ def _check_args(args: argparse.Namespace, cfg: Config) -> None:
             raise InputError("--seen-score-cut", "applies to --gzsd only")
         cfg.inference.seen_score_cut = args.seen_score_cut
     for name, settings in (("zsd_scoring", ("zsd",)), ("gzsd_scoring", ("gzsd",)),
-                           ("gzsd_threshold", ("zsd", "gzsd")), ("gzsd_slope", ("zsd", "gzsd"))):
+                           ("gzsd_threshold", ("zsd", "gzsd")), ("gzsd_slope", ("zsd", "gzsd")),
+                           ("gzsd_seen_weight", ("zsd", "gzsd"))):
         value = getattr(args, name)
         if value is not None:
             if args.setting not in settings:
@@ -354,6 +359,9 @@ def check_inference_config(cfg: Config) -> None:
     if inf.gzsd_scoring == "soft" and inf.gzsd_threshold is not None and inf.gzsd_slope is None:
         raise InputError(cfg.source_file, "inference.gzsd_threshold with the soft scoring needs "
                                           "inference.gzsd_slope too (--gzsd-slope)")
+    if inf.gzsd_seen_weight is not None and inf.gzsd_slope is None:
+        raise InputError(cfg.source_file, "inference.gzsd_seen_weight needs inference.gzsd_threshold and "
+                                          "inference.gzsd_slope (--gzsd-threshold, --gzsd-slope)")
     if inf.excluded not in EXCLUDED_MODES:
         raise InputError(cfg.source_file, f"inference.excluded: {inf.excluded!r} is not one of "
                                           f"{', '.join(EXCLUDED_MODES)}")
@@ -446,7 +454,8 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
                                 bg_blend=cfg.inference.bg_blend,
                                 seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded,
                                 gate_threshold=rule["threshold"] if rule else None,
-                                gate_slope=rule["slope"] if rule else None)
+                                gate_slope=rule["slope"] if rule else None,
+                                gate_seen_weight=rule["seen_weight"] if rule else None)
         regions = None
         if scoring != "vldus":
             regions = region_scorer(scoring, split, setting, device, cache, clip_weights, clip_arch, clip_margin,

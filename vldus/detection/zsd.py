@@ -27,7 +27,7 @@ Linear(F, C+1), ``bbox_pred`` Linear(F, 4(C+1)); detector index 0 = background):
      ``excluded='softmax'``, as in the released code — the excluded classes. ``excluded='mask'``
      gives the excluded classes probability 0 as well. With a gate slope (``--zsd-scoring
      soft``, :mod:`vldus.detection.gzsd`) each box keeps the fraction ``w = sigmoid(slope (e_u -
-     e_s - threshold))`` of its unseen probabilities (the calibrated probability that it is not
+     seen_weight e_s - threshold))`` of its unseen probabilities (the calibrated probability that it is not
      a seen object; the rest goes to background), so a seen object that looks like an unseen
      class ranks below the real unseen objects; None = the released scoring.
    * ``gzsd`` (§8.3): two softmaxes, ``q_s`` over [detector's own background, seen] and ``q_u``
@@ -196,27 +196,29 @@ def unseen_wins(logits: Tensor, detector_bg_logit: Tensor, split: Split, thresho
 
 
 def unseen_weight(logits: Tensor, detector_bg_logit: Tensor, split: Split, threshold: float,
-                  slope: Optional[float]) -> Tensor:
+                  slope: Optional[float], seen_weight: float = 1.0) -> Tensor:
     """(R,) float: the share of each box's seen scores that the joint scoring removes: 0 or 1
-    (:func:`unseen_wins`) without ``slope``; ``sigmoid(slope (e_u - e_s - threshold))``, the
-    calibrated probability that the box is not a seen object, with it (the soft scoring)."""
+    (:func:`unseen_wins`) without ``slope``; ``sigmoid(slope (e_u - seen_weight e_s -
+    threshold))``, the calibrated probability that the box is not a seen object, with it (the
+    soft scoring)."""
     if slope is None:
         return unseen_wins(logits, detector_bg_logit, split, threshold).to(logits.dtype)
     e_s, e_u = group_evidence(logits, detector_bg_logit, split)
-    return torch.sigmoid(slope * (e_u - e_s - threshold))
+    return torch.sigmoid(slope * (e_u - seen_weight * e_s - threshold))
 
 
 def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
                seen_score_cut: Optional[float] = None, joint_threshold: Optional[float] = None,
-               joint_slope: Optional[float] = None) -> Tensor:
+               joint_slope: Optional[float] = None, joint_seen_weight: float = 1.0) -> Tensor:
     """§8.3 as a distribution: (R, C+1) mixture ``(q_seen + q_unseen) / 2`` (see module doc).
 
     logits (R, C+1) after injection (column 0 = blended background), detector_bg_logit (R,) =
     the detector's own background logit. Rows sum to 1; excluded classes get 0.
     ``joint_threshold``: the joint scoring (:mod:`vldus.detection.gzsd`): boxes where an unseen
     class wins by more than this lose their seen probabilities (mass to the seen background);
-    with ``joint_slope`` (the soft scoring) they lose the share w = :func:`unseen_weight` of
-    them and keep the share w of their unseen ones; None = the published scoring.
+    with ``joint_slope`` (the soft scoring; ``joint_seen_weight`` as in :func:`unseen_weight`)
+    they lose the share w = :func:`unseen_weight` of them and keep the share w of their unseen
+    ones; None = the published scoring.
     """
     seen, unseen = split.seen_ids, split.unseen_ids
     q_s = F.softmax(torch.cat([detector_bg_logit[:, None], logits[:, seen]], dim=1), dim=1)
@@ -224,7 +226,7 @@ def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
     if seen_score_cut is not None:
         q_s = _move_to_background(q_s, (q_s[:, 1:] < seen_score_cut).to(q_s.dtype))
     if joint_threshold is not None:
-        w = unseen_weight(logits, detector_bg_logit, split, joint_threshold, joint_slope)[:, None]
+        w = unseen_weight(logits, detector_bg_logit, split, joint_threshold, joint_slope, joint_seen_weight)[:, None]
         q_s = _move_to_background(q_s, w)
         if joint_slope is not None:  # soft: the unseen side keeps the share w
             q_u = _move_to_background(q_u, 1.0 - w)
@@ -248,10 +250,10 @@ class ZSDPredictor(nn.Module):
     Install as ``model.roi_heads.box_predictor`` (see the module docstring). ``mode`` is
     'zsd', 'gzsd' or 'seen'. GZSD needs the detector's own background row: ``detector_bg``
     ``(weight (F,), bias ())``, by default the one :func:`inject_classifier` left on the predictor.
-    ``seen_score_cut`` applies to GZSD only; ``gate_threshold`` and ``gate_slope`` are the
-    seen/unseen gate of :mod:`vldus.detection.gzsd`: in GZSD the threshold alone is the joint
-    scoring and both the soft one; in ZSD only the soft one exists (both or neither); None =
-    the published scoring. Detection scores from torchvision's postprocess are probabilities
+    ``seen_score_cut`` applies to GZSD only; ``gate_threshold``, ``gate_slope`` and
+    ``gate_seen_weight`` are the seen/unseen gate of :mod:`vldus.detection.gzsd`: in GZSD the
+    threshold alone is the joint scoring and with the slope the soft one; in ZSD only the soft
+    one exists (threshold and slope, or neither); None = the published scoring. Detection scores from torchvision's postprocess are probabilities
     of this distribution; multiply by :attr:`score_scale` (or use :func:`rescale_scores`) for
     the released per-group scores.
     """
@@ -259,7 +261,8 @@ class ZSDPredictor(nn.Module):
     def __init__(self, base_predictor: nn.Module, split: Split, mode: str,
                  seen_score_cut: Optional[float] = None,
                  detector_bg: Optional[tuple[Tensor, Tensor]] = None, excluded: str = "softmax",
-                 gate_threshold: Optional[float] = None, gate_slope: Optional[float] = None):
+                 gate_threshold: Optional[float] = None, gate_slope: Optional[float] = None,
+                 gate_seen_weight: float = 1.0):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -274,6 +277,7 @@ class ZSDPredictor(nn.Module):
             raise ValueError("ZSD scores with the soft gate (threshold and slope) or without one")
         self.gate_threshold = gate_threshold if mode != "seen" else None
         self.gate_slope = gate_slope if mode != "seen" else None
+        self.gate_seen_weight = gate_seen_weight
         if detector_bg is None:
             detector_bg = getattr(base_predictor, "detector_background", None)
         if (mode == "gzsd" or self.gate_slope is not None) and detector_bg is None:
@@ -302,14 +306,15 @@ class ZSDPredictor(nn.Module):
         deltas = borrow_box_regression(logits, deltas, self.split.seen_ids, self.split.unseen_ids)
         if self.mode == "zsd":
             gate = None if self.gate_slope is None else \
-                unseen_weight(logits, bg, self.split, self.gate_threshold, self.gate_slope)
+                unseen_weight(logits, bg, self.split, self.gate_threshold, self.gate_slope, self.gate_seen_weight)
             return zsd_log_probs(logits, self.split, self.excluded, gate), deltas
         return torch.log(gzsd_probs(logits, bg, self.split, self.seen_score_cut, self.gate_threshold,
-                                    self.gate_slope)), deltas
+                                    self.gate_slope, self.gate_seen_weight)), deltas
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, excluded={self.excluded}, seen_score_cut={self.seen_score_cut}, "
                 f"gate_threshold={self.gate_threshold}, gate_slope={self.gate_slope}, "
+                f"gate_seen_weight={self.gate_seen_weight}, "
                 f"unseen={len(self.split.unseen_ids)}")
 
 
@@ -319,11 +324,13 @@ class ZSDPredictor(nn.Module):
 def install_zsd_head(model: nn.Module, split: Split, mode: str,
                      classifier: Optional[tuple[Tensor, Tensor]] = None, bg_blend: float = 0.35,
                      seen_score_cut: Optional[float] = None, excluded: str = "softmax",
-                     gate_threshold: Optional[float] = None, gate_slope: Optional[float] = None) -> ZSDPredictor:
+                     gate_threshold: Optional[float] = None, gate_slope: Optional[float] = None,
+                     gate_seen_weight: Optional[float] = None) -> ZSDPredictor:
     """Inject ``classifier`` (weight, bias) into ``model``'s predictor and install a ZSDPredictor.
 
     ``classifier`` is required for 'zsd' / 'gzsd' and ignored for 'seen'. ``gate_threshold``,
-    ``gate_slope``: the scoring's seen/unseen gate (:class:`ZSDPredictor`; None = published).
+    ``gate_slope``, ``gate_seen_weight`` (None: 1): the scoring's seen/unseen gate
+    (:class:`ZSDPredictor`; None = published).
     Also divides ``model.roi_heads.score_thresh`` by the predictor's score_scale (see
     :func:`rescale_scores`).
     """
@@ -335,7 +342,8 @@ def install_zsd_head(model: nn.Module, split: Split, mode: str,
             raise ValueError(f"mode {mode!r} needs the synthesized classifier")
         inject_classifier(base, split, classifier[0], classifier[1], bg_blend)
     head = ZSDPredictor(base, split, mode, seen_score_cut=seen_score_cut, excluded=excluded,
-                        gate_threshold=gate_threshold, gate_slope=gate_slope)
+                        gate_threshold=gate_threshold, gate_slope=gate_slope,
+                        gate_seen_weight=1.0 if gate_seen_weight is None else gate_seen_weight)
     model.roi_heads.box_predictor = head
     prepare_postprocess(model, head)
     return head
