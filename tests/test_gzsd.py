@@ -322,3 +322,28 @@ def test_soft_gate_weighs_the_seen_evidence():
     head = ZSDPredictor(predictor, SPLIT, "zsd", gate_threshold=0.25, gate_slope=1.5, gate_seen_weight=2.0)
     gate = unseen_weight(logits, bg, SPLIT, 0.25, 1.5, 2.0)
     torch.testing.assert_close(head(torch.eye(3))[0].exp(), zsd_log_probs(logits, SPLIT, gate=gate).exp())
+
+
+def test_object_gate_is_one_decision_per_object():
+    """Two overlapping boxes on one object share the objectness-weighted mean of their gates; a
+    box elsewhere keeps its own; the ZSD head does it only when given the boxes."""
+    from vldus.detection.zsd import object_gate
+
+    logits, bg = _rows("look-alike", "real seen", "background")
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [50.0, 50.0, 60.0, 60.0]])
+    gate = torch.tensor([0.9, 0.1, 0.7])
+    e_s, e_u = group_evidence(logits, bg, SPLIT)
+    obj = torch.sigmoid(torch.maximum(e_s, e_u))
+    shared = (obj[0] * 0.9 + obj[1] * 0.1) / (obj[0] + obj[1])
+    got = object_gate(gate, logits, bg, SPLIT, boxes, iou=0.5)
+    torch.testing.assert_close(got, torch.stack([shared, shared, torch.tensor(0.7)]))
+    torch.testing.assert_close(object_gate(gate, logits, bg, SPLIT, boxes, iou=0.95), gate)  # no overlap that high
+    head = ZSDPredictor(_FixedPredictor(logits, bg), SPLIT, "zsd", gate_threshold=0.5, gate_slope=2.0, gate_iou=0.5)
+    per_box = unseen_weight(logits, bg, SPLIT, 0.5, 2.0)
+    per_object = object_gate(per_box, logits, bg, SPLIT, boxes, 0.5)
+    torch.testing.assert_close(head(torch.eye(3), boxes)[0].exp(), zsd_log_probs(logits, SPLIT, gate=per_object).exp())
+    torch.testing.assert_close(head(torch.eye(3))[0].exp(), zsd_log_probs(logits, SPLIT, gate=per_box).exp())
+    gzsd = ZSDPredictor(_FixedPredictor(logits, bg), SPLIT, "gzsd", gate_threshold=0.5, gate_slope=2.0, gate_iou=0.5)
+    torch.testing.assert_close(gzsd(torch.eye(3), boxes)[0].exp(),
+                               gzsd_probs(logits, bg, SPLIT, joint_threshold=0.5, joint_slope=2.0, soft_gate=per_object))
+    assert not torch.allclose(per_object, per_box)

@@ -216,6 +216,11 @@ def test_joint_lowers_seen_detections_soft_both_groups(project, tmp_path, capsys
     assert "gzsd scoring: soft, threshold -2, slope 1, seen weight 1 (inference.gzsd_threshold and inference.gzsd_slope)" in out
     assert ("gzsd scoring: soft, threshold -2, slope 1, seen weight 3 (inference.gzsd_threshold and "
             "inference.gzsd_slope and inference.gzsd_seen_weight)") in out
+    # the gate decided per object (inference.gate_iou, default 0.5) or per box: other scores
+    per_box = tmp_path / "per_box.json"
+    assert main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--gzsd", "--out", str(per_box),
+                         "--gzsd-threshold", "-2", "--gzsd-slope", "1", "--set", "inference.gate_iou=null")) == 0
+    assert sorted(d["score"] for d in _read(per_box)) != sorted(runs["soft"].values())
     # more weight on the seen evidence: seen detections keep more of their scores than with weight 1
     seen_of = lambda r: sum(v for k, v in r.items() if k[1] in {CAT_IDS[i] for i in (0, 2, 3)})  # noqa: E731
     assert seen_of(runs["soft_seen_weight"]) > seen_of(runs["soft"])
@@ -253,6 +258,7 @@ def test_joint_lowers_seen_detections_soft_both_groups(project, tmp_path, capsys
     (["--syn-weights", "CLS", "--gzsd", "--gzsd-scoring", "soft", "--gzsd-threshold", "1"],
      "inference.gzsd_threshold with the soft scoring needs inference.gzsd_slope"),
     (["--syn-weights", "CLS", "--gzsd", "--gzsd-seen-weight", "2"], "inference.gzsd_seen_weight needs"),
+    (["--syn-weights", "CLS", "--zsd", "--set", "inference.gate_iou=1.5"], "inference.gate_iou: 1.5 is not in (0, 1]"),
     (["--syn-weights", "CLS", "--zsd", "--set", "data.test.ann_file=SEEN_ONLY"], "seen_only.json: no test image"),
     (["--seen", "--max-images", "0"], "--max-images: must be positive"),
 ])

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from vldus.detection.zsd import ZSDPredictor
 from vldus.errors import InputError
 from vldus.files import save_torch, sha256_file, write_json
 
@@ -88,7 +89,9 @@ def score_boxes(model: nn.Module, inputs: BoxInputs) -> dict:
     param = next(roi.box_predictor.parameters())
     features = inputs.features.to(device=param.device, dtype=param.dtype)
     proposals = inputs.proposals.to(device=param.device, dtype=torch.float32)
-    logits, deltas = roi.box_predictor(features)
+    # a ZSD head's soft gate is decided per object: it needs the boxes
+    takes_boxes = isinstance(roi.box_predictor, ZSDPredictor)
+    logits, deltas = roi.box_predictor(features, proposals) if takes_boxes else roi.box_predictor(features)
     boxes, scores, labels = roi.postprocess_detections(logits, deltas, [proposals], [inputs.image_size])
     result = [{"boxes": boxes[0], "scores": scores[0], "labels": labels[0]}]
     return model.transform.postprocess(result, [inputs.image_size], [inputs.original_size])[0]

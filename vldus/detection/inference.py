@@ -359,6 +359,8 @@ def check_inference_config(cfg: Config) -> None:
     if inf.gzsd_scoring == "soft" and inf.gzsd_threshold is not None and inf.gzsd_slope is None:
         raise InputError(cfg.source_file, "inference.gzsd_threshold with the soft scoring needs "
                                           "inference.gzsd_slope too (--gzsd-slope)")
+    if inf.gate_iou is not None and not 0.0 < inf.gate_iou <= 1.0:
+        raise InputError(cfg.source_file, f"inference.gate_iou: {inf.gate_iou} is not in (0, 1] (null: per box)")
     if inf.gzsd_seen_weight is not None and inf.gzsd_slope is None:
         raise InputError(cfg.source_file, "inference.gzsd_seen_weight needs inference.gzsd_threshold and "
                                           "inference.gzsd_slope (--gzsd-threshold, --gzsd-slope)")
@@ -455,7 +457,8 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
                                 seen_score_cut=cfg.inference.seen_score_cut, excluded=cfg.inference.excluded,
                                 gate_threshold=rule["threshold"] if rule else None,
                                 gate_slope=rule["slope"] if rule else None,
-                                gate_seen_weight=rule["seen_weight"] if rule else None)
+                                gate_seen_weight=rule["seen_weight"] if rule else None,
+                                gate_iou=cfg.inference.gate_iou)
         regions = None
         if scoring != "vldus":
             regions = region_scorer(scoring, split, setting, device, cache, clip_weights, clip_arch, clip_margin,

@@ -61,6 +61,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 
 from vldus.classifier_files import read_linear
 from vldus.data.splits import Split
@@ -209,7 +210,8 @@ def unseen_weight(logits: Tensor, detector_bg_logit: Tensor, split: Split, thres
 
 def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
                seen_score_cut: Optional[float] = None, joint_threshold: Optional[float] = None,
-               joint_slope: Optional[float] = None, joint_seen_weight: float = 1.0) -> Tensor:
+               joint_slope: Optional[float] = None, joint_seen_weight: float = 1.0,
+               soft_gate: Optional[Tensor] = None) -> Tensor:
     """§8.3 as a distribution: (R, C+1) mixture ``(q_seen + q_unseen) / 2`` (see module doc).
 
     logits (R, C+1) after injection (column 0 = blended background), detector_bg_logit (R,) =
@@ -218,7 +220,8 @@ def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
     class wins by more than this lose their seen probabilities (mass to the seen background);
     with ``joint_slope`` (the soft scoring; ``joint_seen_weight`` as in :func:`unseen_weight`)
     they lose the share w = :func:`unseen_weight` of them and keep the share w of their unseen
-    ones; None = the published scoring.
+    ones (``soft_gate`` (R,): that w computed already, e.g. by :func:`object_gate`); None = the
+    published scoring.
     """
     seen, unseen = split.seen_ids, split.unseen_ids
     q_s = F.softmax(torch.cat([detector_bg_logit[:, None], logits[:, seen]], dim=1), dim=1)
@@ -226,7 +229,9 @@ def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
     if seen_score_cut is not None:
         q_s = _move_to_background(q_s, (q_s[:, 1:] < seen_score_cut).to(q_s.dtype))
     if joint_threshold is not None:
-        w = unseen_weight(logits, detector_bg_logit, split, joint_threshold, joint_slope, joint_seen_weight)[:, None]
+        if soft_gate is None:
+            soft_gate = unseen_weight(logits, detector_bg_logit, split, joint_threshold, joint_slope, joint_seen_weight)
+        w = soft_gate[:, None]
         q_s = _move_to_background(q_s, w)
         if joint_slope is not None:  # soft: the unseen side keeps the share w
             q_u = _move_to_background(q_u, 1.0 - w)
@@ -244,6 +249,19 @@ def _move_to_background(q: Tensor, share: Tensor) -> Tensor:
     return torch.cat([q[:, :1] + moved.sum(dim=1, keepdim=True), q[:, 1:] - moved], dim=1)
 
 
+def object_gate(gate: Tensor, logits: Tensor, detector_bg_logit: Tensor, split: Split, boxes: Tensor,
+                iou: float) -> Tensor:
+    """One seen/unseen decision per object, not per box: each box's soft gate (R,) becomes the
+    mean of the gates of the boxes overlapping it at IoU >= ``iou`` (itself included), each
+    weighted by its objectness ``sigmoid(max(e_s, e_u))``. boxes (R, 4) xyxy: the proposals the
+    logits (R, C+1, after injection) were computed for. Per box, the two evidences vary with
+    the box's fit, so a shifted box on an unseen object could get a higher gate than the
+    well-placed one and outrank it (a duplicate, docs/gzsd.md)."""
+    e_s, e_u = group_evidence(logits, detector_bg_logit, split)
+    weight = (box_iou(boxes, boxes) >= iou).to(gate.dtype) * torch.sigmoid(torch.maximum(e_s, e_u))[None, :]
+    return (weight @ gate) / weight.sum(dim=1).clamp_min(torch.finfo(gate.dtype).tiny)
+
+
 class ZSDPredictor(nn.Module):
     """Wraps a FastRCNNPredictor; ``forward(x)`` -> (log-probabilities (R, C+1), deltas (R, 4(C+1))).
 
@@ -253,7 +271,10 @@ class ZSDPredictor(nn.Module):
     ``seen_score_cut`` applies to GZSD only; ``gate_threshold``, ``gate_slope`` and
     ``gate_seen_weight`` are the seen/unseen gate of :mod:`vldus.detection.gzsd`: in GZSD the
     threshold alone is the joint scoring and with the slope the soft one; in ZSD only the soft
-    one exists (threshold and slope, or neither); None = the published scoring. Detection scores from torchvision's postprocess are probabilities
+    one exists (threshold and slope, or neither); None = the published scoring. ``gate_iou``:
+    with the soft gate and the boxes' proposals given to :meth:`forward`, the gate is decided
+    per object (:func:`object_gate`); None, or without proposals (torchvision's own
+    ``model(images)`` calls the predictor with the features alone), per box. Detection scores from torchvision's postprocess are probabilities
     of this distribution; multiply by :attr:`score_scale` (or use :func:`rescale_scores`) for
     the released per-group scores.
     """
@@ -262,7 +283,7 @@ class ZSDPredictor(nn.Module):
                  seen_score_cut: Optional[float] = None,
                  detector_bg: Optional[tuple[Tensor, Tensor]] = None, excluded: str = "softmax",
                  gate_threshold: Optional[float] = None, gate_slope: Optional[float] = None,
-                 gate_seen_weight: float = 1.0):
+                 gate_seen_weight: float = 1.0, gate_iou: Optional[float] = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -278,6 +299,7 @@ class ZSDPredictor(nn.Module):
         self.gate_threshold = gate_threshold if mode != "seen" else None
         self.gate_slope = gate_slope if mode != "seen" else None
         self.gate_seen_weight = gate_seen_weight
+        self.gate_iou = gate_iou
         if detector_bg is None:
             detector_bg = getattr(base_predictor, "detector_background", None)
         if (mode == "gzsd" or self.gate_slope is not None) and detector_bg is None:
@@ -295,7 +317,9 @@ class ZSDPredictor(nn.Module):
         """Released score = this factor x probability (2 in GZSD: two groups, each sums to 1)."""
         return 2.0 if self.mode == "gzsd" else 1.0
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, proposals: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """x (R, F) box features [, proposals (R, 4) xyxy of one image] -> (log-probabilities
+        (R, C+1), deltas (R, 4(C+1)))."""
         x = x.flatten(start_dim=1)
         logits, deltas = self.base(x)
         bg = None
@@ -304,17 +328,20 @@ class ZSDPredictor(nn.Module):
         if self.mode == "seen":
             return seen_log_probs(logits, self.split, bg), deltas
         deltas = borrow_box_regression(logits, deltas, self.split.seen_ids, self.split.unseen_ids)
+        gate = None  # the soft scoring's share of unseen scores per box
+        if self.gate_slope is not None:
+            gate = unseen_weight(logits, bg, self.split, self.gate_threshold, self.gate_slope, self.gate_seen_weight)
+            if self.gate_iou is not None and proposals is not None:
+                gate = object_gate(gate, logits, bg, self.split, proposals, self.gate_iou)
         if self.mode == "zsd":
-            gate = None if self.gate_slope is None else \
-                unseen_weight(logits, bg, self.split, self.gate_threshold, self.gate_slope, self.gate_seen_weight)
             return zsd_log_probs(logits, self.split, self.excluded, gate), deltas
         return torch.log(gzsd_probs(logits, bg, self.split, self.seen_score_cut, self.gate_threshold,
-                                    self.gate_slope, self.gate_seen_weight)), deltas
+                                    self.gate_slope, self.gate_seen_weight, soft_gate=gate)), deltas
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, excluded={self.excluded}, seen_score_cut={self.seen_score_cut}, "
                 f"gate_threshold={self.gate_threshold}, gate_slope={self.gate_slope}, "
-                f"gate_seen_weight={self.gate_seen_weight}, "
+                f"gate_seen_weight={self.gate_seen_weight}, gate_iou={self.gate_iou}, "
                 f"unseen={len(self.split.unseen_ids)}")
 
 
@@ -325,11 +352,11 @@ def install_zsd_head(model: nn.Module, split: Split, mode: str,
                      classifier: Optional[tuple[Tensor, Tensor]] = None, bg_blend: float = 0.35,
                      seen_score_cut: Optional[float] = None, excluded: str = "softmax",
                      gate_threshold: Optional[float] = None, gate_slope: Optional[float] = None,
-                     gate_seen_weight: Optional[float] = None) -> ZSDPredictor:
+                     gate_seen_weight: Optional[float] = None, gate_iou: Optional[float] = None) -> ZSDPredictor:
     """Inject ``classifier`` (weight, bias) into ``model``'s predictor and install a ZSDPredictor.
 
     ``classifier`` is required for 'zsd' / 'gzsd' and ignored for 'seen'. ``gate_threshold``,
-    ``gate_slope``, ``gate_seen_weight`` (None: 1): the scoring's seen/unseen gate
+    ``gate_slope``, ``gate_seen_weight`` (None: 1), ``gate_iou``: the scoring's seen/unseen gate
     (:class:`ZSDPredictor`; None = published).
     Also divides ``model.roi_heads.score_thresh`` by the predictor's score_scale (see
     :func:`rescale_scores`).
@@ -343,7 +370,8 @@ def install_zsd_head(model: nn.Module, split: Split, mode: str,
         inject_classifier(base, split, classifier[0], classifier[1], bg_blend)
     head = ZSDPredictor(base, split, mode, seen_score_cut=seen_score_cut, excluded=excluded,
                         gate_threshold=gate_threshold, gate_slope=gate_slope,
-                        gate_seen_weight=1.0 if gate_seen_weight is None else gate_seen_weight)
+                        gate_seen_weight=1.0 if gate_seen_weight is None else gate_seen_weight,
+                        gate_iou=gate_iou)
     model.roi_heads.box_predictor = head
     prepare_postprocess(model, head)
     return head
