@@ -128,7 +128,15 @@ def test_calibrate_on_features_picks_a_separating_threshold():
     out = calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="hand-made")
     assert out["balanced_accuracy"] > 0.95 and out["scoring"] == "joint"
     assert out["seen_rows"] == 200 and out["unseen_rows"] == 100 and math.isfinite(out["threshold"])
-    assert out["soft_slope"] > 0 and math.isfinite(out["soft_threshold"]) and math.isfinite(out["soft_seen_weight"])
+    assert out["soft_slope"] > 0 and math.isfinite(out["soft_threshold"])
+    assert out["gate_fit"] == "margin" and out["soft_seen_weight"] == 1.0  # the default fit: on e_u - e_s
+    two = calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="hand-made",
+                    gate_fit="two_weights")
+    assert two["gate_fit"] == "two_weights" and two["soft_slope"] > 0 and two["soft_seen_weight"] != 1.0
+    assert {k: v for k, v in two.items() if not k.startswith(("soft_", "gate_"))} == \
+        {k: v for k, v in out.items() if not k.startswith(("soft_", "gate_"))}  # the joint rule is the same
+    with pytest.raises(ValueError, match="gate_fit"):
+        calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="x", gate_fit="cubic")
 
 
 def test_calibration_without_separation_keeps_the_published_scoring(tmp_path):
@@ -160,7 +168,7 @@ def _made_for(tmp_path, calibration: dict, bg_blend: float = 0.35) -> tuple[str,
 
 
 JOINT = {"scoring": "joint", "threshold": -1.25, "balanced_accuracy": 0.9, "min_separation": 0.75,
-         "soft_slope": 0.8, "soft_seen_weight": 1.5, "soft_threshold": -1.0}
+         "soft_slope": 0.8, "gate_fit": "margin", "soft_seen_weight": 1.5, "soft_threshold": -1.0}
 
 
 def test_resolve_scoring_order(tmp_path):
@@ -195,8 +203,8 @@ def test_resolve_scoring_order(tmp_path):
         resolve_scoring(InferenceConfig(), ckpt, cls)
 
 
-@pytest.mark.parametrize("change", ["classifier", "detector", "bg_blend", "no scoring key", "no sha256", "no soft fit",
-                                    "no seen weight"])
+@pytest.mark.parametrize("change", ["classifier", "detector", "bg_blend", "gate_fit", "no scoring key", "no sha256",
+                                    "no soft fit", "no seen weight"])
 def test_calibration_made_for_other_files_is_refused(tmp_path, change):
     """A gzsd_calibration.json is trusted only for the checkpoint, classifier and bg_blend it
     was made for, and only with every key (a missing 'scoring' does not mean joint)."""
@@ -209,6 +217,8 @@ def test_calibration_made_for_other_files_is_refused(tmp_path, change):
         (tmp_path / "epoch_1.pth").write_bytes(b"another detector")
     elif change == "bg_blend":
         inference = InferenceConfig(bg_blend=0.5)
+    elif change == "gate_fit":
+        inference = InferenceConfig(bg_blend=0.35, gate_fit="two_weights")
     else:
         data = json.loads(path.read_text())
         del data[{"no scoring key": "scoring", "no sha256": "classifier_sha256", "no soft fit": "soft_slope",

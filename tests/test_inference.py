@@ -216,11 +216,11 @@ def test_joint_lowers_seen_detections_soft_both_groups(project, tmp_path, capsys
     assert "gzsd scoring: soft, threshold -2, slope 1, seen weight 1 (inference.gzsd_threshold and inference.gzsd_slope)" in out
     assert ("gzsd scoring: soft, threshold -2, slope 1, seen weight 3 (inference.gzsd_threshold and "
             "inference.gzsd_slope and inference.gzsd_seen_weight)") in out
-    # the gate decided per object (inference.gate_iou, default 0.5) or per box: other scores
-    per_box = tmp_path / "per_box.json"
-    assert main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--gzsd", "--out", str(per_box),
-                         "--gzsd-threshold", "-2", "--gzsd-slope", "1", "--set", "inference.gate_iou=null")) == 0
-    assert sorted(d["score"] for d in _read(per_box)) != sorted(runs["soft"].values())
+    # the gate decided per object (inference.gate_iou 0.5) or per box (null, the default): other scores
+    per_object = tmp_path / "per_object.json"
+    assert main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--gzsd", "--out", str(per_object),
+                         "--gzsd-threshold", "-2", "--gzsd-slope", "1", "--set", "inference.gate_iou=0.5")) == 0
+    assert sorted(d["score"] for d in _read(per_object)) != sorted(runs["soft"].values())
     # more weight on the seen evidence: seen detections keep more of their scores than with weight 1
     seen_of = lambda r: sum(v for k, v in r.items() if k[1] in {CAT_IDS[i] for i in (0, 2, 3)})  # noqa: E731
     assert seen_of(runs["soft_seen_weight"]) > seen_of(runs["soft"])
@@ -259,6 +259,7 @@ def test_joint_lowers_seen_detections_soft_both_groups(project, tmp_path, capsys
      "inference.gzsd_threshold with the soft scoring needs inference.gzsd_slope"),
     (["--syn-weights", "CLS", "--gzsd", "--gzsd-seen-weight", "2"], "inference.gzsd_seen_weight needs"),
     (["--syn-weights", "CLS", "--zsd", "--set", "inference.gate_iou=1.5"], "inference.gate_iou: 1.5 is not in (0, 1]"),
+    (["--syn-weights", "CLS", "--zsd", "--set", "inference.gate_fit=cubic"], "inference.gate_fit: 'cubic' is not one of"),
     (["--syn-weights", "CLS", "--zsd", "--set", "data.test.ann_file=SEEN_ONLY"], "seen_only.json: no test image"),
     (["--seen", "--max-images", "0"], "--max-images: must be positive"),
 ])
@@ -294,7 +295,7 @@ def test_calibration_file_is_used_recorded_and_refused_for_another_classifier(pr
     cls = tmp_path / "classifier_best.pth"
     shutil.copy(project / "cls.pth", cls)
     calibration = {"scoring": "joint", "threshold": -2.0, "balanced_accuracy": 0.9, "min_separation": 0.75,
-                   "soft_slope": 0.5, "soft_seen_weight": 1.25, "soft_threshold": -1.5, "bg_blend": load_config(str(project / "tiny.yaml")).inference.bg_blend,
+                   "soft_slope": 0.5, "gate_fit": "margin", "soft_seen_weight": 1.25, "soft_threshold": -1.5, "bg_blend": load_config(str(project / "tiny.yaml")).inference.bg_blend,
                    "detector_sha256": sha256_file(str(project / "det.pth")),
                    "classifier_sha256": sha256_file(str(cls))}
     (tmp_path / "gzsd_calibration.json").write_text(json.dumps(calibration))

@@ -224,9 +224,12 @@ class InferenceConfig:
     gzsd_threshold: Optional[float] = None
     gzsd_slope: Optional[float] = None  # the soft scoring's slope, with gzsd_threshold
     gzsd_seen_weight: Optional[float] = None  # the soft scoring's weight of e_s (null: 1), with gzsd_slope
+    # the soft gate's calibration: a regression on the margin e_u - e_s ("margin") or on the two
+    # evidences with a seen weight of its own ("two_weights"; docs/gzsd.md)
+    gate_fit: str = "margin"
     # the soft gate decided per object: each box takes the objectness-weighted mean gate of the
     # proposals overlapping it at IoU >= this; null: per box
-    gate_iou: Optional[float] = 0.5
+    gate_iou: Optional[float] = None
     # the calibration keeps the published scoring when its best threshold separates real seen from
     # synthesized unseen features with a balanced accuracy below this (the rule cannot tell them apart)
     gzsd_min_separation: float = 0.75

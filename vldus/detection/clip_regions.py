@@ -320,6 +320,8 @@ class RegionScorer:
         probs = region_probs(p_obj, p_clip, self.name_ids, reg.logits.shape[1])
         if self.scoring == "clip-regions":
             return reg, probs, 1.0
+        # the head without the proposals: its soft gate per box (the stored ensemble runs were
+        # measured so; the per-object gate of vldus test is not tried here yet)
         p_vldus = head(inputs.features.to(reg.logits.device, next(head.parameters()).dtype))[0].exp().float()
         p_vldus = p_vldus * head.score_scale  # released scale: each group sums to 1 with its background
         scores = ensemble_scores(p_vldus, probs, column_weights(self.split, self.weights, probs.device))

@@ -67,8 +67,9 @@ SCORINGS = ("soft", "joint", "published")  # GZSD (inference.gzsd_scoring)
 ZSD_SCORINGS = ("soft", "published")  # ZSD (inference.zsd_scoring): the gate acts on unseen scores only
 CALIBRATION_FILE = "gzsd_calibration.json"
 # keys vldus test needs to trust a calibration file
-CALIBRATION_KEYS = ("scoring", "threshold", "balanced_accuracy", "min_separation", "soft_slope", "soft_seen_weight",
-                    "soft_threshold", "bg_blend", "detector_sha256", "classifier_sha256")
+CALIBRATION_KEYS = ("scoring", "threshold", "balanced_accuracy", "min_separation", "soft_slope", "gate_fit",
+                    "soft_seen_weight", "soft_threshold", "bg_blend", "detector_sha256", "classifier_sha256")
+GATE_FITS = ("margin", "two_weights")  # inference.gate_fit: what the soft gate's regression is on
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +130,11 @@ def fit_soft_gate(seen_evidence: Tensor, unseen_evidence: Tensor, iterations: in
     return slope, -seen_coef / slope, -offset / slope
 
 
+def margin_only(evidence: Tensor) -> Tensor:
+    """(N, 2) evidences (e_u, e_s) -> (e_u - e_s, 0): the margin fit's columns."""
+    return torch.stack([evidence[:, 0] - evidence[:, 1], torch.zeros_like(evidence[:, 0])], dim=1)
+
+
 @torch.no_grad()
 def evidence(features: Tensor, cls_weight: Tensor, cls_bias: Tensor, syn_weight: Tensor, syn_bias: Tensor,
              split: Split, bg_blend: float) -> Tensor:
@@ -146,8 +152,10 @@ def evidence(features: Tensor, cls_weight: Tensor, cls_bias: Tensor, syn_weight:
 
 def calibrate(seen_features: Tensor, unseen_features: Tensor, cls_weight: Tensor, cls_bias: Tensor,
               syn_weight: Tensor, syn_bias: Tensor, split: Split, bg_blend: float, source: str,
-              min_separation: float = 0.0) -> dict:
+              min_separation: float = 0.0, gate_fit: str = "margin") -> dict:
     """The ``gzsd_calibration.json`` dict (see the module doc) from seen / unseen RoI features.
+    ``gate_fit`` (:data:`GATE_FITS`): the soft gate's regression on the margin ``e_u - e_s``
+    (seen weight 1) or on the two evidences (its own seen weight).
 
     When the best threshold's balanced accuracy is below ``min_separation`` (or the fitted slope
     is not positive) the rules cannot tell seen from unseen boxes here, and the file says
@@ -157,11 +165,18 @@ def calibrate(seen_features: Tensor, unseen_features: Tensor, cls_weight: Tensor
     seen_ev, unseen_ev = evidence(seen_features, *args), evidence(unseen_features, *args)
     # the joint rule's hard threshold is on the margin e_u - e_s
     threshold, accuracy = best_threshold(seen_ev[:, 0] - seen_ev[:, 1], unseen_ev[:, 0] - unseen_ev[:, 1])
-    slope, seen_weight, soft_threshold = fit_soft_gate(seen_ev, unseen_ev)
+    if gate_fit == "two_weights":
+        slope, seen_weight, soft_threshold = fit_soft_gate(seen_ev, unseen_ev)
+    elif gate_fit == "margin":  # the same regression on (e_u - e_s, 0)
+        slope, _, soft_threshold = fit_soft_gate(margin_only(seen_ev), margin_only(unseen_ev))
+        seen_weight = 1.0
+    else:
+        raise ValueError(f"gate_fit must be one of {GATE_FITS}, got {gate_fit!r}")
     return {"scoring": "joint" if accuracy >= min_separation and slope > 0 else "published",
             "threshold": round(threshold, 6), "balanced_accuracy": round(accuracy, 6),
             "min_separation": min_separation, "soft_slope": round(slope, 6),
-            "soft_seen_weight": round(seen_weight, 6), "soft_threshold": round(soft_threshold, 6),
+            "gate_fit": gate_fit, "soft_seen_weight": round(seen_weight, 6),
+            "soft_threshold": round(soft_threshold, 6),
             "seen_rows": len(seen_features), "unseen_rows": len(unseen_features), "bg_blend": bg_blend,
             "source": source}
 
@@ -216,6 +231,9 @@ def resolve_scoring(inference, checkpoint: str, syn_weights: Optional[str],
                          "or set --gzsd-threshold")
     hint = recalibrate_hint(syn_weights, checkpoint, config)
     calibration = read_calibration(path, hint)
+    if calibration["gate_fit"] != inference.gate_fit:
+        raise InputError(path, f"made with gate_fit {calibration['gate_fit']}, this run uses "
+                               f"{inference.gate_fit}; {hint}")
     if calibration["bg_blend"] != inference.bg_blend:
         raise InputError(path, f"made for bg_blend {calibration['bg_blend']}, this run uses "
                                f"{inference.bg_blend}; {hint}")

@@ -342,7 +342,7 @@ def _check_args(args: argparse.Namespace, cfg: Config) -> None:
 
 def check_inference_config(cfg: Config) -> None:
     """InputError naming the config file for an impossible ``inference`` value."""
-    from vldus.detection.gzsd import SCORINGS, ZSD_SCORINGS
+    from vldus.detection.gzsd import GATE_FITS, SCORINGS, ZSD_SCORINGS
     from vldus.detection.zsd import EXCLUDED_MODES
 
     inf = cfg.inference
@@ -359,6 +359,8 @@ def check_inference_config(cfg: Config) -> None:
     if inf.gzsd_scoring == "soft" and inf.gzsd_threshold is not None and inf.gzsd_slope is None:
         raise InputError(cfg.source_file, "inference.gzsd_threshold with the soft scoring needs "
                                           "inference.gzsd_slope too (--gzsd-slope)")
+    if inf.gate_fit not in GATE_FITS:
+        raise InputError(cfg.source_file, f"inference.gate_fit: {inf.gate_fit!r} is not one of {', '.join(GATE_FITS)}")
     if inf.gate_iou is not None and not 0.0 < inf.gate_iou <= 1.0:
         raise InputError(cfg.source_file, f"inference.gate_iou: {inf.gate_iou} is not in (0, 1] (null: per box)")
     if inf.gzsd_seen_weight is not None and inf.gzsd_slope is None:

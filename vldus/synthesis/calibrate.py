@@ -25,7 +25,7 @@ import torch
 
 from vldus.config import add_set_argument
 from vldus.data.embeddings import load_class_embeddings
-from vldus.detection.gzsd import CALIBRATION_FILE, calibrate
+from vldus.detection.gzsd import CALIBRATION_FILE, GATE_FITS, calibrate
 from vldus.detection.zsd import load_syn_classifier
 from vldus.errors import InputError
 from vldus.files import sha256_file, write_json
@@ -78,13 +78,16 @@ def calibrate_generator(seen: torch.Tensor, generator: torch.nn.Module, unseen_a
     cls_score (weight (C+1, F), bias); ``classifier``: the synthesized one (1+U rows);
     ``inference``: the config section (bg_blend, gzsd_min_separation). InputError naming ``where``
     when the generator yields NaN/inf."""
+    if inference.gate_fit not in GATE_FITS:
+        raise InputError("inference.gate_fit", f"{inference.gate_fit!r} is not one of {', '.join(GATE_FITS)}")
     device = next(generator.parameters()).device
     noise = torch.Generator(device).manual_seed(derive_seed(seed, 1))
     unseen = synthesize(generator, unseen_att, max(1, SEEN_ROWS // len(unseen_att)), noise).cpu()
     if not torch.isfinite(unseen).all():
         raise InputError(where, "the generator synthesizes NaN or inf features")
     return calibrate(seen, unseen, detector_cls[0].detach(), detector_cls[1].detach(), classifier[0],
-                     classifier[1], split, inference.bg_blend, source, inference.gzsd_min_separation)
+                     classifier[1], split, inference.bg_blend, source, inference.gzsd_min_separation,
+                     inference.gate_fit)
 
 
 def calibrate_synth_dir(cfg, synth_dir: str, detector_checkpoint: str, features_dir: str,
