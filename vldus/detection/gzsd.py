@@ -27,12 +27,11 @@ extract-features --data-split val``: rows with a seen label; a config without ``
 back to the detector's training images' features, with a warning, ``"calibration_source":
 "train"``) and unseen features synthesized by the trained generator, it is the value that best
 separates the two (highest balanced accuracy of "unseen wins"; among equal ones the highest
-threshold, which removes the fewest seen detections). The soft scoring's ``slope``,
-``seen_weight`` and ``threshold'`` come from a logistic regression of "unseen" on the two
-evidences ``(e_u, e_s)`` over the same rows, both groups weighted equally (:func:`fit_soft_gate`).
-Fitting the two weights separately puts more weight on ``e_s`` than their difference does
-(seen_weight 1.5-1.8 on the default demo's three seeds), which separates real seen objects from
-real unseen look-alikes better (docs/gzsd.md). ``vldus train-generator`` writes
+threshold, which removes the fewest seen detections). The soft scoring's ``slope`` and
+``threshold'`` come from a logistic regression of "unseen" on the margin ``e_u - e_s`` over the
+same rows, both groups weighted equally (:func:`fit_soft_gate`); with ``inference.gate_fit:
+two_weights`` the regression is on ``(e_u, e_s)`` and also fits ``seen_weight`` (opt-in:
+docs/gzsd.md). ``vldus train-generator`` writes
 ``gzsd_calibration.json`` next to ``classifier_best.pth``; ``vldus calibrate-gzsd`` rewrites the
 same file (:mod:`vldus.synthesis.calibrate`). ``inference.gzsd_threshold`` / ``--gzsd-threshold``
 override it. Without either, ``vldus test`` uses the published scoring and says so (an
@@ -40,14 +39,15 @@ uncalibrated threshold can cost more seen mAP than it saves).
 
 ``gzsd_calibration.json``: ``{"scoring": "joint" | "published", "threshold": float,
 "balanced_accuracy": float, "min_separation": float, "seen_rows": int, "unseen_rows": int,
-"soft_slope": float, "soft_seen_weight": float, "soft_threshold": float, "bg_blend": float,
-"source": str,
+"soft_slope": float, "gate_fit": "margin" | "two_weights", "soft_seen_weight": float,
+"soft_threshold": float, "bg_blend": float, "source": str,
 "calibration_source": "val" | "train", "seen_features": path,
 "detector_checkpoint": path, "detector_sha256": hex, "classifier": path, "classifier_sha256":
 hex}``. "published" when the best threshold separates the two with a balanced accuracy below
 ``inference.gzsd_min_separation``: then the rule would remove real seen detections about as
 often as look-alikes. :func:`resolve_scoring` refuses (InputError, exit 2) a file made for
-another detector checkpoint, classifier file or ``bg_blend``, or one without these keys.
+another detector checkpoint, classifier file, ``gate_fit`` or ``bg_blend``, or one without these
+keys.
 """
 from __future__ import annotations
 
