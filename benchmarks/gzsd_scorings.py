@@ -13,8 +13,8 @@ again first with ``vldus calibrate-gzsd`` (validation features and the generator
 
 Output JSON: ``{"note": str, "seed": int, "rows": {ROW: {SCORING: {"seen", "unseen", "hm":
 mAP@0.5, "threshold": float | null, "slope": float | null, "seen_weight": float | null, "ran": the
-scoring that ran (published when the calibration cannot separate the groups)}}}, "zsd": {ROW: {SCORING: {"map": ZSD mAP@0.5,
-"threshold", "slope", "seen_weight", "ran"}}}}`` (GZSD under "rows").
+scoring that ran (published when the calibration cannot separate the groups)}}}, "zsd": {ROW:
+{SCORING: {"map": ZSD mAP@0.5, "threshold", "slope", "seen_weight", "ran"}}}}`` (GZSD under "rows").
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ def synthesis_rows(demo: str) -> list[str]:
 
 
 def score_row(demo: str, row: str, checkpoint: str, setting: str = "gzsd") -> dict:
-    """{scoring: {"seen", "unseen", "hm" (GZSD) or "map" (ZSD), "threshold", "slope", "seen_weight", "ran"}} of
-    one row in ``setting``."""
+    """{scoring: {"seen", "unseen", "hm" (GZSD) or "map" (ZSD), "threshold", "slope", "seen_weight",
+    "ran"}} of one row in ``setting``."""
     config, synth = os.path.join(demo, "config.yaml"), os.path.join(demo, "work", f"synth_{row}")
     with open(os.path.join(synth, CALIBRATION_FILE)) as f:
         if not set(CALIBRATION_KEYS) <= set(json.load(f)):

@@ -195,8 +195,9 @@ class ZeroShotDetector:
         self.label_names = list(split.classes) + names  # detector index k -> label_names[k - 1]
 
     def _scoring(self, model, ext, names: list[str], weight: torch.Tensor, bias: torch.Tensor, setting: str) -> dict:
-        """``{"scoring", "threshold", "slope", "seen_weight", "source"}`` as :func:`vldus.detection.gzsd.resolve_scoring`,
-        with the calibration computed for the new names (see :meth:`set_classes`)."""
+        """``{"scoring", "threshold", "slope", "seen_weight", "source"}`` as
+        :func:`vldus.detection.gzsd.resolve_scoring`, with the calibration computed for the new
+        names (see :meth:`set_classes`)."""
         from vldus.detection.gzsd import calibrated_scoring, configured_scoring, published, wanted_scoring
         from vldus.synthesis.calibrate import SEED_KEY, calibrate_generator
         from vldus.synthesis.data import derive_seed

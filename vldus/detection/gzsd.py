@@ -13,8 +13,8 @@ positive for that seen class. ``joint`` compares, per box, the evidence of the t
 
 and when ``e_u - e_s > threshold`` the box's seen probabilities are set to 0 (their mass goes to
 the seen group's background). ``soft`` keeps, instead, the share ``1 - sigmoid(slope (e_u -
-seen_weight e_s - threshold'))`` of them: the calibrated probability that the box is a seen object, so a
-look-alike falls below the real objects of its seen class rather than out of the list, and a
+seen_weight e_s - threshold'))`` of them: the calibrated probability that the box is a seen
+object, so a look-alike falls below the real objects of its seen class rather than out of the list, and a
 real seen object that the rule would have cut keeps part of its score. ``soft`` also keeps only
 the share ``sigmoid(...)`` of the box's unseen scores, in GZSD and in ZSD (``--zsd-scoring
 soft``): the unseen classifier alone cannot say "a seen object", so a seen object that looks

@@ -27,8 +27,8 @@ Linear(F, C+1), ``bbox_pred`` Linear(F, 4(C+1)); detector index 0 = background):
      ``excluded='softmax'``, as in the released code — the excluded classes. ``excluded='mask'``
      gives the excluded classes probability 0 as well. With a gate slope (``--zsd-scoring
      soft``, :mod:`vldus.detection.gzsd`) each box keeps the fraction ``w = sigmoid(slope (e_u -
-     seen_weight e_s - threshold))`` of its unseen probabilities (the calibrated probability that it is not
-     a seen object; the rest goes to background), so a seen object that looks like an unseen
+     seen_weight e_s - threshold))`` of its unseen probabilities (the calibrated probability that
+     it is not a seen object; the rest goes to background), so a seen object that looks like an unseen
      class ranks below the real unseen objects; None = the released scoring.
    * ``gzsd`` (§8.3): two softmaxes, ``q_s`` over [detector's own background, seen] and ``q_u``
      over [blended background (column 0), unseen]; each group is calibrated on its own.
@@ -210,18 +210,16 @@ def unseen_weight(logits: Tensor, detector_bg_logit: Tensor, split: Split, thres
 
 def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
                seen_score_cut: Optional[float] = None, joint_threshold: Optional[float] = None,
-               joint_slope: Optional[float] = None, joint_seen_weight: float = 1.0,
-               soft_gate: Optional[Tensor] = None) -> Tensor:
+               joint_slope: Optional[float] = None, soft_gate: Optional[Tensor] = None) -> Tensor:
     """§8.3 as a distribution: (R, C+1) mixture ``(q_seen + q_unseen) / 2`` (see module doc).
 
     logits (R, C+1) after injection (column 0 = blended background), detector_bg_logit (R,) =
     the detector's own background logit. Rows sum to 1; excluded classes get 0.
     ``joint_threshold``: the joint scoring (:mod:`vldus.detection.gzsd`): boxes where an unseen
     class wins by more than this lose their seen probabilities (mass to the seen background);
-    with ``joint_slope`` (the soft scoring; ``joint_seen_weight`` as in :func:`unseen_weight`)
-    they lose the share w = :func:`unseen_weight` of them and keep the share w of their unseen
-    ones (``soft_gate`` (R,): that w computed already, e.g. by :func:`object_gate`); None = the
-    published scoring.
+    with ``joint_slope`` (the soft scoring) they lose the share w = :func:`unseen_weight` of
+    them and keep the share w of their unseen ones (``soft_gate`` (R,): that w computed already,
+    with a seen weight or by :func:`object_gate`); None = the published scoring.
     """
     seen, unseen = split.seen_ids, split.unseen_ids
     q_s = F.softmax(torch.cat([detector_bg_logit[:, None], logits[:, seen]], dim=1), dim=1)
@@ -230,7 +228,7 @@ def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
         q_s = _move_to_background(q_s, (q_s[:, 1:] < seen_score_cut).to(q_s.dtype))
     if joint_threshold is not None:
         if soft_gate is None:
-            soft_gate = unseen_weight(logits, detector_bg_logit, split, joint_threshold, joint_slope, joint_seen_weight)
+            soft_gate = unseen_weight(logits, detector_bg_logit, split, joint_threshold, joint_slope)
         w = soft_gate[:, None]
         q_s = _move_to_background(q_s, w)
         if joint_slope is not None:  # soft: the unseen side keeps the share w
@@ -254,9 +252,8 @@ def object_gate(gate: Tensor, logits: Tensor, detector_bg_logit: Tensor, split: 
     """One seen/unseen decision per object, not per box: each box's soft gate (R,) becomes the
     mean of the gates of the boxes overlapping it at IoU >= ``iou`` (itself included), each
     weighted by its objectness ``sigmoid(max(e_s, e_u))``. boxes (R, 4) xyxy: the proposals the
-    logits (R, C+1, after injection) were computed for. Per box, the two evidences vary with
-    the box's fit, so a shifted box on an unseen object could get a higher gate than the
-    well-placed one and outrank it (a duplicate, docs/gzsd.md)."""
+    logits (R, C+1, after injection) were computed for. Whether an object is seen or unseen
+    should not depend on which of its boxes is asked (measured in docs/gzsd.md)."""
     e_s, e_u = group_evidence(logits, detector_bg_logit, split)
     weight = (box_iou(boxes, boxes) >= iou).to(gate.dtype) * torch.sigmoid(torch.maximum(e_s, e_u))[None, :]
     return (weight @ gate) / weight.sum(dim=1).clamp_min(torch.finfo(gate.dtype).tiny)
@@ -274,9 +271,9 @@ class ZSDPredictor(nn.Module):
     one exists (threshold and slope, or neither); None = the published scoring. ``gate_iou``:
     with the soft gate and the boxes' proposals given to :meth:`forward`, the gate is decided
     per object (:func:`object_gate`); None, or without proposals (torchvision's own
-    ``model(images)`` calls the predictor with the features alone), per box. Detection scores from torchvision's postprocess are probabilities
-    of this distribution; multiply by :attr:`score_scale` (or use :func:`rescale_scores`) for
-    the released per-group scores.
+    ``model(images)`` calls the predictor with the features alone), per box. Detection scores
+    from torchvision's postprocess are probabilities of this distribution; multiply by
+    :attr:`score_scale` (or use :func:`rescale_scores`) for the released per-group scores.
     """
 
     def __init__(self, base_predictor: nn.Module, split: Split, mode: str,
@@ -336,7 +333,7 @@ class ZSDPredictor(nn.Module):
         if self.mode == "zsd":
             return zsd_log_probs(logits, self.split, self.excluded, gate), deltas
         return torch.log(gzsd_probs(logits, bg, self.split, self.seen_score_cut, self.gate_threshold,
-                                    self.gate_slope, self.gate_seen_weight, soft_gate=gate)), deltas
+                                    self.gate_slope, soft_gate=gate)), deltas
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, excluded={self.excluded}, seen_score_cut={self.seen_score_cut}, "
