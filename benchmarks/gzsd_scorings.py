@@ -11,6 +11,11 @@ so the scorings are compared on the same detector, classifier and calibration::
 A row whose ``gzsd_calibration.json`` an older vldus wrote (without the soft fit) is calibrated
 again first with ``vldus calibrate-gzsd`` (validation features and the generator; no test data).
 
+``--gates`` adds the soft scoring under the opt-in gate variants (:data:`GATES`, docs/gzsd.md) as
+scorings of their own, e.g. ``soft (two_weights+object)``: ``two_weights`` is calibrated again
+(``inference.gate_fit: two_weights``) in a copy of the row's folder, ``object`` decides the gate
+per object (``inference.gate_iou: 0.5``).
+
 Output JSON: ``{"note": str, "seed": int, "rows": {ROW: {SCORING: {"seen", "unseen", "hm":
 mAP@0.5, "threshold": float | null, "slope": float | null, "seen_weight": float | null, "ran": the
 scoring that ran (published when the calibration cannot separate the groups)}}}, "zsd": {ROW:
@@ -23,6 +28,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -33,6 +39,9 @@ from vldus import cli  # noqa: E402
 from vldus.config import load_config  # noqa: E402
 from vldus.detection.gzsd import CALIBRATION_FILE, CALIBRATION_KEYS, SCORINGS, ZSD_SCORINGS  # noqa: E402
 from vldus.detection.train import latest_checkpoint  # noqa: E402
+
+# opt-in variants of the soft gate (--gates): name -> (inference.gate_fit, inference.gate_iou)
+GATES = {"two_weights": ("two_weights", None), "object": ("margin", 0.5), "two_weights+object": ("two_weights", 0.5)}
 
 
 def quiet_cli(argv: list[str]) -> None:
@@ -51,19 +60,27 @@ def synthesis_rows(demo: str) -> list[str]:
     return [r for r in rows if os.path.isfile(os.path.join(demo, "work", f"synth_{r}", "generator.pth"))]
 
 
-def score_row(demo: str, row: str, checkpoint: str, setting: str = "gzsd") -> dict:
+def score_row(demo: str, row: str, checkpoint: str, setting: str = "gzsd", gates: tuple[str, ...] = ()) -> dict:
     """{scoring: {"seen", "unseen", "hm" (GZSD) or "map" (ZSD), "threshold", "slope", "seen_weight",
-    "ran"}} of one row in ``setting``."""
+    "ran"}} of one row in ``setting``: each scoring of the setting, then ``soft (GATE)`` for each
+    name of ``gates``."""
     config, synth = os.path.join(demo, "config.yaml"), os.path.join(demo, "work", f"synth_{row}")
     with open(os.path.join(synth, CALIBRATION_FILE)) as f:
         if not set(CALIBRATION_KEYS) <= set(json.load(f)):
             quiet_cli(["calibrate-gzsd", "--config", config, "--synth-dir", synth, "--checkpoint", checkpoint])
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for scoring in SCORINGS if setting == "gzsd" else ZSD_SCORINGS:
+        runs = [(scoring, synth, []) for scoring in (SCORINGS if setting == "gzsd" else ZSD_SCORINGS)]
+        for name in gates:
+            fit, iou = GATES[name]
+            runs.append((f"soft ({name})", calibrated_copy(config, synth, checkpoint, fit, tmp),
+                         [f"--{setting}-scoring", "soft", "--set", f"inference.gate_fit={fit}",
+                          f"inference.gate_iou={'null' if iou is None else iou}"]))
+        for scoring, folder, extra in runs:
             metrics = os.path.join(tmp, "metrics.json")
             quiet_cli(["test", "--config", config, "--checkpoint", checkpoint, f"--{setting}",
-                       "--syn-weights", os.path.join(synth, "classifier_best.pth"), f"--{setting}-scoring", scoring,
+                       "--syn-weights", os.path.join(folder, "classifier_best.pth"),
+                       *(extra or [f"--{setting}-scoring", scoring]),
                        "--cache", os.path.join(demo, "work", "test_cache"),
                        "--out", os.path.join(tmp, "dets.json"), "--metrics", metrics])
             with open(metrics) as f:
@@ -76,17 +93,35 @@ def score_row(demo: str, row: str, checkpoint: str, setting: str = "gzsd") -> di
     return result
 
 
+def calibrated_copy(config: str, synth: str, checkpoint: str, fit: str, tmp: str) -> str:
+    """``synth`` itself for the default fit, else a copy of its classifier and generator under
+    ``tmp`` calibrated with ``inference.gate_fit: fit`` (made once per fit)."""
+    if fit == "margin":
+        return synth
+    folder = os.path.join(tmp, f"synth_{fit}")
+    if not os.path.isdir(folder):
+        os.makedirs(folder)
+        for name in ("classifier_best.pth", "generator.pth"):
+            shutil.copy2(os.path.join(synth, name), folder)
+        quiet_cli(["calibrate-gzsd", "--config", config, "--synth-dir", folder, "--checkpoint", checkpoint,
+                   "--set", f"inference.gate_fit={fit}"])
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("demo", help="a finished `vldus demo --out` folder (with work/test_cache)")
     p.add_argument("--out", required=True, help="JSON to write (docs/results/scorings_seedN.json)")
     p.add_argument("--note", default="", help="machine / settings, shown under the table")
+    p.add_argument("--gates", nargs="*", default=[], choices=list(GATES),
+                   help="also the soft scoring with these opt-in gate variants (docs/gzsd.md)")
     args = p.parse_args(argv)
     seed = load_config(os.path.join(args.demo, "config.yaml")).train.seed  # the demo's --seed
     checkpoint = latest_checkpoint(os.path.join(args.demo, "work", "detector"))
     names = synthesis_rows(args.demo)
-    rows = {row: score_row(args.demo, row, checkpoint) for row in names}
-    zsd = {row: score_row(args.demo, row, checkpoint, "zsd") for row in names}
+    gates = tuple(args.gates)
+    rows = {row: score_row(args.demo, row, checkpoint, gates=gates) for row in names}
+    zsd = {row: score_row(args.demo, row, checkpoint, "zsd", gates) for row in names}
     with open(args.out, "w") as f:
         json.dump({"note": args.note, "seed": seed, "rows": rows, "zsd": zsd}, f, indent=1)
         f.write("\n")

@@ -43,10 +43,12 @@ MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /tab
 # Which stored files each table reads: glob patterns under docs/results/, one file per run.
 FAMILIES = {
     "demo": "demo_seed*.json",          # vldus demo --seed N (default size)
+    "heldout": "heldout_seed*.json",    # the same on seeds no choice was made on (checks the choices)
     "ablation": "ablation_seed*.json",  # vldus demo --ablation --seed N
     "quick": "quick_*.json",            # vldus demo --quick (any machine / kernel set)
     "kernels": "kernels_*.json",        # vldus demo (default size) with another kernel set
     "scorings": "scorings_seed*.json",  # benchmarks/gzsd_scorings.py on a finished demo
+    "heldout-scorings": "heldout_scorings_seed*.json",  # the same on a held-out seed's demo
 }
 
 
@@ -150,13 +152,24 @@ def seeds_table(runs: list[dict], keys: list[tuple[str, str]]) -> str:
     return table(header, rows) + sources(runs)
 
 
-def demo_table(root: str) -> str:
-    """README headline: ZSD mAP and GZSD HM at IoU 0.5 of every demo row, per seed and mean."""
-    runs = load_family(root, "demo")
+def family_seeds_table(root: str, family: str) -> str:
+    """ZSD mAP and GZSD HM (both scorings) at IoU 0.5 of every row of ``family``'s runs, per seed
+    and mean."""
+    runs = load_family(root, family)
     if not runs:
-        return placeholder("demo")
+        return placeholder(family)
     return seeds_table(runs, [("zsd_map", "ZSD mAP"), ("gzsd_hm", "GZSD HM"),
                               ("gzsd_published_hm", "GZSD HM, published scoring")])
+
+
+def demo_table(root: str) -> str:
+    """README headline: the default demo's rows, per seed and mean."""
+    return family_seeds_table(root, "demo")
+
+
+def heldout_table(root: str) -> str:
+    """The default demo on seeds that no setting or scoring was chosen on."""
+    return family_seeds_table(root, "heldout")
 
 
 def demo_main_table(root: str) -> str:
@@ -238,11 +251,7 @@ def breakdown_table(root: str) -> str:
 
 def ablation_table(root: str) -> str:
     """`vldus demo --ablation`: every row's ZSD mAP and GZSD HM (both scorings) at IoU 0.5."""
-    runs = load_family(root, "ablation")
-    if not runs:
-        return placeholder("ablation")
-    return seeds_table(runs, [("zsd_map", "ZSD mAP"), ("gzsd_hm", "GZSD HM"),
-                              ("gzsd_published_hm", "GZSD HM, published scoring")])
+    return family_seeds_table(root, "ablation")
 
 
 def quick_table(root: str) -> str:
@@ -261,14 +270,14 @@ def kernels_table(root: str) -> str:
     return runs_table([r for r in load_family(root, "demo") if r.get("seed") in seeds] + runs)
 
 
-def scorings_table(root: str) -> str:
+def scorings_table(root: str, family: str = "scorings") -> str:
     """ZSD mAP and GZSD seen / unseen mAP and HM at IoU 0.5 of each synthesis row under each
     scoring, per seed and mean (files written by benchmarks/gzsd_scorings.py; ZSD has no joint
     scoring)."""
-    runs = load_family(root, "scorings")
+    runs = load_family(root, family)
     if not runs:
         return ("_No file yet: `python benchmarks/gzsd_scorings.py DEMO_OUT --out "
-                "docs/results/scorings_seedN.json`, then `python benchmarks/make_tables.py`._\n")
+                f"docs/results/{FAMILIES[family].replace('*', 'N')}`, then `python benchmarks/make_tables.py`._\n")
     seeds = " / ".join(str(r.get("seed")) for r in runs)
     header = ["row", "scoring", f"ZSD (seeds {seeds})", "mean ± sd", f"GZSD seen (seeds {seeds})", "mean ± sd",
               f"GZSD unseen (seeds {seeds})", "mean ± sd", f"GZSD HM (seeds {seeds})", "mean ± sd"]
@@ -298,9 +307,10 @@ def runs_table(runs: list[dict]) -> str:
 
 
 TABLES: dict[str, Callable[[str], str]] = {
-    "demo": demo_table, "demo-main": demo_main_table, "demo-timings": timings_table,
+    "demo": demo_table, "heldout": heldout_table, "demo-main": demo_main_table, "demo-timings": timings_table,
     "demo-clip": clip_table, "demo-breakdown": breakdown_table, "ablation": ablation_table,
     "quick": quick_table, "kernels": kernels_table, "scorings": scorings_table,
+    "heldout-scorings": lambda root: scorings_table(root, "heldout-scorings"),
 }
 
 
@@ -355,7 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--root", default=ROOT, help="repository root (default: this script's)")
     p.add_argument("--files", nargs="+", default=list(DOCS), help="Markdown files holding tables")
     p.add_argument("--add", metavar="METRICS_JSON", help="store a vldus demo metrics.json first")
-    p.add_argument("--name", help="its name under docs/results/ (demo_seedN, ablation_seedN, quick_LABEL)")
+    p.add_argument("--name", help="its name under docs/results/ (demo_seedN, heldout_seedN, ablation_seedN, quick_LABEL, kernels_LABEL)")
     p.add_argument("--note", default="", help="machine / settings of the run, shown under the tables")
     args = p.parse_args(argv)
     if args.add:

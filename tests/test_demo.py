@@ -102,24 +102,32 @@ def test_default_scoring_follows_its_calibration(run):
 
 def test_scorings_benchmark_rescores_the_demo(run, tmp_path):
     """benchmarks/gzsd_scorings.py on the finished demo: every synthesis row under each scoring,
-    the default (soft) and the published one equal to what the demo itself measured."""
+    the default (soft) and the published one equal to what the demo itself measured, and an
+    opt-in gate variant (recalibrated in a copy, the demo's own calibration left as it was)."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import gzsd_scorings
 
     out = tmp_path / "scorings.json"
-    assert gzsd_scorings.main([run.out, "--out", str(out), "--note", "quick demo"]) == 0
+    calibration = os.path.join(run.synth_dir, "gzsd_calibration.json")
+    before = open(calibration).read()
+    assert gzsd_scorings.main([run.out, "--out", str(out), "--note", "quick demo",
+                               "--gates", "two_weights+object"]) == 0
+    assert open(calibration).read() == before
     result = json.load(open(out))
     assert result["seed"] == 0 and result["note"] == "quick demo" and list(result["rows"]) == ["synthesis_vldus"]
     row = result["rows"]["synthesis_vldus"]
-    assert list(row) == ["soft", "joint", "published"]
+    assert list(row) == ["soft", "joint", "published", "soft (two_weights+object)"]
+    variant = row["soft (two_weights+object)"]
+    if variant["ran"] == "soft":  # its own seen weight, fitted on the copy's calibration
+        assert variant["seen_weight"] != 1.0 and variant["threshold"] != row["soft"]["threshold"]
     for scoring, setting in (("soft", "gzsd"), ("published", "gzsd_published")):
         assert row[scoring]["hm"] == pytest.approx(run.metrics[setting]["hm"]["map"]["0.5"], abs=1e-9)
         assert row[scoring]["ran"] == run.metrics[setting]["gzsd_scoring"]["scoring"]
     assert row["joint"]["slope"] is None and row["published"]["threshold"] is None
     zsd = result["zsd"]["synthesis_vldus"]
-    assert list(zsd) == ["soft", "published"] and zsd["published"]["ran"] == "published"
+    assert list(zsd) == ["soft", "published", "soft (two_weights+object)"] and zsd["published"]["ran"] == "published"
     assert zsd["soft"]["map"] == pytest.approx(run.metrics["zsd"]["groups"]["unseen"]["map"]["0.5"], abs=1e-9)
     assert zsd["soft"]["ran"] == run.metrics["zsd"]["zsd_scoring"]["scoring"]
 

@@ -56,7 +56,7 @@ def test_markers_present():
         assert "<!-- table:demo -->" in f.read()
     with open(os.path.join(ROOT, "docs", "results.md")) as f:
         text = f.read()
-    for name in ("demo-main", "demo-timings", "ablation"):
+    for name in ("demo-main", "demo-timings", "ablation", "heldout", "heldout-scorings"):
         assert f"<!-- table:{name} -->" in text
 
 
