@@ -47,6 +47,9 @@ def test_vldus_is_the_method_and_beats_no_synthesis(run):
     assert ablation["synthesis_su"]["zsd_map"] is None and ablation["synthesis_su"]["gzsd_hm"] is None
     assert m["zsd"]["setting"] == "zsd" and m["zsd"]["groups"]["unseen"]["map"]["0.5"] > ZSD_FLOOR
     assert m["zsd"]["groups"]["unseen"]["map"]["0.5"] == ablation["synthesis_vldus"]["zsd_map"]
+    for group in ("seen", "unseen"):  # each row's GZSD groups, the main row's as in its own metrics
+        assert ablation["synthesis_vldus"][f"gzsd_{group}"] == m["gzsd"]["groups"][group]["map"]["0.5"]
+        assert ablation["no_synthesis"][f"gzsd_{group}"] > 0 and ablation["synthesis_su"][f"gzsd_{group}"] is None
     assert ablation["synthesis_vldus"]["zsd_map"] >= ablation["no_synthesis"]["zsd_map"] + SYNTHESIS_MARGIN
     assert set(m["gzsd"]["groups"]) == {"seen", "unseen"} and m["gzsd"]["hm"]["map"]["0.5"] > GZSD_HM_FLOOR
 

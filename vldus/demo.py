@@ -907,13 +907,12 @@ def collect_metrics(run: DemoRun, results: dict[str, dict], detector: dict, bund
         variant = run.rows.get(name) or ROWS[name]
         if name not in results:
             ablation[name] = {"description": variant.description, "zsd_map": None, "gzsd_hm": None,
-                              "gzsd_published_hm": None,
+                              "gzsd_seen": None, "gzsd_unseen": None, "gzsd_published_hm": None,
                               "status": "skipped: --quick / --tiny train one synthesizer (run vldus demo without them)"}
             continue
         r = results[name]
         ablation[name] = {"description": variant.description,
-                          "zsd_map": r["zsd"]["groups"]["unseen"]["map"]["0.5"],
-                          "gzsd_hm": r["gzsd"]["hm"]["map"]["0.5"],
+                          "zsd_map": r["zsd"]["groups"]["unseen"]["map"]["0.5"], **gzsd_groups(r["gzsd"]),
                           "gzsd_published_hm": r["gzsd_published"]["hm"]["map"]["0.5"], "status": "ok"}
         if variant.generator is not None:
             ablation[name]["distill"] = distill_means(run.cfg.path(f"synth_{name}"))
@@ -929,6 +928,12 @@ def collect_metrics(run: DemoRun, results: dict[str, dict], detector: dict, bund
             "ablation": ablation, "timings_s": run.stages.timings, "concurrent_stages": run.stages.concurrent}
 
 
+def gzsd_groups(metrics: dict) -> dict:
+    """A row's GZSD HM and its seen and unseen mAP at IoU 0.5 (``vldus test --gzsd`` metrics)."""
+    return {"gzsd_hm": metrics["hm"]["map"]["0.5"], "gzsd_seen": metrics["groups"]["seen"]["map"]["0.5"],
+            "gzsd_unseen": metrics["groups"]["unseen"]["map"]["0.5"]}
+
+
 def region_summary(run: DemoRun, name: str, r: dict) -> dict:
     """The metrics.json summary of a :data:`REGION_ROWS` row: like a synthesis row's, plus the
     CLIP pass's time (the first pass computes the crop embeddings, later ones read them back)."""
@@ -937,7 +942,7 @@ def region_summary(run: DemoRun, name: str, r: dict) -> dict:
     published = r.get("gzsd_published")
     scoring = r["zsd"]["scoring"]
     summary = {"description": run.region_rows[name].description,
-               "zsd_map": r["zsd"]["groups"]["unseen"]["map"]["0.5"], "gzsd_hm": r["gzsd"]["hm"]["map"]["0.5"],
+               "zsd_map": r["zsd"]["groups"]["unseen"]["map"]["0.5"], **gzsd_groups(r["gzsd"]),
                "gzsd_published_hm": published["hm"]["map"]["0.5"] if published else None, "status": "ok",
                "scoring": {k: v for k, v in scoring.items() if k not in ("clip_time_s", "crop_cache_hits")},
                "clip_time_s": sum(m["scoring"]["clip_time_s"] for m in r.values())}
