@@ -70,17 +70,18 @@ def score_row(demo: str, row: str, checkpoint: str, setting: str = "gzsd", gates
             quiet_cli(["calibrate-gzsd", "--config", config, "--synth-dir", synth, "--checkpoint", checkpoint])
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [(scoring, synth, []) for scoring in (SCORINGS if setting == "gzsd" else ZSD_SCORINGS)]
+        # (name in the output, synthesizer folder, scoring options of vldus test)
+        runs = [(scoring, synth, [f"--{setting}-scoring", scoring])
+                for scoring in (SCORINGS if setting == "gzsd" else ZSD_SCORINGS)]
         for name in gates:
             fit, iou = GATES[name]
             runs.append((f"soft ({name})", calibrated_copy(config, synth, checkpoint, fit, tmp),
                          [f"--{setting}-scoring", "soft", "--set", f"inference.gate_fit={fit}",
                           f"inference.gate_iou={'null' if iou is None else iou}"]))
-        for scoring, folder, extra in runs:
+        for scoring, folder, options in runs:
             metrics = os.path.join(tmp, "metrics.json")
             quiet_cli(["test", "--config", config, "--checkpoint", checkpoint, f"--{setting}",
-                       "--syn-weights", os.path.join(folder, "classifier_best.pth"),
-                       *(extra or [f"--{setting}-scoring", scoring]),
+                       "--syn-weights", os.path.join(folder, "classifier_best.pth"), *options,
                        "--cache", os.path.join(demo, "work", "test_cache"),
                        "--out", os.path.join(tmp, "dets.json"), "--metrics", metrics])
             with open(metrics) as f:

@@ -292,6 +292,11 @@ def scorings_table(root: str, family: str = "scorings") -> str:
     return table(header, rows) + sources(runs)
 
 
+def heldout_scorings_table(root: str) -> str:
+    """The scorings table of the held-out seeds' demos."""
+    return scorings_table(root, "heldout-scorings")
+
+
 def runs_table(runs: list[dict]) -> str:
     """One row per run (labelled by its note): ZSD mAP of every row that ran, the main row's
     GZSD HM and the wall time."""
@@ -310,7 +315,7 @@ TABLES: dict[str, Callable[[str], str]] = {
     "demo": demo_table, "heldout": heldout_table, "demo-main": demo_main_table, "demo-timings": timings_table,
     "demo-clip": clip_table, "demo-breakdown": breakdown_table, "ablation": ablation_table,
     "quick": quick_table, "kernels": kernels_table, "scorings": scorings_table,
-    "heldout-scorings": lambda root: scorings_table(root, "heldout-scorings"),
+    "heldout-scorings": heldout_scorings_table,
 }
 
 
@@ -365,7 +370,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--root", default=ROOT, help="repository root (default: this script's)")
     p.add_argument("--files", nargs="+", default=list(DOCS), help="Markdown files holding tables")
     p.add_argument("--add", metavar="METRICS_JSON", help="store a vldus demo metrics.json first")
-    p.add_argument("--name", help="its name under docs/results/ (demo_seedN, heldout_seedN, ablation_seedN, quick_LABEL, kernels_LABEL)")
+    p.add_argument("--name", help="its name under docs/results/ (demo_seedN, heldout_seedN, ablation_seedN, "
+                                  "quick_LABEL, kernels_LABEL)")
     p.add_argument("--note", default="", help="machine / settings of the run, shown under the tables")
     args = p.parse_args(argv)
     if args.add:
