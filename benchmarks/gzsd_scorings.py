@@ -14,7 +14,9 @@ again first with ``vldus calibrate-gzsd`` (validation features and the generator
 ``--gates`` adds the soft scoring under the opt-in gate variants (:data:`GATES`, docs/gzsd.md) as
 scorings of their own, e.g. ``soft (two_weights+object)``: ``two_weights`` is calibrated again
 (``inference.gate_fit: two_weights``) in a copy of the row's folder, ``object`` decides the gate
-per object (``inference.gate_iou: 0.5``).
+per object (``inference.gate_iou: 0.5``). ``--box-regressions best_seen`` adds every scoring
+again with the unseen classes' box deltas of that rule (``inference.box_regression``; the demo's
+own rule is the config's), named e.g. ``soft (best_seen boxes)``.
 
 Output JSON: ``{"note": str, "seed": int, "rows": {ROW: {SCORING: {"seen", "unseen", "hm":
 mAP@0.5, "threshold": float | null, "slope": float | null, "seen_weight": float | null, "ran": the
@@ -39,6 +41,7 @@ from vldus import cli  # noqa: E402
 from vldus.config import load_config  # noqa: E402
 from vldus.detection.gzsd import CALIBRATION_FILE, CALIBRATION_KEYS, SCORINGS, ZSD_SCORINGS  # noqa: E402
 from vldus.detection.train import latest_checkpoint  # noqa: E402
+from vldus.detection.zsd import BOX_REGRESSIONS  # noqa: E402
 
 # opt-in variants of the soft gate (--gates): name -> (inference.gate_fit, inference.gate_iou)
 GATES = {"two_weights": ("two_weights", None), "object": ("margin", 0.5), "two_weights+object": ("two_weights", 0.5)}
@@ -60,10 +63,11 @@ def synthesis_rows(demo: str) -> list[str]:
     return [r for r in rows if os.path.isfile(os.path.join(demo, "work", f"synth_{r}", "generator.pth"))]
 
 
-def score_row(demo: str, row: str, checkpoint: str, setting: str = "gzsd", gates: tuple[str, ...] = ()) -> dict:
+def score_row(demo: str, row: str, checkpoint: str, setting: str = "gzsd", gates: tuple[str, ...] = (),
+              boxes: tuple[str, ...] = ()) -> dict:
     """{scoring: {"seen", "unseen", "hm" (GZSD) or "map" (ZSD), "threshold", "slope", "seen_weight",
     "ran"}} of one row in ``setting``: each scoring of the setting, then ``soft (GATE)`` for each
-    name of ``gates``."""
+    name of ``gates``, then each scoring again with the box deltas of each rule of ``boxes``."""
     config, synth = os.path.join(demo, "config.yaml"), os.path.join(demo, "work", f"synth_{row}")
     with open(os.path.join(synth, CALIBRATION_FILE)) as f:
         if not set(CALIBRATION_KEYS) <= set(json.load(f)):
@@ -71,13 +75,16 @@ def score_row(demo: str, row: str, checkpoint: str, setting: str = "gzsd", gates
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         # (name in the output, synthesizer folder, scoring options of vldus test)
-        runs = [(scoring, synth, [f"--{setting}-scoring", scoring])
-                for scoring in (SCORINGS if setting == "gzsd" else ZSD_SCORINGS)]
+        scorings = SCORINGS if setting == "gzsd" else ZSD_SCORINGS
+        runs = [(scoring, synth, [f"--{setting}-scoring", scoring]) for scoring in scorings]
         for name in gates:
             fit, iou = GATES[name]
             runs.append((f"soft ({name})", calibrated_copy(config, synth, checkpoint, fit, tmp),
                          [f"--{setting}-scoring", "soft", "--set", f"inference.gate_fit={fit}",
                           f"inference.gate_iou={'null' if iou is None else iou}"]))
+        runs += [(f"{scoring} ({rule} boxes)", synth,
+                  [f"--{setting}-scoring", scoring, "--set", f"inference.box_regression={rule}"])
+                 for rule in boxes for scoring in scorings]
         for scoring, folder, options in runs:
             metrics = os.path.join(tmp, "metrics.json")
             quiet_cli(["test", "--config", config, "--checkpoint", checkpoint, f"--{setting}",
@@ -116,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="", help="machine / settings, shown under the table")
     p.add_argument("--gates", nargs="*", default=[], choices=list(GATES),
                    help="also the soft scoring with these opt-in gate variants (docs/gzsd.md)")
+    p.add_argument("--box-regressions", nargs="*", default=[], choices=list(BOX_REGRESSIONS),
+                   help="also every scoring with these unseen box deltas (inference.box_regression)")
     args = p.parse_args(argv)
     seed = load_config(os.path.join(args.demo, "config.yaml")).train.seed  # the demo's --seed
     checkpoint = latest_checkpoint(os.path.join(args.demo, "work", "detector"))
     names = synthesis_rows(args.demo)
-    gates = tuple(args.gates)
-    rows = {row: score_row(args.demo, row, checkpoint, gates=gates) for row in names}
-    zsd = {row: score_row(args.demo, row, checkpoint, "zsd", gates) for row in names}
+    gates, boxes = tuple(args.gates), tuple(args.box_regressions)
+    rows = {row: score_row(args.demo, row, checkpoint, gates=gates, boxes=boxes) for row in names}
+    zsd = {row: score_row(args.demo, row, checkpoint, "zsd", gates, boxes) for row in names}
     with open(args.out, "w") as f:
         json.dump({"note": args.note, "seed": seed, "rows": rows, "zsd": zsd}, f, indent=1)
         f.write("\n")

@@ -105,8 +105,9 @@ def test_default_scoring_follows_its_calibration(run):
 
 def test_scorings_benchmark_rescores_the_demo(run, tmp_path):
     """benchmarks/gzsd_scorings.py on the finished demo: every synthesis row under each scoring,
-    the default (soft) and the published one equal to what the demo itself measured, and an
-    opt-in gate variant (recalibrated in a copy, the demo's own calibration left as it was)."""
+    the default (soft) and the released inference (published scoring, best_seen boxes) equal to
+    what the demo itself measured, an opt-in gate variant (recalibrated in a copy, the demo's own
+    calibration left as it was) and every scoring with the released box deltas."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -116,23 +117,58 @@ def test_scorings_benchmark_rescores_the_demo(run, tmp_path):
     calibration = os.path.join(run.synth_dir, "gzsd_calibration.json")
     before = open(calibration).read()
     assert gzsd_scorings.main([run.out, "--out", str(out), "--note", "quick demo",
-                               "--gates", "two_weights+object"]) == 0
+                               "--gates", "two_weights+object", "--box-regressions", "best_seen"]) == 0
     assert open(calibration).read() == before
     result = json.load(open(out))
     assert result["seed"] == 0 and result["note"] == "quick demo" and list(result["rows"]) == ["synthesis_vldus"]
     row = result["rows"]["synthesis_vldus"]
-    assert list(row) == ["soft", "joint", "published", "soft (two_weights+object)"]
+    assert list(row) == ["soft", "joint", "published", "soft (two_weights+object)", "soft (best_seen boxes)",
+                         "joint (best_seen boxes)", "published (best_seen boxes)"]
     variant = row["soft (two_weights+object)"]
     if variant["ran"] == "soft":  # its own seen weight, fitted on the copy's calibration
         assert variant["seen_weight"] != 1.0 and variant["threshold"] != row["soft"]["threshold"]
-    for scoring, setting in (("soft", "gzsd"), ("published", "gzsd_published")):
+    assert run.metrics["gzsd"]["box_regression"] == run.metrics["zsd"]["box_regression"] == "seen_mixture"
+    assert run.metrics["gzsd_published"]["box_regression"] == "best_seen"  # the released inference
+    for scoring, setting in (("soft", "gzsd"), ("published (best_seen boxes)", "gzsd_published")):
         assert row[scoring]["hm"] == pytest.approx(run.metrics[setting]["hm"]["map"]["0.5"], abs=1e-9)
         assert row[scoring]["ran"] == run.metrics[setting]["gzsd_scoring"]["scoring"]
     assert row["joint"]["slope"] is None and row["published"]["threshold"] is None
     zsd = result["zsd"]["synthesis_vldus"]
-    assert list(zsd) == ["soft", "published", "soft (two_weights+object)"] and zsd["published"]["ran"] == "published"
+    assert list(zsd) == ["soft", "published", "soft (two_weights+object)", "soft (best_seen boxes)",
+                         "published (best_seen boxes)"] and zsd["published"]["ran"] == "published"
     assert zsd["soft"]["map"] == pytest.approx(run.metrics["zsd"]["groups"]["unseen"]["map"]["0.5"], abs=1e-9)
     assert zsd["soft"]["ran"] == run.metrics["zsd"]["zsd_scoring"]["scoring"]
+
+
+def test_box_regression_benchmark_on_validation_images(run, tmp_path, capsys):
+    """benchmarks/box_regression_val.py on the finished demo: each rule, the object's own row and
+    the bare proposal, over the same validation RoIs (leave one class out, no test data)."""
+    import shutil
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import box_regression_val
+
+    out = tmp_path / "boxes.json"
+    assert box_regression_val.main([run.out, "--out", str(out), "--note", "quick demo"]) == 0
+    result = json.load(open(out))
+    assert result["seed"] == 0 and result["rois"] > 0 and result["images"] > 0
+    rules = result["rules"]
+    assert set(rules) == {"own", "proposal", "seen_mixture", "best_seen"}
+    assert rules["proposal"]["iou>=0.5"] == 100.0  # proposals chosen at IoU >= 0.5 with their object
+    for r in rules.values():
+        assert 0.0 < r["mean_iou"] <= 1.0 and r["iou>=0.5"] >= r["iou>=0.6"] >= r["iou>=0.7"] >= r["iou>=0.8"]
+    # a demo folder without validation images: one line, exit 2
+    bare = tmp_path / "bare"
+    shutil.copytree(os.path.join(run.out, "work", "detector"), bare / "work" / "detector")
+    config = yaml.safe_load(open(os.path.join(run.out, "config.yaml")))
+    config["data"]["val"] = None
+    (bare / "config.yaml").write_text(yaml.safe_dump(config))
+    assert box_regression_val.main([str(bare), "--out", str(tmp_path / "none.json")]) == 2
+    assert "data.val: no validation images" in capsys.readouterr().err
+    assert not (tmp_path / "none.json").exists()
 
 
 def test_report_and_pictures(run):

@@ -243,6 +243,26 @@ def test_joint_lowers_seen_detections_soft_both_groups(project, tmp_path, capsys
         assert sum(runs["soft"][k] for k in both) < kept * sum(pub[k] for k in both)
 
 
+def test_box_regression_moves_unseen_boxes_only_and_is_recorded(project, tmp_path):
+    """inference.box_regression: the released best_seen against the default seen_mixture on one
+    detector: the seen detections identical, unseen boxes moved, the rule in --metrics."""
+    runs = {}
+    for rule in ("seen_mixture", "best_seen"):
+        out, metrics = tmp_path / f"{rule}.json", tmp_path / f"{rule}_metrics.json"
+        assert main(cli_args(project, "--syn-weights", str(project / "cls.pth"), "--gzsd", "--gzsd-scoring",
+                             "published", "--out", str(out), "--metrics", str(metrics),
+                             "--set", f"inference.box_regression={rule}",
+                             "detector.detections_per_img=1000")) == 0  # no cap: it would mix the groups
+        assert _read(metrics)["box_regression"] == rule
+        runs[rule] = _read(out)
+    seen_cats = {CAT_IDS[i] for i in (0, 2, 3)}
+    seen = {rule: [d for d in dets if d["category_id"] in seen_cats] for rule, dets in runs.items()}
+    assert seen["seen_mixture"] and seen["seen_mixture"] == seen["best_seen"]
+    unseen = {rule: sorted(tuple(d["bbox"]) for d in dets if d["category_id"] not in seen_cats)
+              for rule, dets in runs.items()}
+    assert unseen["seen_mixture"] and unseen["seen_mixture"] != unseen["best_seen"]
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--zsd"], "--syn-weights: required with --zsd"),
     (["--syn-weights", "CLS", "--zsd", "--seen-score-cut", "0.3"], "applies to --gzsd only"),
@@ -260,6 +280,8 @@ def test_joint_lowers_seen_detections_soft_both_groups(project, tmp_path, capsys
     (["--syn-weights", "CLS", "--gzsd", "--gzsd-seen-weight", "2"], "inference.gzsd_seen_weight needs"),
     (["--syn-weights", "CLS", "--zsd", "--set", "inference.gate_iou=1.5"], "inference.gate_iou: 1.5 is not in (0, 1]"),
     (["--syn-weights", "CLS", "--zsd", "--set", "inference.gate_fit=cubic"], "inference.gate_fit: 'cubic' is not one of"),
+    (["--syn-weights", "CLS", "--gzsd", "--set", "inference.box_regression=agnostic"],
+     "inference.box_regression: 'agnostic' is not one of seen_mixture, best_seen"),
     (["--syn-weights", "CLS", "--zsd", "--set", "data.test.ann_file=SEEN_ONLY"], "seen_only.json: no test image"),
     (["--seen", "--max-images", "0"], "--max-images: must be positive"),
 ])

@@ -13,7 +13,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from vldus.data.splits import split_from_names
 from vldus.detection.zsd import (ZSDPredictor, borrow_box_regression, gzsd_probs, inject_classifier,
-                                 install_zsd_head, load_syn_classifier, rescale_scores)
+                                 install_zsd_head, load_syn_classifier, rescale_scores, seen_deltas)
 from vldus.errors import InputError
 
 # detector order: 1 a, 2 b, 3 c, 4 d, 5 e, 6 f; unseen b, e; excluded f (like 48/17)
@@ -124,17 +124,46 @@ def test_bad_classifier_file_is_input_error(tmp_path, case, pattern):
 
 # --- regression borrow ----------------------------------------------------------------------
 def test_borrow_copies_best_seen_deltas_into_best_unseen_slot():
-    # seen columns 1, 3, 4; unseen 2, 5; excluded 6 (ignored by the borrow)
+    # the released rule; seen columns 1, 3, 4; unseen 2, 5; excluded 6 (ignored by the borrow)
     logits = torch.tensor([[0.0, 1.0, 5.0, 2.0, 0.0, 9.0, 0.0],
                            [0.0, 7.0, 0.0, 1.0, 3.0, 2.0, 9.0]])
     deltas = torch.arange(2 * 4 * C1, dtype=torch.float32).reshape(2, 4 * C1)
-    out = borrow_box_regression(logits, deltas, SPLIT.seen_ids, SPLIT.unseen_ids)
+    out = borrow_box_regression(logits, deltas, SPLIT.seen_ids, SPLIT.unseen_ids, "best_seen")
     d, o = deltas.view(2, C1, 4), out.view(2, C1, 4)
     # row 0: a_s = 3, a_u = 5 (9.0 > 5.0); row 1: a_s = 1, a_u = 5
     assert torch.equal(o[0, 5], d[0, 3]) and torch.equal(o[1, 5], d[1, 1])
     changed = (o != d).any(dim=2)
     assert changed.nonzero().tolist() == [[0, 5], [1, 5]]
     assert torch.equal(deltas.view(2, C1, 4), d)  # input untouched
+
+
+def test_borrow_seen_mixture_fills_every_unseen_slot_with_the_seen_softmax_mix():
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0, 0.0, 9.0, 0.0],
+                           [3.0, 0.0, 0.0, 0.0, 0.0, 2.0, 9.0]])  # row 1: seen logits tied
+    deltas = torch.randn(2, 4 * C1)
+    out = borrow_box_regression(logits, deltas, SPLIT.seen_ids, SPLIT.unseen_ids).view(2, C1, 4)
+    d = deltas.view(2, C1, 4)
+    seen = list(SPLIT.seen_ids)
+    for r in range(2):
+        w = torch.softmax(logits[r, seen], dim=0)  # background, unseen and excluded logits play no part
+        mix = (w[:, None] * d[r, seen]).sum(dim=0)
+        for u in SPLIT.unseen_ids:
+            torch.testing.assert_close(out[r, u], mix)
+    torch.testing.assert_close(out[1, SPLIT.unseen_ids[0]], d[1, seen].mean(dim=0))
+    others = [k for k in range(C1) if k not in SPLIT.unseen_ids]
+    assert torch.equal(out[:, others], d[:, others])  # seen, background, excluded slots untouched
+    # one seen class far ahead: the mixture is its deltas, as the released rule's
+    sharp = logits.clone()
+    sharp[0, 3] = 80.0
+    torch.testing.assert_close(seen_deltas(sharp, deltas, SPLIT.seen_ids)[0], d[0, 3])
+    torch.testing.assert_close(seen_deltas(sharp, deltas, SPLIT.seen_ids, "best_seen")[0], d[0, 3])
+
+
+def test_box_regression_rule_is_checked():
+    with pytest.raises(ValueError, match="box_regression"):
+        ZSDPredictor(make_predictor(), SPLIT, "zsd", box_regression="agnostic")
+    with pytest.raises(ValueError, match="best_seen"):
+        seen_deltas(torch.zeros(1, C1), torch.zeros(1, 4 * C1), SPLIT.seen_ids, "best")
 
 
 # --- §8.2 ZSD -------------------------------------------------------------------------------

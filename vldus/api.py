@@ -189,7 +189,8 @@ class ZeroShotDetector:
         self.head = install_zsd_head(model, ext, setting, (weight, bias), bg_blend=inf.bg_blend,
                                      seen_score_cut=inf.seen_score_cut, excluded="mask",
                                      gate_threshold=scoring["threshold"], gate_slope=scoring["slope"],
-                                     gate_seen_weight=scoring["seen_weight"], gate_iou=inf.gate_iou)
+                                     gate_seen_weight=scoring["seen_weight"], gate_iou=inf.gate_iou,
+                                     box_regression=inf.box_regression)
         self.model, self.classes, self.gzsd, self.ext_split = model, names, gzsd, ext
         self.scoring = scoring
         self.label_names = list(split.classes) + names  # detector index k -> label_names[k - 1]

@@ -230,6 +230,10 @@ class InferenceConfig:
     # the soft gate decided per object: each box takes the objectness-weighted mean gate of the
     # proposals overlapping it at IoU >= this; null: per box
     gate_iou: Optional[float] = None
+    # the unseen classes' box deltas (their regression rows were never trained): 'seen_mixture'
+    # the seen classes' deltas weighed by the detector's seen softmax, in every unseen slot;
+    # 'best_seen' the best seen class's, in the best unseen class's slot (the released code)
+    box_regression: str = "seen_mixture"
     # the calibration keeps the published scoring when its best threshold separates real seen from
     # synthesized unseen features with a balanced accuracy below this (the rule cannot tell them apart)
     gzsd_min_separation: float = 0.75

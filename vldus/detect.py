@@ -5,8 +5,8 @@
 Writes, per image, ``DIR/<stem>.png`` (detections drawn; new names in the unseen colour) and
 ``DIR/<stem>.json`` = {"image": path, "width", "height", "classes": [names], "setting": "zsd" |
 "gzsd", "boxes": [[x1, y1, x2, y2], ...] (pixels), "labels": [name, ...], "scores": [...]},
-best first, and "zsd_scoring" or "gzsd_scoring": {"scoring", "threshold", "slope", "seen_weight",
-"source"}
+best first, "zsd_scoring" or "gzsd_scoring": {"scoring", "threshold", "slope", "seen_weight",
+"source"} and "box_regression" (the new names' box deltas: ``inference.box_regression``)
 (scored as ``vldus test --zsd`` / ``--gzsd``: see :meth:`vldus.api.ZeroShotDetector.set_classes`).
 Everything goes through :class:`vldus.api.ZeroShotDetector`, so the Python API gives the same
 boxes.
@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         det.draw(image, result, args.score).save(os.path.join(args.out, f"{stem}.png"))
         record = {"image": path, "width": int(image.shape[2]), "height": int(image.shape[1]),
                   "classes": det.classes, "setting": setting, f"{setting}_scoring": det.scoring,
+                  "box_regression": det.head.box_regression,
                   "boxes": result["boxes"].tolist(), "labels": result["labels"],
                   "scores": result["scores"].tolist()}
         write_json(os.path.join(args.out, f"{stem}.json"), record)

@@ -4,10 +4,10 @@ The open-vocabulary peer of synthesis (ViLD, OWL-ViT, Detic): ask a CLIP about e
 Per test image, on the detector's own candidates (the proposals of :class:`vldus.detection.cache.BoxInputs`,
 so the same boxes the VLDUS head scores):
 
-1. **Box.** Every proposal is decoded with the deltas of its best seen class (the deltas the
-   ZSD head copies into the slot of its best unseen class,
-   :func:`vldus.detection.zsd.borrow_box_regression`), clipped to the image. This one box per
-   proposal is cropped, scored and reported for every class (class-agnostic regression).
+1. **Box.** Every proposal is decoded with the deltas the ZSD head gives its unseen classes
+   (:func:`vldus.detection.zsd.seen_deltas` under ``inference.box_regression``: by default the
+   seen classes' deltas weighed by the detector's seen softmax), clipped to the image. This one
+   box per proposal is cropped, scored and reported for every class (class-agnostic regression).
 2. **Crop.** Grown by ``margin`` of its width/height per side, clamped to the image, resized to
    the CLIP's input side: train-clip's crops (:func:`vldus.clip_train.crop_objects`).
 3. **CLIP.** The image encoder embeds the crops of one image in one forward pass (L2-normalised);
@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from vldus.data.splits import Split
 from vldus.detection.cache import KeyedFolder, key_digest
+from vldus.detection.zsd import seen_deltas
 from vldus.errors import InputError
 from vldus.files import save_torch, sha256_file
 
@@ -137,7 +138,7 @@ class Regions:
 
     logits: Tensor  # (R, C+1) the predictor's logits (after injection)
     detector_bg: Tensor  # (R,) the detector's own background logit
-    deltas: Tensor  # (R, 4(C+1)) every slot holds the deltas of the proposal's best seen class
+    deltas: Tensor  # (R, 4(C+1)) every slot holds the proposal's class-agnostic deltas
     boxes: Tensor  # (R, 4) float32 xyxy, original-image pixels (the crops' boxes)
 
 
@@ -157,10 +158,7 @@ def regions(model: nn.Module, head, inputs) -> Regions:
         bg = F.linear(x, head.detector_bg_weight[None], head.detector_bg_bias[None])[:, 0]
     else:
         bg = logits[:, 0]
-    seen = torch.as_tensor(head.split.seen_ids, device=logits.device)
-    best = seen[logits[:, seen].argmax(dim=1)]
-    rows = torch.arange(len(logits), device=logits.device)
-    agnostic = deltas.reshape(len(logits), -1, 4)[rows, best]  # (R, 4)
+    agnostic = seen_deltas(logits, deltas, head.split.seen_ids, head.box_regression)  # (R, 4)
     boxes = roi.box_coder.decode(agnostic, [proposals])[:, 0]
     boxes = box_ops.clip_boxes_to_image(boxes, inputs.image_size)
     boxes = resize_boxes(boxes, list(inputs.image_size), list(inputs.original_size))
@@ -275,7 +273,7 @@ class RegionScorer:
                "crop_size": self.clip.size[0], "logit_scale": round(self.clip.logit_scale, 4),
                "names": "unseen" if self.setting == "zsd" else "all",
                "objectness": "1 - p_bg of the detector's own classifier over [background, seen]",
-               "boxes": "class-agnostic: each proposal decoded with its best seen class's deltas"}
+               "boxes": "class-agnostic: each proposal decoded with the deltas of its unseen classes (inference.box_regression)"}
         if self.scoring == "ensemble":
             out["ensemble_weights"] = {**self.weights, "source": "fixed in advance: ViLD's lambda = 2/3"
                                        if self.weights == ENSEMBLE_WEIGHTS else "given"}

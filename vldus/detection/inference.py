@@ -343,7 +343,7 @@ def _check_args(args: argparse.Namespace, cfg: Config) -> None:
 def check_inference_config(cfg: Config) -> None:
     """InputError naming the config file for an impossible ``inference`` value."""
     from vldus.detection.gzsd import GATE_FITS, SCORINGS, ZSD_SCORINGS
-    from vldus.detection.zsd import EXCLUDED_MODES
+    from vldus.detection.zsd import BOX_REGRESSIONS, EXCLUDED_MODES
 
     inf = cfg.inference
     if inf.seen_score_cut is not None and not 0.0 <= inf.seen_score_cut <= 1.0:
@@ -366,6 +366,9 @@ def check_inference_config(cfg: Config) -> None:
     if inf.gzsd_seen_weight is not None and inf.gzsd_slope is None:
         raise InputError(cfg.source_file, "inference.gzsd_seen_weight needs inference.gzsd_threshold and "
                                           "inference.gzsd_slope (--gzsd-threshold, --gzsd-slope)")
+    if inf.box_regression not in BOX_REGRESSIONS:
+        raise InputError(cfg.source_file, f"inference.box_regression: {inf.box_regression!r} is not one of "
+                                          f"{', '.join(BOX_REGRESSIONS)}")
     if inf.excluded not in EXCLUDED_MODES:
         raise InputError(cfg.source_file, f"inference.excluded: {inf.excluded!r} is not one of "
                                           f"{', '.join(EXCLUDED_MODES)}")
@@ -460,7 +463,7 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
                                 gate_threshold=rule["threshold"] if rule else None,
                                 gate_slope=rule["slope"] if rule else None,
                                 gate_seen_weight=rule["seen_weight"] if rule else None,
-                                gate_iou=cfg.inference.gate_iou)
+                                gate_iou=cfg.inference.gate_iou, box_regression=cfg.inference.box_regression)
         regions = None
         if scoring != "vldus":
             regions = region_scorer(scoring, split, setting, device, cache, clip_weights, clip_arch, clip_margin,
@@ -496,6 +499,8 @@ def run_test(cfg: Config, setting: str, checkpoint: str, syn_weights: Optional[s
     metrics = evaluate(cfg, split, setting, records, detections)
     if rule is not None:
         metrics[f"{setting}_scoring"] = rule  # the scoring and threshold that ran
+    if setting != "seen":
+        metrics["box_regression"] = head.box_regression
     if regions is not None:
         metrics["scoring"] = {**regions.describe(), "clip_time_s": round(sum(t for _, _, t in gathered), 2),
                               "crop_cache_hits": regions.hits}

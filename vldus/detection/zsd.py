@@ -20,9 +20,11 @@ Linear(F, C+1), ``bbox_pred`` Linear(F, 4(C+1)); detector index 0 = background):
    Per RoI, with logits ``z`` (C+1 columns, after injection), seen columns S, unseen U,
    excluded X (48/17 only):
 
-   * box regression borrow (all modes but ``seen``): ``a_s = argmax z[S]``, ``a_u = argmax
-     z[U]``; the 4 deltas of class ``a_s`` are copied into the slot of ``a_u`` (the unseen
-     regression rows were never trained).
+   * box regression borrow (all modes but ``seen``; the unseen regression rows were never
+     trained), ``box_regression``: ``seen_mixture`` (default) gives every unseen slot the seen
+     classes' deltas weighed by the detector's softmax over the seen classes, ``sum_s
+     softmax(z[S])_s d_s``; ``best_seen`` (the released code) copies the 4 deltas of ``a_s =
+     argmax z[S]`` into the slot of ``a_u = argmax z[U]`` alone.
    * ``zsd`` (§8.2): seen columns get probability 0; softmax over background, unseen and — with
      ``excluded='softmax'``, as in the released code — the excluded classes. ``excluded='mask'``
      gives the excluded classes probability 0 as well. With a gate slope (``--zsd-scoring
@@ -69,6 +71,8 @@ from vldus.errors import InputError
 
 MODES = ("zsd", "gzsd", "seen")
 EXCLUDED_MODES = ("softmax", "mask")
+# the unseen classes' box deltas (borrow_box_regression); best_seen: the released code
+BOX_REGRESSIONS = ("seen_mixture", "best_seen")
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,22 +134,44 @@ def inject_classifier(predictor: nn.Module, split: Split, weight: Tensor, bias: 
 # --------------------------------------------------------------------------------------------
 # §8.2 / §8.3 scoring
 # --------------------------------------------------------------------------------------------
-def borrow_box_regression(logits: Tensor, deltas: Tensor, seen_ids: Sequence[int],
-                          unseen_ids: Sequence[int]) -> Tensor:
-    """Copy, per RoI, the deltas of the best seen class into the slot of the best unseen class.
+def seen_deltas(logits: Tensor, deltas: Tensor, seen_ids: Sequence[int], rule: str = "seen_mixture") -> Tensor:
+    """The box deltas an object of no seen class takes, per RoI: ``seen_mixture`` the seen
+    classes' deltas weighed by the softmax over the seen logits, ``best_seen`` those of the
+    best seen class (the released code).
 
-    logits (R, C+1), deltas (R, 4(C+1)) -> new deltas (R, 4(C+1)); the input is not modified.
+    logits (R, C+1), deltas (R, 4(C+1)) -> (R, 4).
     """
+    if rule not in BOX_REGRESSIONS:
+        raise ValueError(f"box regression must be one of {BOX_REGRESSIONS}, got {rule!r}")
     num_rois, cols = logits.shape
     if deltas.shape != (num_rois, 4 * cols):
         raise ValueError(f"class-specific box deltas (R, {4 * cols}) expected, got {tuple(deltas.shape)}")
     seen = torch.as_tensor(seen_ids, device=logits.device)
+    per_class = deltas.reshape(num_rois, cols, 4)[:, seen]  # (R, S, 4)
+    if rule == "best_seen":
+        rows = torch.arange(num_rois, device=logits.device)
+        return per_class[rows, logits[:, seen].argmax(dim=1)]
+    weights = logits[:, seen].softmax(dim=1).to(per_class.dtype)
+    return torch.einsum("rs,rsk->rk", weights, per_class)
+
+
+def borrow_box_regression(logits: Tensor, deltas: Tensor, seen_ids: Sequence[int],
+                          unseen_ids: Sequence[int], rule: str = "seen_mixture") -> Tensor:
+    """Give the unseen classes' slots the deltas of :func:`seen_deltas`: every unseen slot
+    (``seen_mixture``), or the best unseen class's slot alone (``best_seen``, the released code:
+    the other unseen slots keep their untrained deltas).
+
+    logits (R, C+1), deltas (R, 4(C+1)) -> new deltas (R, 4(C+1)); the input is not modified.
+    """
+    borrowed = seen_deltas(logits, deltas, seen_ids, rule)
+    num_rois, cols = logits.shape
     unseen = torch.as_tensor(unseen_ids, device=logits.device)
-    a_s = seen[logits[:, seen].argmax(dim=1)]
-    a_u = unseen[logits[:, unseen].argmax(dim=1)]
     out = deltas.reshape(num_rois, cols, 4).clone()
-    rows = torch.arange(num_rois, device=logits.device)
-    out[rows, a_u] = out[rows, a_s]
+    if rule == "best_seen":
+        rows = torch.arange(num_rois, device=logits.device)
+        out[rows, unseen[logits[:, unseen].argmax(dim=1)]] = borrowed
+    else:
+        out[:, unseen] = borrowed[:, None, :]
     return out.reshape(num_rois, 4 * cols)
 
 
@@ -271,7 +297,8 @@ class ZSDPredictor(nn.Module):
     one exists (threshold and slope, or neither); None = the published scoring. ``gate_iou``:
     with the soft gate and the boxes' proposals given to :meth:`forward`, the gate is decided
     per object (:func:`object_gate`); None, or without proposals (torchvision's own
-    ``model(images)`` calls the predictor with the features alone), per box. Detection scores
+    ``model(images)`` calls the predictor with the features alone), per box. ``box_regression``:
+    the unseen classes' box deltas (:func:`borrow_box_regression`). Detection scores
     from torchvision's postprocess are probabilities of this distribution; multiply by
     :attr:`score_scale` (or use :func:`rescale_scores`) for the released per-group scores.
     """
@@ -280,13 +307,17 @@ class ZSDPredictor(nn.Module):
                  seen_score_cut: Optional[float] = None,
                  detector_bg: Optional[tuple[Tensor, Tensor]] = None, excluded: str = "softmax",
                  gate_threshold: Optional[float] = None, gate_slope: Optional[float] = None,
-                 gate_seen_weight: float = 1.0, gate_iou: Optional[float] = None):
+                 gate_seen_weight: float = 1.0, gate_iou: Optional[float] = None,
+                 box_regression: str = "seen_mixture"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if excluded not in EXCLUDED_MODES:
             raise ValueError(f"excluded must be one of {EXCLUDED_MODES}, got {excluded!r}")
+        if box_regression not in BOX_REGRESSIONS:
+            raise ValueError(f"box_regression must be one of {BOX_REGRESSIONS}, got {box_regression!r}")
         self.base = base_predictor
+        self.box_regression = box_regression
         self.split = split
         self.mode = mode
         self.excluded = excluded
@@ -324,7 +355,8 @@ class ZSDPredictor(nn.Module):
             bg = F.linear(x, self.detector_bg_weight[None], self.detector_bg_bias[None])[:, 0]
         if self.mode == "seen":
             return seen_log_probs(logits, self.split, bg), deltas
-        deltas = borrow_box_regression(logits, deltas, self.split.seen_ids, self.split.unseen_ids)
+        deltas = borrow_box_regression(logits, deltas, self.split.seen_ids, self.split.unseen_ids,
+                                       self.box_regression)
         gate = None  # the soft scoring's share of unseen scores per box
         if self.gate_slope is not None:
             gate = unseen_weight(logits, bg, self.split, self.gate_threshold, self.gate_slope, self.gate_seen_weight)
@@ -339,6 +371,7 @@ class ZSDPredictor(nn.Module):
         return (f"mode={self.mode}, excluded={self.excluded}, seen_score_cut={self.seen_score_cut}, "
                 f"gate_threshold={self.gate_threshold}, gate_slope={self.gate_slope}, "
                 f"gate_seen_weight={self.gate_seen_weight}, gate_iou={self.gate_iou}, "
+                f"box_regression={self.box_regression}, "
                 f"unseen={len(self.split.unseen_ids)}")
 
 
@@ -349,13 +382,14 @@ def install_zsd_head(model: nn.Module, split: Split, mode: str,
                      classifier: Optional[tuple[Tensor, Tensor]] = None, bg_blend: float = 0.35,
                      seen_score_cut: Optional[float] = None, excluded: str = "softmax",
                      gate_threshold: Optional[float] = None, gate_slope: Optional[float] = None,
-                     gate_seen_weight: Optional[float] = None, gate_iou: Optional[float] = None) -> ZSDPredictor:
+                     gate_seen_weight: Optional[float] = None, gate_iou: Optional[float] = None,
+                     box_regression: str = "seen_mixture") -> ZSDPredictor:
     """Inject ``classifier`` (weight, bias) into ``model``'s predictor and install a ZSDPredictor.
 
     ``classifier`` is required for 'zsd' / 'gzsd' and ignored for 'seen'. ``gate_threshold``,
     ``gate_slope``, ``gate_seen_weight`` (None: 1), ``gate_iou``: the scoring's seen/unseen gate
-    (:class:`ZSDPredictor`; None = published).
-    Also divides ``model.roi_heads.score_thresh`` by the predictor's score_scale (see
+    (:class:`ZSDPredictor`; None = published); ``box_regression``: the unseen classes' box deltas
+    (:func:`borrow_box_regression`). Also divides ``model.roi_heads.score_thresh`` by the predictor's score_scale (see
     :func:`rescale_scores`).
     """
     base = model.roi_heads.box_predictor
@@ -368,7 +402,7 @@ def install_zsd_head(model: nn.Module, split: Split, mode: str,
     head = ZSDPredictor(base, split, mode, seen_score_cut=seen_score_cut, excluded=excluded,
                         gate_threshold=gate_threshold, gate_slope=gate_slope,
                         gate_seen_weight=1.0 if gate_seen_weight is None else gate_seen_weight,
-                        gate_iou=gate_iou)
+                        gate_iou=gate_iou, box_regression=box_regression)
     model.roi_heads.box_predictor = head
     prepare_postprocess(model, head)
     return head
