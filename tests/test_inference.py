@@ -143,6 +143,7 @@ def test_zsd_end_to_end(project, tmp_path):
     # the default soft scoring needs a calibration file: without one, published, and why
     ran = m.pop("zsd_scoring")
     assert ran["scoring"] == "published" and "calibrate-gzsd" in ran["source"]
+    assert m.pop("box_regression") == "seen_mixture"  # the unseen boxes' deltas that ran
     assert sorted(os.listdir(show)) == ["img1.png", "img3.png", "img5.png", "img6.png"]
     # `vldus evaluate` re-scores the written files to the same metrics
     rc = main(["evaluate", "--ann", gt_path(str(out)), "--dets", str(out), "--unseen", ",".join(UNSEEN),
