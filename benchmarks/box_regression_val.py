@@ -19,7 +19,7 @@ Output JSON: ``{"note": str, "seed": int, "checkpoint": path, "images": int, "ro
 "min_iou": float, "rules": {RULE: {"mean_iou": float, "iou>=0.5": %, "iou>=0.6": %,
 "iou>=0.7": %, "iou>=0.8": %}}}``, every value over the same RoIs::
 
-    python benchmarks/box_regression_val.py demo_out --out box_regression_val.json \\
+    python benchmarks/box_regression_val.py demo_out --out box_regression_val.json [--device cuda] \\
         --note "2-core AMD EPYC, torch 2.14.1"
 """
 from __future__ import annotations
@@ -60,17 +60,17 @@ def leave_one_out_ious(model, seen_ids: list[int], image: torch.Tensor, gt_boxes
     proposals = inputs.proposals.float()
     gt = resize_boxes(gt_boxes.float(), list(inputs.original_size), list(inputs.image_size))
     overlap = box_iou(proposals, gt)
-    best_iou, best_gt = overlap.max(dim=1) if len(gt) else (torch.zeros(len(proposals)), None)
+    best_iou, best_gt = overlap.max(dim=1)  # the caller passes images with objects only
     keep = best_iou >= min_iou
     if not bool(keep.any()):
         return {}
     proposals, target, label = proposals[keep], gt[best_gt[keep]], gt_labels[best_gt[keep]]
     logits, deltas = model.roi_heads.box_predictor(inputs.features[keep].flatten(start_dim=1).float())
-    rows = torch.arange(len(label))
+    rows = torch.arange(len(label), device=label.device)
     held_out = logits.clone()
     held_out[rows, label] = float("-inf")  # the object's class plays no part: as if unseen
     per_class = deltas.reshape(len(label), -1, 4)
-    chosen = {"own": per_class[rows, label], "proposal": torch.zeros(len(label), 4)}
+    chosen = {"own": per_class[rows, label], "proposal": torch.zeros_like(per_class[:, 0])}
     for rule in BOX_REGRESSIONS:
         chosen[rule] = seen_deltas(held_out, deltas, seen_ids, rule)
     coder = model.roi_heads.box_coder
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="JSON to write")
     p.add_argument("--note", default="", help="machine / settings")
     p.add_argument("--min-iou", type=float, default=0.5, help="proposals this close to an object (default 0.5)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = p.parse_args(argv)
     try:
         cfg = load_config(os.path.join(args.demo, "config.yaml"))
@@ -97,18 +98,18 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(cfg.source_file, "data.val: no validation images to measure on")
         split = cfg.load_split()
         checkpoint = latest_checkpoint(os.path.join(args.demo, "work", "detector"))
-        model = load_detector(cfg, split, checkpoint, "cpu")
+        model = load_detector(cfg, split, checkpoint, args.device)
         records = [r for r in load_records(cfg.data.val, split) if len(r)]
     except InputError as e:
         print(f"box_regression_val: error: {e}", file=sys.stderr)
         return 2
     parts: dict[str, list[torch.Tensor]] = {}
     for record in tqdm(records, desc="validation images", unit="img"):
-        image = to_float(read_rgb(record.path))
-        ious = leave_one_out_ious(model, list(split.seen_ids), image, torch.as_tensor(record.boxes),
-                                  torch.as_tensor(record.labels), args.min_iou)
+        image = to_float(read_rgb(record.path)).to(args.device)
+        ious = leave_one_out_ious(model, list(split.seen_ids), image, torch.as_tensor(record.boxes, device=args.device),
+                                  torch.as_tensor(record.labels, device=args.device), args.min_iou)
         for name, v in ious.items():
-            parts.setdefault(name, []).append(v)
+            parts.setdefault(name, []).append(v.cpu())
     if not parts:
         print(f"box_regression_val: error: no proposal within IoU {args.min_iou} of a validation object",
               file=sys.stderr)
