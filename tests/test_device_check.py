@@ -1,7 +1,11 @@
 """benchmarks/device_check.sh: the GPU check's every step on the CPU (``--tiny``, with its own
 ``vldus demo --tiny``), so the script is known to work before a GPU machine ever runs it; its step
 runner (own timeouts, JSON rewritten after every step, a failed step does not stop the others) and
-the one-to-one comparison of two detection files."""
+the one-to-one comparison of two detection files.
+
+The whole rehearsal (marked ``rehearsal``) runs speed benchmarks and trains a pipeline of its own,
+so ``make test`` leaves it out and ``make rehearse`` (run by ``.ci/run`` after ``make test``) runs
+it; the other tests here are part of ``make test``."""
 import json
 import os
 import subprocess
@@ -17,6 +21,7 @@ from device_check import compare_detections  # noqa: E402
 STEPS = ["setup", "bench_gan", "bench_detector", "demo", "parity", "dist_test"]
 
 
+@pytest.mark.rehearsal
 @pytest.mark.timeout(600)
 def test_every_step_runs_and_one_table_is_printed(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
