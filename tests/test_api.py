@@ -207,6 +207,12 @@ def test_gzsd_scores_as_vldus_test(bundle, tmp_path):
     with open(tmp_path / "m.json") as f:
         ran = json.load(f)["gzsd_scoring"]
     assert det.scoring["scoring"] == ran["scoring"] and det.gzsd_scoring is det.scoring
+    # the calibration itself, whichever scoring it chose: the same rows give the same fit and checks
+    with open(os.path.join(run.synth_dir, "gzsd_calibration.json")) as f:
+        stored = json.load(f)
+    assert det.calibration["scoring"] == stored["scoring"]
+    for key in ("balanced_accuracy", "threshold", "soft_slope", "soft_threshold", "synthetic_auc"):
+        assert det.calibration[key] == pytest.approx(stored[key], abs=1e-3), key
     if ran["scoring"] != "published":
         assert det.scoring["threshold"] == pytest.approx(ran["threshold"], abs=1e-3)
         assert det.head.gate_threshold == det.scoring["threshold"]

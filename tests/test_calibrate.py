@@ -3,8 +3,9 @@
 A hand-made task whose answer is known: four features, the detector's cls_score all zero (so
 every box has ``e_s = log 3``: three seen classes, logits 0, background 0), the synthesized
 classifier's unseen row reads feature 0 (``e_u = x0``), so a box's margin is ``x0 - log 3``. The
-generator outputs the constant ``[3, 0, 0, 0]`` (weights 0, bias 3): every synthesized unseen row
-has margin ``3 - log 3``. The validation seen rows have ``x0 = 0, 0, 0, 5`` (one look-alike): the
+generator outputs ``[3 (a2 - 0.1), 0, 0, 0]`` whatever the noise (a2: the class embedding's last
+entry, 1.1 for the unseen class, 0.1 for the seen ones): every synthesized unseen row has margin
+``3 - log 3``, every synthesized seen row ``-log 3`` (the chance check passes). The validation seen rows have ``x0 = 0, 0, 0, 5`` (one look-alike): the
 best cut lies between ``-log 3`` and ``3 - log 3`` with balanced accuracy ``(3/4 + 1) / 2 =
 0.875``, threshold ``1.5 - log 3``.
 """
@@ -59,7 +60,8 @@ def task(tmp_path):
     with torch.no_grad():
         for p in G.parameters():
             p.zero_()
-        G.fc2.bias[0] = 3.0
+        G.fc1_att.weight[0, 2] = 1.0  # hidden unit 0 = a2
+        G.fc2.weight[0, 0], G.fc2.bias[0] = 3.0, -0.3
     torch.save(G.state_dict(), synth / "generator.pth")
     weight = torch.zeros(2, DIM)
     weight[1, 0] = 1.0
@@ -85,6 +87,7 @@ def test_known_threshold_and_balanced_accuracy(task, capsys):
     assert out["threshold"] == pytest.approx(EXPECTED_THRESHOLD, abs=1e-5)
     assert out["scoring"] == "joint" and out["calibration_source"] == "val"
     assert out["seen_rows"] == 4 and out["unseen_rows"] == 4000  # 4 seen validation rows; 4000 / 1 unseen class
+    assert out["synthetic_seen_rows"] == 3999 and out["synthetic_auc"] == 1.0  # 1333 per seen class
     assert "no test data" in out["source"] and out["bg_blend"] == 0.35
     assert out["detector_sha256"] and out["classifier_sha256"]
     assert "calibrate-gzsd:" in capsys.readouterr().out
@@ -93,6 +96,20 @@ def test_known_threshold_and_balanced_accuracy(task, capsys):
 def test_below_min_separation_keeps_the_published_scoring(task):
     out = _calibrate(task, "--set", "inference.gzsd_min_separation=0.9")
     assert out["balanced_accuracy"] == pytest.approx(0.875) and out["scoring"] == "published"
+
+
+def test_a_margin_that_only_tells_synthesized_features_keeps_the_published_scoring(task):
+    """The generator ignores the class (every row [3, 0, 0, 0]): its seen rows get the margin of
+    its unseen ones, so the calibration's separation is that of real from synthesized rows."""
+    G = Generator(NZ, ATT, 8, DIM)
+    with torch.no_grad():
+        for p in G.parameters():
+            p.zero_()
+        G.fc2.bias[0] = 3.0
+    torch.save(G.state_dict(), task / "synth" / "generator.pth")
+    out = _calibrate(task)
+    assert out["balanced_accuracy"] == pytest.approx(0.875) and out["threshold"] == pytest.approx(EXPECTED_THRESHOLD, abs=1e-5)
+    assert out["synthetic_auc"] == 0.5 and out["scoring"] == "published"
 
 
 def test_never_reads_test_or_training_data(task, monkeypatch):

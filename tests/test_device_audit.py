@@ -140,7 +140,7 @@ def test_unseen_classifier_on_another_device(task, monkeypatch):
 
 
 def test_gzsd_calibration_on_another_device(task, monkeypatch):
-    """The calibration's synthesized unseen features come from the generator on the device
+    """The calibration's synthesized unseen (and seen) features come from the generator on the device
     (vldus.synthesis.models.synthesize), drawn with a generator there, and the calibration itself
     reads nothing back from the device."""
     from vldus.synthesis.calibrate import calibrate_generator
@@ -155,7 +155,7 @@ def test_gzsd_calibration_on_another_device(task, monkeypatch):
         detector_cls = (torch.zeros(split.num_classes + 1, dim), torch.zeros(split.num_classes + 1))
         audit = DeviceAudit()
         with audit:
-            result = calibrate_generator(seen, trainer.G, emb[split.unseen_ids], detector_cls,
+            result = calibrate_generator(seen, trainer.G, emb[split.unseen_ids], emb[split.seen_ids], detector_cls,
                                          (torch.zeros(rows, dim), torch.zeros(rows)), split, cfg.inference, 0,
                                          "validation")
     assert audit.generator_mismatches == [], audit.generator_mismatches

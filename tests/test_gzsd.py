@@ -9,8 +9,8 @@ import torch
 
 from vldus.data.splits import split_from_names
 from vldus.config import InferenceConfig
-from vldus.detection.gzsd import (best_threshold, calibrate, fit_soft_gate, group_evidence, resolve_scoring,
-                                  unseen_wins)
+from vldus.detection.gzsd import (best_threshold, calibrate, chance_auc, fit_soft_gate, group_evidence,
+                                  resolve_scoring, separation_auc, unseen_wins, why_published)
 from vldus.files import sha256_file
 from vldus.detection.zsd import ZSDPredictor, gzsd_probs, unseen_weight, zsd_log_probs
 from vldus.errors import InputError
@@ -125,18 +125,47 @@ def test_calibrate_on_features_picks_a_separating_threshold():
     seen[:, 1] = 2.0
     unseen = torch.rand(100, feat, generator=g) * torch.tensor([0.0, 0, 4, 0, 0, 0, 0, 0])
     unseen[:, 1] = 2.0
-    out = calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="hand-made")
+    synthetic_seen = seen[torch.randperm(200, generator=g)[:150]] + 0.01  # the generator's seen rows look seen
+    out = calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="hand-made",
+                    synthetic_seen=synthetic_seen)
     assert out["balanced_accuracy"] > 0.95 and out["scoring"] == "joint"
-    assert out["seen_rows"] == 200 and out["unseen_rows"] == 100 and math.isfinite(out["threshold"])
+    assert out["synthetic_auc"] > 0.95 and out["synthetic_auc_floor"] == pytest.approx(chance_auc(150, 100), abs=1e-6)
+    assert out["seen_rows"] == 200 and out["unseen_rows"] == 100 and out["synthetic_seen_rows"] == 150
+    assert math.isfinite(out["threshold"])
     assert out["soft_slope"] > 0 and math.isfinite(out["soft_threshold"])
     assert out["gate_fit"] == "margin" and out["soft_seen_weight"] == 1.0  # the default fit: on e_u - e_s
     two = calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="hand-made",
-                    gate_fit="two_weights")
+                    gate_fit="two_weights", synthetic_seen=synthetic_seen)
     assert two["gate_fit"] == "two_weights" and two["soft_slope"] > 0 and two["soft_seen_weight"] != 1.0
     assert {k: v for k, v in two.items() if not k.startswith(("soft_", "gate_"))} == \
         {k: v for k, v in out.items() if not k.startswith(("soft_", "gate_"))}  # the joint rule is the same
     with pytest.raises(ValueError, match="gate_fit"):
-        calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="x", gate_fit="cubic")
+        calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="x", gate_fit="cubic",
+                  synthetic_seen=synthetic_seen)
+    # the generator's seen rows drawn like its unseen ones: the margin separates real from
+    # synthesized rows as well as before, but not seen from unseen classes, so no rule runs
+    synthetic_like_unseen = unseen[torch.randperm(100, generator=g)] + 0.01
+    artefact = calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="hand-made",
+                         synthetic_seen=synthetic_like_unseen)
+    assert artefact["balanced_accuracy"] == out["balanced_accuracy"] and artefact["threshold"] == out["threshold"]
+    assert artefact["synthetic_auc"] < artefact["synthetic_auc_floor"] and artefact["scoring"] == "published"
+    assert "no better than chance" in why_published(artefact)
+
+
+def test_separation_auc_counts_ties_half_and_the_chance_floor_shrinks_with_rows():
+    assert separation_auc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 1.0
+    assert separation_auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 0.0
+    # pairs: (1 vs 1) tie = 0.5, (1 vs 2) = 1, (3 vs 1) = 0, (3 vs 2) = 0 -> 1.5 / 4
+    assert separation_auc(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])) == pytest.approx(0.375)
+    assert separation_auc(torch.ones(5), torch.ones(7)) == pytest.approx(0.5)
+    # brute force on random values with ties
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 5, (40,), generator=g).float(), torch.randint(0, 6, (30,), generator=g).float()
+    pairs = (b[None, :] > a[:, None]).double().mean() + 0.5 * (b[None, :] == a[:, None]).double().mean()
+    assert separation_auc(a, b) == pytest.approx(float(pairs), abs=1e-12)
+    # 0.5 + 3 standard errors of the AUC of two groups that do not differ
+    assert chance_auc(4000, 4000) == pytest.approx(0.5 + 3 * (8001 / (12 * 4000 * 4000)) ** 0.5)
+    assert 0.5 < chance_auc(4000, 4000) < chance_auc(100, 100) < 0.65
 
 
 def test_calibration_without_separation_keeps_the_published_scoring(tmp_path):
@@ -148,7 +177,7 @@ def test_calibration_without_separation_keeps_the_published_scoring(tmp_path):
     syn_w, syn_b = torch.randn(2, feat, generator=g), torch.zeros(2)
     seen, unseen = torch.rand(300, feat, generator=g), torch.rand(300, feat, generator=g)
     out = calibrate(seen, unseen, cls_w, cls_b, syn_w, syn_b, SPLIT, bg_blend=0.35, source="hand-made",
-                    min_separation=0.75)
+                    min_separation=0.75, synthetic_seen=torch.rand(300, feat, generator=g))
     assert out["balanced_accuracy"] < 0.75 and out["scoring"] == "published"
     ckpt, cls = _made_for(tmp_path, out)
     scoring = resolve_scoring(InferenceConfig(bg_blend=0.35), ckpt, cls)
@@ -168,7 +197,8 @@ def _made_for(tmp_path, calibration: dict, bg_blend: float = 0.35) -> tuple[str,
 
 
 JOINT = {"scoring": "joint", "threshold": -1.25, "balanced_accuracy": 0.9, "min_separation": 0.75,
-         "soft_slope": 0.8, "gate_fit": "margin", "soft_seen_weight": 1.5, "soft_threshold": -1.0}
+         "soft_slope": 0.8, "gate_fit": "margin", "soft_seen_weight": 1.5, "soft_threshold": -1.0,
+         "synthetic_auc": 0.6, "synthetic_auc_floor": 0.52}
 
 
 def test_resolve_scoring_order(tmp_path):
@@ -204,7 +234,7 @@ def test_resolve_scoring_order(tmp_path):
 
 
 @pytest.mark.parametrize("change", ["classifier", "detector", "bg_blend", "gate_fit", "no scoring key", "no sha256",
-                                    "no soft fit", "no seen weight"])
+                                    "no soft fit", "no seen weight", "no chance check"])
 def test_calibration_made_for_other_files_is_refused(tmp_path, change):
     """A gzsd_calibration.json is trusted only for the checkpoint, classifier and bg_blend it
     was made for, and only with every key (a missing 'scoring' does not mean joint)."""
@@ -222,7 +252,7 @@ def test_calibration_made_for_other_files_is_refused(tmp_path, change):
     else:
         data = json.loads(path.read_text())
         del data[{"no scoring key": "scoring", "no sha256": "classifier_sha256", "no soft fit": "soft_slope",
-                  "no seen weight": "soft_seen_weight"}[change]]
+                  "no seen weight": "soft_seen_weight", "no chance check": "synthetic_auc"}[change]]
         path.write_text(json.dumps(data))
     with pytest.raises(InputError) as e:
         resolve_scoring(inference, ckpt, cls, "configs/toy.yaml")

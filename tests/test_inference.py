@@ -318,7 +318,9 @@ def test_calibration_file_is_used_recorded_and_refused_for_another_classifier(pr
     cls = tmp_path / "classifier_best.pth"
     shutil.copy(project / "cls.pth", cls)
     calibration = {"scoring": "joint", "threshold": -2.0, "balanced_accuracy": 0.9, "min_separation": 0.75,
-                   "soft_slope": 0.5, "gate_fit": "margin", "soft_seen_weight": 1.25, "soft_threshold": -1.5, "bg_blend": load_config(str(project / "tiny.yaml")).inference.bg_blend,
+                   "soft_slope": 0.5, "gate_fit": "margin", "soft_seen_weight": 1.25, "soft_threshold": -1.5,
+                   "synthetic_auc": 0.6, "synthetic_auc_floor": 0.52,
+                   "bg_blend": load_config(str(project / "tiny.yaml")).inference.bg_blend,
                    "detector_sha256": sha256_file(str(project / "det.pth")),
                    "classifier_sha256": sha256_file(str(cls))}
     (tmp_path / "gzsd_calibration.json").write_text(json.dumps(calibration))

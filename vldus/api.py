@@ -134,6 +134,7 @@ class ZeroShotDetector:
         self.model = None
         self.head = None
         self.scoring: Optional[dict] = None  # {"scoring", "threshold", "slope", "seen_weight", "source"} that runs
+        self.calibration: Optional[dict] = None  # the gzsd_calibration dict made for the names (None: none made)
 
     @property
     def gzsd_scoring(self) -> Optional[dict]:
@@ -164,7 +165,8 @@ class ZeroShotDetector:
         ``inference.gzsd_threshold`` when set, else one calibrated here on the bundle's real seen
         validation features against features of the new names synthesized by the generator
         (:func:`vldus.synthesis.calibrate.calibrate_generator`, the calibration train-generator
-        runs); ``self.scoring`` says what runs."""
+        runs); ``self.scoring`` says what runs, ``self.calibration`` (None when the config fixes
+        the scoring) what the calibration found."""
         from vldus.data.splits import Split, normalize_name
         from vldus.detection.model import build_detector
         from vldus.detection.zsd import install_zsd_head
@@ -204,6 +206,7 @@ class ZeroShotDetector:
         from vldus.synthesis.data import derive_seed
 
         inf = self.cfg.inference
+        self.calibration = None
         configured = configured_scoring(inf, setting)
         if configured is not None:
             return configured
@@ -212,10 +215,13 @@ class ZeroShotDetector:
             return published("the bundle has no seen features to calibrate on (export it again)")
         keep = torch.isin(stored["seen_labels"], torch.tensor(ext.seen_ids))
         cls = model.roi_heads.box_predictor.cls_score
+        seen_names = [ext.classes[k - 1] for k in ext.seen_ids]
         calibration = calibrate_generator(
             stored["seen_features"][keep], self._generator(), torch.from_numpy(embed_names(self.bundle.encoder, names)),
+            torch.from_numpy(embed_names(self.bundle.encoder, seen_names)),
             (cls.weight.cpu(), cls.bias.cpu()), (weight, bias), ext, inf, derive_seed(self.cfg.gan.seed, SEED_KEY),
             "the bundle's seen features vs synthesized features of the new names", GENERATOR_FILE)
+        self.calibration = calibration
         return calibrated_scoring(wanted_scoring(inf, setting), calibration,
                                   f"calibrated for these names on {int(keep.sum())} seen features of the bundle")
 

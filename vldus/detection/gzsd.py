@@ -40,12 +40,16 @@ uncalibrated threshold can cost more seen mAP than it saves).
 ``gzsd_calibration.json``: ``{"scoring": "joint" | "published", "threshold": float,
 "balanced_accuracy": float, "min_separation": float, "seen_rows": int, "unseen_rows": int,
 "soft_slope": float, "gate_fit": "margin" | "two_weights", "soft_seen_weight": float,
-"soft_threshold": float, "bg_blend": float, "source": str,
+"soft_threshold": float, "synthetic_auc": float, "synthetic_auc_floor": float,
+"synthetic_seen_rows": int, "bg_blend": float, "source": str,
 "calibration_source": "val" | "train", "seen_features": path,
 "detector_checkpoint": path, "detector_sha256": hex, "classifier": path, "classifier_sha256":
 hex}``. "published" when the best threshold separates the two with a balanced accuracy below
-``inference.gzsd_min_separation``: then the rule would remove real seen detections about as
-often as look-alikes. :func:`resolve_scoring` refuses (InputError, exit 2) a file made for
+``inference.gzsd_min_separation`` (then the rule would remove real seen detections about as
+often as look-alikes), or when the margin does not separate features the generator synthesized
+for the seen classes from those of the unseen classes better than chance (``synthetic_auc``
+below ``synthetic_auc_floor``: the calibration's separation is then that of real from
+synthesized features, which says nothing about real unseen objects). :func:`resolve_scoring` refuses (InputError, exit 2) a file made for
 another detector checkpoint, classifier file, ``gate_fit`` or ``bg_blend``, or one without these
 keys.
 """
@@ -68,7 +72,10 @@ ZSD_SCORINGS = ("soft", "published")  # ZSD (inference.zsd_scoring): the gate ac
 CALIBRATION_FILE = "gzsd_calibration.json"
 # keys vldus test needs to trust a calibration file
 CALIBRATION_KEYS = ("scoring", "threshold", "balanced_accuracy", "min_separation", "soft_slope", "gate_fit",
-                    "soft_seen_weight", "soft_threshold", "bg_blend", "detector_sha256", "classifier_sha256")
+                    "soft_seen_weight", "soft_threshold", "synthetic_auc", "synthetic_auc_floor", "bg_blend",
+                    "detector_sha256", "classifier_sha256")
+# standard errors above 0.5 that the synthesized seen/unseen AUC must reach (about 1 in 1000 by chance)
+CHANCE_Z = 3.0
 GATE_FITS = ("margin", "two_weights")  # inference.gate_fit: what the soft gate's regression is on
 
 
@@ -100,6 +107,28 @@ def best_threshold(seen_margin: Tensor, unseen_margin: Tensor) -> tuple[float, f
     i = len(balanced) - 1 - int(torch.argmax(balanced.flip(0)))
     upper = values[i + 1] if i + 1 < len(values) else values[i] + 1.0
     return float((values[i] + upper) / 2), float(balanced[i])
+
+
+def separation_auc(low: Tensor, high: Tensor) -> float:
+    """The probability that a row of ``high`` (N,) has a larger value than a row of ``low`` (M,),
+    ties counting half (the Mann-Whitney AUC; 0.5: no separation)."""
+    values = torch.cat([low, high]).double()
+    order = torch.argsort(values, stable=True)
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(1, len(values) + 1, dtype=values.dtype, device=values.device)
+    # tied values share the mean of their ranks
+    unique, inverse = torch.unique(values, return_inverse=True)
+    mean_rank = torch.zeros_like(unique).index_add_(0, inverse, ranks)
+    mean_rank /= torch.zeros_like(unique).index_add_(0, inverse, torch.ones_like(ranks))
+    n_low, n_high = len(low), len(high)
+    high_ranks = float(mean_rank[inverse[n_low:]].sum())
+    return (high_ranks - n_high * (n_high + 1) / 2) / (n_low * n_high)
+
+
+def chance_auc(n_low: int, n_high: int, z: float = CHANCE_Z) -> float:
+    """The AUC that rows of two groups of these sizes with no separation stay below but for
+    chance: 0.5 plus ``z`` standard errors, ``sqrt((n_low + n_high + 1) / (12 n_low n_high))``."""
+    return 0.5 + z * ((n_low + n_high + 1) / (12.0 * n_low * n_high)) ** 0.5
 
 
 def fit_soft_gate(seen_evidence: Tensor, unseen_evidence: Tensor, iterations: int = 50) -> tuple[float, float, float]:
@@ -152,17 +181,25 @@ def evidence(features: Tensor, cls_weight: Tensor, cls_bias: Tensor, syn_weight:
 
 def calibrate(seen_features: Tensor, unseen_features: Tensor, cls_weight: Tensor, cls_bias: Tensor,
               syn_weight: Tensor, syn_bias: Tensor, split: Split, bg_blend: float, source: str,
-              min_separation: float = 0.0, gate_fit: str = "margin") -> dict:
-    """The ``gzsd_calibration.json`` dict (see the module doc) from seen / unseen RoI features.
+              min_separation: float = 0.0, gate_fit: str = "margin", *, synthetic_seen: Tensor) -> dict:
+    """The ``gzsd_calibration.json`` dict (see the module doc) from real seen RoI features
+    ``seen_features`` (N, F) and synthesized unseen ones ``unseen_features`` (M, F); ``synthetic_seen``
+    (K, F): features the same generator synthesized for the SEEN classes.
     ``gate_fit`` (:data:`GATE_FITS`): the soft gate's regression on the margin ``e_u - e_s``
     (seen weight 1) or on the two evidences (its own seen weight).
 
-    When the best threshold's balanced accuracy is below ``min_separation`` (or the fitted slope
-    is not positive) the rules cannot tell seen from unseen boxes here, and the file says
-    ``"scoring": "published"`` (the fitted values are still recorded); else ``"joint"``: either
-    rule may run (``inference.gzsd_scoring`` chooses)."""
+    The rules run (``"scoring": "joint"``; ``inference.gzsd_scoring`` chooses which) only when the
+    margin separates the two groups here (balanced accuracy >= ``min_separation``, fitted slope >
+    0) AND separates synthesized seen from synthesized unseen features better than chance
+    (``synthetic_auc`` >= :func:`chance_auc`): real and synthesized features differ in ways of
+    their own (the detector is less sure of synthesized ones), and a margin that separates only
+    those would tell real from synthesized boxes, not seen from unseen ones. Otherwise the file
+    says ``"published"`` (the fitted values are still recorded)."""
     args = (cls_weight.float(), cls_bias.float(), syn_weight.float(), syn_bias.float(), split, bg_blend)
     seen_ev, unseen_ev = evidence(seen_features, *args), evidence(unseen_features, *args)
+    synthetic_ev = evidence(synthetic_seen, *args)
+    synthetic_auc = separation_auc(synthetic_ev[:, 0] - synthetic_ev[:, 1], unseen_ev[:, 0] - unseen_ev[:, 1])
+    synthetic_floor = chance_auc(len(synthetic_seen), len(unseen_features))
     # the joint rule's hard threshold is on the margin e_u - e_s
     threshold, accuracy = best_threshold(seen_ev[:, 0] - seen_ev[:, 1], unseen_ev[:, 0] - unseen_ev[:, 1])
     if gate_fit == "two_weights":
@@ -172,13 +209,15 @@ def calibrate(seen_features: Tensor, unseen_features: Tensor, cls_weight: Tensor
         seen_weight = 1.0
     else:
         raise ValueError(f"gate_fit must be one of {GATE_FITS}, got {gate_fit!r}")
-    return {"scoring": "joint" if accuracy >= min_separation and slope > 0 else "published",
+    separates = accuracy >= min_separation and slope > 0 and synthetic_auc >= synthetic_floor
+    return {"scoring": "joint" if separates else "published",
             "threshold": round(threshold, 6), "balanced_accuracy": round(accuracy, 6),
             "min_separation": min_separation, "soft_slope": round(slope, 6),
             "gate_fit": gate_fit, "soft_seen_weight": round(seen_weight, 6),
             "soft_threshold": round(soft_threshold, 6),
-            "seen_rows": len(seen_features), "unseen_rows": len(unseen_features), "bg_blend": bg_blend,
-            "source": source}
+            "synthetic_auc": round(synthetic_auc, 6), "synthetic_auc_floor": round(synthetic_floor, 6),
+            "seen_rows": len(seen_features), "unseen_rows": len(unseen_features),
+            "synthetic_seen_rows": len(synthetic_seen), "bg_blend": bg_blend, "source": source}
 
 
 def calibration_path(syn_weights: str) -> str:
@@ -278,14 +317,25 @@ def calibrated_scoring(wanted: str, calibration: dict, source: str) -> dict:
     """The scoring dict of a calibration (``wanted``: "soft" or "joint", the configured scoring):
     the published one when the calibration cannot separate seen from unseen boxes."""
     if calibration["scoring"] == "published":
-        return published(f"{source}: the calibration separates seen from unseen boxes with balanced "
-                         f"accuracy {calibration['balanced_accuracy']:.2f} < {calibration['min_separation']}")
+        return published(f"{source}: {why_published(calibration)}")
     if wanted == "soft":
         return {"scoring": "soft", "threshold": float(calibration["soft_threshold"]),
                 "slope": float(calibration["soft_slope"]), "seen_weight": float(calibration["soft_seen_weight"]),
                 "source": source}
     return {"scoring": "joint", "threshold": float(calibration["threshold"]), "slope": None, "seen_weight": None,
             "source": source}
+
+
+def why_published(calibration: dict) -> str:
+    """Why a calibration says ``"published"``, in words."""
+    if calibration["balanced_accuracy"] < calibration["min_separation"]:
+        return (f"the calibration separates seen from unseen boxes with balanced accuracy "
+                f"{calibration['balanced_accuracy']:.2f} < {calibration['min_separation']}")
+    if calibration["synthetic_auc"] < calibration["synthetic_auc_floor"]:
+        return (f"the margin separates synthesized seen from synthesized unseen features no better than "
+                f"chance (AUC {calibration['synthetic_auc']:.3f} < {calibration['synthetic_auc_floor']:.3f}): "
+                f"it tells real from synthesized features, not seen from unseen ones")
+    return f"the soft gate's fitted slope {calibration['soft_slope']:g} is not positive"
 
 
 def describe_scoring(scoring: dict) -> str:

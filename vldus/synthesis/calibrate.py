@@ -2,8 +2,8 @@
 
 Inputs, none of them from the test set: the detector's ``cls_score`` (checkpoint), the
 synthesized classifier (``SYNTH_DIR/classifier_best.pth``), the trained generator
-(``SYNTH_DIR/generator.pth``) and the class embeddings (unseen features are synthesized afresh,
-not the classifier's training rows), and real seen RoI features of held-out validation images
+(``SYNTH_DIR/generator.pth``) and the class embeddings (unseen features, and seen ones for the
+chance check, are synthesized afresh, not the classifier's training rows), and real seen RoI features of held-out validation images
 (``FEATURES/val_{fg}_{bg}_feats.npy`` of ``vldus extract-features --data-split val``, rows with a
 seen label). A config without ``data.val`` falls back to the detector's training images' features
 (``train_*``, over-confident: the detector was trained on them), prints a warning and records
@@ -70,10 +70,12 @@ def pick_seen_rows(labels: np.ndarray, split, seed: int) -> np.ndarray:
 
 
 def calibrate_generator(seen: torch.Tensor, generator: torch.nn.Module, unseen_att: torch.Tensor,
-                        detector_cls: tuple[torch.Tensor, torch.Tensor], classifier: tuple[torch.Tensor, torch.Tensor],
-                        split, inference, seed: int, source: str, where: str = "generator") -> dict:
+                        seen_att: torch.Tensor, detector_cls: tuple[torch.Tensor, torch.Tensor],
+                        classifier: tuple[torch.Tensor, torch.Tensor], split, inference, seed: int, source: str,
+                        where: str = "generator") -> dict:
     """:func:`vldus.detection.gzsd.calibrate` on real seen rows ``seen`` (N, F) against
-    ``SEEN_ROWS / U`` features per unseen class synthesized from ``unseen_att`` (U, d) with noise
+    ``SEEN_ROWS / U`` features per unseen class synthesized from ``unseen_att`` (U, d), then
+    ``SEEN_ROWS / S`` per seen class from ``seen_att`` (S, d) for the chance check, with noise
     seeded by ``derive_seed(seed, 1)`` on the generator's device. ``detector_cls``: the detector's
     cls_score (weight (C+1, F), bias); ``classifier``: the synthesized one (1+U rows);
     ``inference``: the config section (bg_blend, gzsd_min_separation). InputError naming ``where``
@@ -83,11 +85,12 @@ def calibrate_generator(seen: torch.Tensor, generator: torch.nn.Module, unseen_a
     device = next(generator.parameters()).device
     noise = torch.Generator(device).manual_seed(derive_seed(seed, 1))
     unseen = synthesize(generator, unseen_att, max(1, SEEN_ROWS // len(unseen_att)), noise).cpu()
-    if not torch.isfinite(unseen).all():
+    synthetic_seen = synthesize(generator, seen_att, max(1, SEEN_ROWS // len(seen_att)), noise).cpu()
+    if not (torch.isfinite(unseen).all() and torch.isfinite(synthetic_seen).all()):
         raise InputError(where, "the generator synthesizes NaN or inf features")
     return calibrate(seen, unseen, detector_cls[0].detach(), detector_cls[1].detach(), classifier[0],
                      classifier[1], split, inference.bg_blend, source, inference.gzsd_min_separation,
-                     inference.gate_fit)
+                     inference.gate_fit, synthetic_seen=synthetic_seen)
 
 
 def calibrate_synth_dir(cfg, synth_dir: str, detector_checkpoint: str, features_dir: str,
@@ -111,7 +114,8 @@ def calibrate_synth_dir(cfg, synth_dir: str, detector_checkpoint: str, features_
     seen = features.gather(pick)
     if not torch.isfinite(seen).all():
         raise InputError(features.feats_path, "seen rows used for the GZSD calibration contain NaN or inf")
-    result = calibrate_generator(seen, G, emb[split.unseen_ids], (seen_classifier.weight, seen_classifier.bias),
+    result = calibrate_generator(seen, G, emb[split.unseen_ids], emb[split.seen_ids],
+                                 (seen_classifier.weight, seen_classifier.bias),
                                  classifier, split, cfg.inference, seed, SOURCES[source], gen_path)
     result.update({"calibration_source": source, "seen_features": os.path.abspath(features.feats_path),
                    "detector_checkpoint": os.path.abspath(detector_checkpoint),
