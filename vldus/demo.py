@@ -440,6 +440,7 @@ def metrics_table(m: dict) -> str:
 
 
 def write_report(out: str, result: dict, pictures: list[str], size: DemoSize, args) -> str:
+    from vldus.detection.gzsd import describe_scoring
     from vldus.evaluation.breakdown import KIND_TEXT, markdown_summary
 
     ablation = result["ablation"]
@@ -469,7 +470,11 @@ def write_report(out: str, result: dict, pictures: list[str], size: DemoSize, ar
               "were fixed): " + "; ".join(f"{k}: {v}" for k, v in KIND_TEXT.items()) + ".", "",
               markdown_summary({k: a["zsd_breakdown"] for k, a in ablation.items() if "zsd_breakdown" in a})]
     for setting, title in (("zsd", "ZSD"), ("gzsd", "GZSD"), ("gzsd_published", "GZSD, published scoring")):
-        lines += ["", f"## {title} ({result['method']})", "", metrics_table(result[setting])]
+        ran = result[setting].get(f"{result[setting]['setting']}_scoring")
+        lines += ["", f"## {title} ({result['method']})", ""]
+        lines += [f"Scoring: {describe_scoring(ran)}; box deltas: {result[setting].get('box_regression')}.", ""] \
+            if ran else []
+        lines += [metrics_table(result[setting])]
     val = result["detector"].get("per_epoch")
     if val:
         lines += ["", "## Detector", "", "Seen mAP@0.5 on the validation images (never trained on), per epoch: "
