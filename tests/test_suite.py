@@ -18,7 +18,8 @@ def test_the_rehearsal_is_left_out_of_make_test_and_run_by_ci():
     # the GPU check's whole CPU run is marked, make test deselects exactly that mark, and CI runs
     # make rehearse after make test: a rehearsal left out of both would go untested
     root = os.path.dirname(HERE)
-    marked = [p for p in glob.glob(os.path.join(HERE, "test_*.py")) if p != os.path.abspath(__file__) and "@pytest.mark.rehearsal" in open(p).read()]
+    marked = [p for p in glob.glob(os.path.join(HERE, "test_*.py"))
+              if p != os.path.abspath(__file__) and "@pytest.mark.rehearsal" in open(p).read()]
     assert [os.path.basename(p) for p in marked] == ["test_device_check.py"]
     makefile = open(os.path.join(root, "Makefile")).read()
     assert '-m "not rehearsal" tests' in makefile and "-m rehearsal tests" in makefile

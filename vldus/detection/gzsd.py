@@ -49,9 +49,9 @@ hex}``. "published" when the best threshold separates the two with a balanced ac
 often as look-alikes), or when the margin does not separate features the generator synthesized
 for the seen classes from those of the unseen classes better than chance (``synthetic_auc``
 below ``synthetic_auc_floor``: the calibration's separation is then that of real from
-synthesized features, which says nothing about real unseen objects). :func:`resolve_scoring` refuses (InputError, exit 2) a file made for
-another detector checkpoint, classifier file, ``gate_fit`` or ``bg_blend``, or one without these
-keys.
+synthesized features, which says nothing about real unseen objects). :func:`resolve_scoring`
+refuses (InputError, exit 2) a file made for another detector checkpoint, classifier file,
+``gate_fit`` or ``bg_blend``, or one without these keys.
 """
 from __future__ import annotations
 

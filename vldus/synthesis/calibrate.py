@@ -3,13 +3,14 @@
 Inputs, none of them from the test set: the detector's ``cls_score`` (checkpoint), the
 synthesized classifier (``SYNTH_DIR/classifier_best.pth``), the trained generator
 (``SYNTH_DIR/generator.pth``) and the class embeddings (unseen features, and seen ones for the
-chance check, are synthesized afresh, not the classifier's training rows), and real seen RoI features of held-out validation images
-(``FEATURES/val_{fg}_{bg}_feats.npy`` of ``vldus extract-features --data-split val``, rows with a
-seen label). A config without ``data.val`` falls back to the detector's training images' features
-(``train_*``, over-confident: the detector was trained on them), prints a warning and records
-``"calibration_source": "train"``. :func:`vldus.detection.gzsd.calibrate` picks the threshold;
-the result goes to ``SYNTH_DIR/gzsd_calibration.json`` with the sha256 of the detector checkpoint
-and of the classifier file, where ``vldus test --gzsd`` finds (and checks) it.
+chance check, are synthesized afresh, not the classifier's training rows), and real seen RoI
+features of held-out validation images (``FEATURES/val_{fg}_{bg}_feats.npy`` of ``vldus
+extract-features --data-split val``, rows with a seen label). A config without ``data.val``
+falls back to the detector's training images' features (``train_*``, over-confident: the
+detector was trained on them), prints a warning and records ``"calibration_source": "train"``.
+:func:`vldus.detection.gzsd.calibrate` picks the threshold; the result goes to
+``SYNTH_DIR/gzsd_calibration.json`` with the sha256 of the detector checkpoint and of the
+classifier file, where ``vldus test --gzsd`` finds (and checks) it.
 
 ``vldus train-generator`` calls :func:`calibrate_synth_dir` on its own outputs, so
 ``calibrate-gzsd`` on the same inputs (same device kind) rewrites exactly the file it wrote.
