@@ -165,16 +165,55 @@ def test_folder_input_and_unique_output_names(bundle, test_records, tmp_path):
     assert output_stems(["a/x.png", "b/x.png", "x.jpg"]) == ["x", "x_2", "x_3"]
 
 
+def _same_rows_as_vldus_test(det, split) -> None:
+    """The one difference by design between the API and vldus test: a new name has no
+    box-regression rows of its own (zero deltas, borrowed from the seen classes), while vldus
+    test's unseen slots keep the detector's rows of those classes (never trained on a positive).
+    Give the API the same rows."""
+    box = det.model.roi_heads.box_predictor.base.bbox_pred
+    num = len(split.classes)
+    with torch.no_grad():
+        for k, class_id in enumerate(split.unseen_ids, start=1):
+            box.weight[4 * (num + k):4 * (num + k + 1)] = box.weight[4 * class_id:4 * (class_id + 1)]
+            box.bias[4 * (num + k):4 * (num + k + 1)] = box.bias[4 * class_id:4 * (class_id + 1)]
+
+
+def _compare_with_vldus_test(det, run, cfg, split, tmp_path, options: list[str]) -> dict:
+    """vldus test --gzsd on 4 test images with ``options``; the API's detections on them must be
+    the same (labels and scores). Returns the scoring vldus test recorded."""
+    from vldus.data.readers import load_records, select_test
+
+    out = tmp_path / "dets.json"
+    assert cli.main(["test", "--config", run.config, "--checkpoint", run.checkpoint, "--syn-weights",
+                     os.path.join(run.synth_dir, "classifier_best.pth"), "--gzsd", "--out", str(out),
+                     "--metrics", str(tmp_path / "m.json"), "--max-images", "4", "--quiet", *options]) == 0
+    with open(tmp_path / "m.json") as f:
+        ran = json.load(f)["gzsd_scoring"]
+    with open(out) as f:
+        tested = json.load(f)
+    with open(str(out)[:-5] + ".gt.json") as f:
+        category = {c["id"]: c["name"] for c in json.load(f)["categories"]}
+    records = select_test(load_records(cfg.data.test, split), split, "gzsd", cfg.data.test_rule)[:4]
+    for record, result in zip(records, det([r.path for r in records], score_thresh=0.0)):
+        expected = sorted((category[d["category_id"]], round(d["score"], 4)) for d in tested
+                          if d["image_id"] == record.image_id)
+        got = sorted(zip(result["labels"], np.round(result["scores"], 4).tolist()))
+        assert len(got) == len(expected) > 0
+        assert [n for n, _ in got] == [n for n, _ in expected]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=2e-4)
+    return ran
+
+
 def test_gzsd_scores_as_vldus_test(bundle, tmp_path):
     """Given vldus test's own classifier (put in the API's classifier cache), GZSD through the API
-    runs the same scoring as `vldus test --gzsd` (default scoring, threshold and slope calibrated
-    on the same seen features against the same generator) and the same inference path: same
-    boxes, scores and labels. With inference.gzsd_scoring: published both drop the rule."""
+    runs the same scoring as `vldus test --gzsd` (default scoring, calibrated on the same seen
+    features against the same generator: the same fit and the same decision) and the same
+    inference path: same boxes, scores and labels; with a configured soft gate too, whatever the
+    calibration decided. With inference.gzsd_scoring: published both drop the rule."""
     from safetensors.torch import save_file
 
     from vldus.config import load_config
     from vldus.detection.zsd import load_syn_classifier
-    from vldus.data.readers import load_records, select_test
 
     run = quick_demo()
     cfg = load_config(run.config)
@@ -190,22 +229,8 @@ def test_gzsd_scores_as_vldus_test(bundle, tmp_path):
               str(cache / f"classifier_{det._cache_key(order)}.safetensors"))
     det.set_classes(names, gzsd=True)
     assert det.classifier_source == "cache"
-    # The one difference by design: a new name has no box-regression rows of its own (zero deltas,
-    # the best unseen class borrows the best seen class's), while vldus test's unseen slots keep the
-    # detector's rows of those classes (never trained on a positive). Give the API the same rows.
-    box = det.model.roi_heads.box_predictor.base.bbox_pred
-    num = len(split.classes)
-    with torch.no_grad():
-        for k, class_id in enumerate(split.unseen_ids, start=1):
-            box.weight[4 * (num + k):4 * (num + k + 1)] = box.weight[4 * class_id:4 * (class_id + 1)]
-            box.bias[4 * (num + k):4 * (num + k + 1)] = box.bias[4 * class_id:4 * (class_id + 1)]
-
-    out = tmp_path / "dets.json"
-    assert cli.main(["test", "--config", run.config, "--checkpoint", run.checkpoint, "--syn-weights",
-                     os.path.join(run.synth_dir, "classifier_best.pth"), "--gzsd", "--out", str(out),
-                     "--metrics", str(tmp_path / "m.json"), "--max-images", "4", "--quiet"]) == 0
-    with open(tmp_path / "m.json") as f:
-        ran = json.load(f)["gzsd_scoring"]
+    _same_rows_as_vldus_test(det, split)
+    ran = _compare_with_vldus_test(det, run, cfg, split, tmp_path, [])
     assert det.scoring["scoring"] == ran["scoring"] and det.gzsd_scoring is det.scoring
     # the calibration itself, whichever scoring it chose: the same rows give the same fit and checks
     with open(os.path.join(run.synth_dir, "gzsd_calibration.json")) as f:
@@ -215,30 +240,30 @@ def test_gzsd_scores_as_vldus_test(bundle, tmp_path):
         assert det.calibration[key] == pytest.approx(stored[key], abs=1e-3), key
     if ran["scoring"] != "published":
         assert det.scoring["threshold"] == pytest.approx(ran["threshold"], abs=1e-3)
-        assert det.head.gate_threshold == det.scoring["threshold"]
-        assert det.head.gate_slope == det.scoring["slope"]
+        assert (det.head.gate_threshold, det.head.gate_slope) == (det.scoring["threshold"], det.scoring["slope"])
         if ran["slope"] is not None:  # soft
             assert det.scoring["slope"] == pytest.approx(ran["slope"], abs=1e-3)
             assert det.head.gate_seen_weight == det.scoring["seen_weight"]
             assert det.scoring["seen_weight"] == pytest.approx(ran["seen_weight"], abs=1e-3)
-    with open(out) as f:
-        tested = json.load(f)
-    with open(str(out)[:-5] + ".gt.json") as f:
-        category = {c["id"]: c["name"] for c in json.load(f)["categories"]}
-    records = select_test(load_records(cfg.data.test, split), split, "gzsd", cfg.data.test_rule)[:4]
-    for record, result in zip(records, det([r.path for r in records], score_thresh=0.0)):
-        expected = sorted((category[d["category_id"]], round(d["score"], 4)) for d in tested
-                          if d["image_id"] == record.image_id)
-        got = sorted(zip(result["labels"], np.round(result["scores"], 4).tolist()))
-        assert len(got) == len(expected) > 0
-        assert [n for n, _ in got] == [n for n, _ in expected]
-        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=2e-4)
 
     # ZSD: the same calibration gates the unseen scores, in the API as in vldus test --zsd
     det.set_classes(names)
     assert det.head.mode == "zsd" and det.scoring["scoring"] == ran["scoring"] and det.gzsd_scoring is None
     if ran["scoring"] == "soft":
         assert (det.head.gate_threshold, det.head.gate_slope) == pytest.approx((ran["threshold"], ran["slope"]), abs=1e-3)
+
+    # a configured soft gate (the calibration's own fit), in both: the same detections
+    threshold, slope = stored["soft_threshold"], stored["soft_slope"]
+    det.cfg.inference.gzsd_threshold, det.cfg.inference.gzsd_slope = threshold, slope
+    det.set_classes(names, gzsd=True)
+    assert det.calibration is None and det.scoring["scoring"] == "soft"
+    assert (det.head.gate_threshold, det.head.gate_slope) == (threshold, slope)
+    _same_rows_as_vldus_test(det, split)
+    configured = _compare_with_vldus_test(det, run, cfg, split, tmp_path,
+                                          ["--gzsd-threshold", str(threshold), "--gzsd-slope", str(slope)])
+    assert configured["scoring"] == "soft" and configured["slope"] == slope
+
+    det.cfg.inference.gzsd_threshold = det.cfg.inference.gzsd_slope = None
     det.cfg.inference.gzsd_scoring = "published"
     det.set_classes(names, gzsd=True)
     assert det.scoring["scoring"] == "published" and det.head.gate_threshold is None
