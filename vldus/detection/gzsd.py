@@ -112,17 +112,10 @@ def best_threshold(seen_margin: Tensor, unseen_margin: Tensor) -> tuple[float, f
 def separation_auc(low: Tensor, high: Tensor) -> float:
     """The probability that a row of ``high`` (N,) has a larger value than a row of ``low`` (M,),
     ties counting half (the Mann-Whitney AUC; 0.5: no separation)."""
-    values = torch.cat([low, high]).double()
-    order = torch.argsort(values, stable=True)
-    ranks = torch.empty_like(values)
-    ranks[order] = torch.arange(1, len(values) + 1, dtype=values.dtype, device=values.device)
-    # tied values share the mean of their ranks
-    unique, inverse = torch.unique(values, return_inverse=True)
-    mean_rank = torch.zeros_like(unique).index_add_(0, inverse, ranks)
-    mean_rank /= torch.zeros_like(unique).index_add_(0, inverse, torch.ones_like(ranks))
-    n_low, n_high = len(low), len(high)
-    high_ranks = float(mean_rank[inverse[n_low:]].sum())
-    return (high_ranks - n_high * (n_high + 1) / 2) / (n_low * n_high)
+    low, high = low.double().sort().values, high.double()
+    below = torch.searchsorted(low, high, right=False)  # rows of low under each row of high
+    not_above = torch.searchsorted(low, high, right=True)  # ... under or equal to it
+    return float((below + not_above).sum()) / (2 * len(low) * len(high))
 
 
 def chance_auc(n_low: int, n_high: int, z: float = CHANCE_Z) -> float:

@@ -389,8 +389,8 @@ def install_zsd_head(model: nn.Module, split: Split, mode: str,
     ``classifier`` is required for 'zsd' / 'gzsd' and ignored for 'seen'. ``gate_threshold``,
     ``gate_slope``, ``gate_seen_weight`` (None: 1), ``gate_iou``: the scoring's seen/unseen gate
     (:class:`ZSDPredictor`; None = published); ``box_regression``: the unseen classes' box deltas
-    (:func:`borrow_box_regression`). Also divides ``model.roi_heads.score_thresh`` by the predictor's score_scale (see
-    :func:`rescale_scores`).
+    (:func:`borrow_box_regression`). Also divides ``model.roi_heads.score_thresh`` by the
+    predictor's score_scale (see :func:`rescale_scores`).
     """
     base = model.roi_heads.box_predictor
     if isinstance(base, ZSDPredictor):
