@@ -1,6 +1,8 @@
 """Shared pytest fixtures. Nothing here may touch the network."""
 import json
 import os
+import shutil
+import tempfile
 from typing import NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,7 +11,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+from quick_demo_run import LATE_MODULES as QUICK_DEMO_LATE_MODULES
 from quick_demo_run import MODULES as QUICK_DEMO_MODULES
+from quick_demo_run import SHARED_ENV as QUICK_DEMO_ENV
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # one share of the cores per pytest-xdist worker: OpenMP threads of two workers competing
@@ -124,16 +128,38 @@ def kill_when(cmd: list[str], ready, timeout: float = 120.0, env: dict | None = 
             proc.wait()
 
 
+def _xdist_controller(config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist: one folder for the session's quick demo, named to the workers through
+    the environment they inherit (tests/quick_demo_run.py), removed when the session ends."""
+    if _xdist_controller(config) and QUICK_DEMO_ENV not in os.environ:
+        folder = tempfile.mkdtemp(prefix="vldus_quick_demo_")
+        os.environ[QUICK_DEMO_ENV] = folder
+        config.add_cleanup(lambda: (shutil.rmtree(folder, ignore_errors=True), os.environ.pop(QUICK_DEMO_ENV, None)))
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist: every test of the quick demo's modules on one worker (the demo runs once per
-    worker that needs it), every other test wherever a worker is free. (xdist's own
+    """pytest-xdist: the quick demo's modules start on one worker (the first test runs the demo),
+    except :data:`QUICK_DEMO_LATE_MODULES`, held back until every other test is handed out, so
+    that the worker that finishes first shares the demo's tests (it waits for the demo if it is
+    still running); every other test runs wherever a worker is free. (xdist's own
     ``--dist loadgroup`` marks do not work with pytest 9's node ids.)"""
     from xdist.scheduler import LoadScopeScheduling
 
-    class QuickDemoOnOneWorker(LoadScopeScheduling):
+    class QuickDemoFirstAndLast(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return "quick_demo" if os.path.basename(path) in QUICK_DEMO_MODULES else nodeid
+            module = os.path.basename(nodeid.split("::", 1)[0])
+            if module in QUICK_DEMO_LATE_MODULES:
+                return "quick_demo_late"
+            return "quick_demo" if module in QUICK_DEMO_MODULES else nodeid
 
-    return QuickDemoOnOneWorker(config, log)
+        def _assign_work_unit(self, node) -> None:
+            if len(self.workqueue) > 1 and next(iter(self.workqueue)) == "quick_demo_late":
+                self.workqueue.move_to_end("quick_demo_late")
+            super()._assign_work_unit(node)
+
+    return QuickDemoFirstAndLast(config, log)

@@ -4,12 +4,17 @@
 Used by the modules of :data:`MODULES`: tests/test_demo.py (the demo's own assertions),
 tests/test_api.py and tests/test_bundle.py (the exported model).
 Everything runs through ``vldus.cli.main`` like a user's commands. Under pytest-xdist (``make test``
-runs two workers) tests/conftest.py sends all of them to one worker, so the run happens once while
-the other worker goes through the rest of the suite.
+runs two workers) the run is shared: tests/conftest.py names one folder for the whole session
+(:data:`SHARED_ENV`), the first worker that needs the demo runs it there while holding a lock on
+the folder, and a worker that needs it meanwhile waits for the lock and reads the finished run.
+tests/conftest.py starts the demo's modules on one worker and keeps :data:`LATE_MODULES` for the
+end of the session, so the other worker reaches them only when it has run everything else and
+then shares the demo's tests instead of idling.
 """
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import os
 import shutil
@@ -18,6 +23,8 @@ import time
 from typing import NamedTuple
 
 MODULES = ("test_api.py", "test_bundle.py", "test_demo.py")
+LATE_MODULES = ("test_api.py",)  # about half of the demo's test time (the first worker runs the rest)
+SHARED_ENV = "VLDUS_QUICK_DEMO_DIR"  # the session's demo folder, set by tests/conftest.py under xdist
 
 
 class DemoRun(NamedTuple):
@@ -35,25 +42,67 @@ _CACHE: dict = {}
 
 
 def quick_demo() -> DemoRun:
-    """Run (once per process) and return ``vldus demo --quick``."""
-    if "run" in _CACHE:
-        return _CACHE["run"]
-    from vldus import cli
-    from vldus.detection.train import latest_checkpoint
+    """Run (once per session under xdist, else once per process) and return ``vldus demo --quick``."""
+    if "run" not in _CACHE:
+        shared = os.environ.get(SHARED_ENV)
+        if shared:
+            _CACHE["run"] = shared_run(shared)
+        else:
+            out = tempfile.mkdtemp(prefix="vldus_quick_demo_")
+            atexit.register(shutil.rmtree, out, ignore_errors=True)
+            _CACHE["run"] = run_demo(os.path.join(out, "demo"))
+    return _CACHE["run"]
 
-    out = tempfile.mkdtemp(prefix="vldus_quick_demo_")
-    atexit.register(shutil.rmtree, out, ignore_errors=True)
+
+def run_demo(out: str) -> DemoRun:
+    """``vldus demo --quick --out out``, timed."""
+    from vldus import cli
+
     start = time.perf_counter()
     rc = cli.main(["demo", "--out", out, "--quick", "--quiet"])
     if rc:
         raise RuntimeError(f"vldus demo --quick failed (exit {rc})")
+    return finished_run(out, time.perf_counter() - start)
+
+
+def finished_run(out: str, seconds: float) -> DemoRun:
+    """The :class:`DemoRun` of the finished demo in ``out`` that took ``seconds``."""
+    from vldus.detection.train import latest_checkpoint
+
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
-    run = DemoRun(out, os.path.join(out, "config.yaml"), latest_checkpoint(os.path.join(out, "work", "detector")),
-                  os.path.join(out, "work", f"synth_{metrics['method']}"), os.path.join(out, "shapes"),
-                  tuple(metrics["unseen"]), metrics, time.perf_counter() - start)
-    _CACHE["run"] = run
-    return run
+    return DemoRun(out, os.path.join(out, "config.yaml"), latest_checkpoint(os.path.join(out, "work", "detector")),
+                   os.path.join(out, "work", f"synth_{metrics['method']}"), os.path.join(out, "shapes"),
+                   tuple(metrics["unseen"]), metrics, seconds)
+
+
+def shared_run(folder: str) -> DemoRun:
+    """The demo in ``folder``/demo, run by the first process that asks (holding an exclusive lock
+    on ``folder``/lock); the others block on the lock, then read its outcome from
+    ``folder``/outcome.json: ``{"seconds": s}``, or ``{"error": message}`` when it failed (they
+    fail with that message instead of running it again)."""
+    out, outcome = os.path.join(folder, "demo"), os.path.join(folder, "outcome.json")
+    with open(os.path.join(folder, "lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(outcome):
+            try:
+                run = run_demo(out)
+            except BaseException as e:
+                _write(outcome, {"error": f"{type(e).__name__}: {e}"})
+                raise
+            _write(outcome, {"seconds": run.seconds})
+            return run
+    with open(outcome) as f:
+        state = json.load(f)
+    if "error" in state:
+        raise RuntimeError(f"vldus demo --quick failed in another worker: {state['error']}")
+    return finished_run(out, state["seconds"])
+
+
+def _write(path: str, data: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
 
 
 def quick_bundle() -> str:
