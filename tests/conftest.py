@@ -141,25 +141,30 @@ def pytest_configure(config):
         config.add_cleanup(lambda: (shutil.rmtree(folder, ignore_errors=True), os.environ.pop(QUICK_DEMO_ENV, None)))
 
 
+def _module(nodeid: str) -> str:
+    return os.path.basename(nodeid.split("::", 1)[0])
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist: the quick demo's modules start on one worker (the first test runs the demo),
-    except :data:`QUICK_DEMO_LATE_MODULES`, held back until every other test is handed out, so
-    that the worker that finishes first shares the demo's tests (it waits for the demo if it is
-    still running); every other test runs wherever a worker is free. (xdist's own
-    ``--dist loadgroup`` marks do not work with pytest 9's node ids.)"""
+    except the tests of :data:`QUICK_DEMO_LATE_MODULES`, held back until every other test is
+    handed out and then given one at a time to whichever worker is free, so that both workers
+    share the demo's tests (a worker waits for the demo if it is still running); every other
+    test runs wherever a worker is free. (xdist's own ``--dist loadgroup`` marks do not work with
+    pytest 9's node ids.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class QuickDemoFirstAndLast(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = os.path.basename(nodeid.split("::", 1)[0])
-            if module in QUICK_DEMO_LATE_MODULES:
-                return "quick_demo_late"
-            return "quick_demo" if module in QUICK_DEMO_MODULES else nodeid
+            module = _module(nodeid)
+            return "quick_demo" if module in QUICK_DEMO_MODULES and module not in QUICK_DEMO_LATE_MODULES else nodeid
 
         def _assign_work_unit(self, node) -> None:
-            if len(self.workqueue) > 1 and next(iter(self.workqueue)) == "quick_demo_late":
-                self.workqueue.move_to_end("quick_demo_late")
+            late = [scope for scope in self.workqueue if _module(scope) in QUICK_DEMO_LATE_MODULES]
+            if len(late) < len(self.workqueue):
+                for scope in late:
+                    self.workqueue.move_to_end(scope)
             super()._assign_work_unit(node)
 
     return QuickDemoFirstAndLast(config, log)

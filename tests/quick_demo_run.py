@@ -7,9 +7,10 @@ Everything runs through ``vldus.cli.main`` like a user's commands. Under pytest-
 runs two workers) the run is shared: tests/conftest.py names one folder for the whole session
 (:data:`SHARED_ENV`), the first worker that needs the demo runs it there while holding a lock on
 the folder, and a worker that needs it meanwhile waits for the lock and reads the finished run.
-tests/conftest.py starts the demo's modules on one worker and keeps :data:`LATE_MODULES` for the
-end of the session, so the other worker reaches them only when it has run everything else and
-then shares the demo's tests instead of idling.
+tests/conftest.py starts the demo's modules on one worker and holds the tests of
+:data:`LATE_MODULES` back until every other test is handed out, then gives them to whichever
+worker is free: the other worker, when it has run everything else, shares the demo's tests
+instead of idling.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import time
 from typing import NamedTuple
 
 MODULES = ("test_api.py", "test_bundle.py", "test_demo.py")
-LATE_MODULES = ("test_api.py",)  # about half of the demo's test time (the first worker runs the rest)
+LATE_MODULES = ("test_api.py",)  # over half of the demo's test time, shared by both workers at the end
 SHARED_ENV = "VLDUS_QUICK_DEMO_DIR"  # the session's demo folder, set by tests/conftest.py under xdist
 
 

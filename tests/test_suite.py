@@ -89,8 +89,8 @@ class _Worker:
         self.shutting_down = True
 
 
-def test_the_late_demo_module_goes_to_the_worker_that_runs_out_of_other_tests():
-    late = [f"tests/{m}::test_{i}" for m in quick_demo_run.LATE_MODULES for i in range(3)]
+def test_the_late_demo_tests_go_to_whichever_worker_is_free_after_all_others():
+    late = [f"tests/{m}::test_{i}" for m in quick_demo_run.LATE_MODULES for i in range(6)]
     early = [f"tests/{m}::test_{i}" for m in sorted(set(MODULES) - set(quick_demo_run.LATE_MODULES))
              for i in range(2)]
     others = [f"tests/test_other.py::test_{i}" for i in range(8)]
@@ -104,13 +104,27 @@ def test_the_late_demo_module_goes_to_the_worker_that_runs_out_of_other_tests():
     for worker in (a, b):
         scheduler.add_node_collection(worker, collection)
     scheduler.schedule()
-    given = {w: [collection[i] for i in w.sent] for w in (a, b)}
-    assert set(early) <= set(given[a]) and not set(early) & set(given[b])  # the demo's start: one worker
-    assert not set(late) & set(given[a] + given[b])  # the late module waits
-    done = set()
-    while not set(late) & set(given[a] + given[b]):  # b works through the other tests, a is in the demo
-        index = next(i for i in b.sent if i not in done)
+
+    def given(worker: _Worker) -> set:
+        return {collection[i] for i in worker.sent}
+
+    def complete_one(worker: _Worker) -> None:
+        index = next(i for i in worker.sent if i not in done)
         done.add(index)
-        scheduler.mark_test_complete(b, index)
-        given[b] = [collection[i] for i in b.sent]
-    assert set(late) <= set(given[b]) and set(given[a] + given[b]) == set(collection)
+        scheduler.mark_test_complete(worker, index)
+
+    assert set(early) <= given(a) and not set(early) & given(b)  # the demo's start: one worker
+    assert not set(late) & (given(a) | given(b))  # held back
+    done: set = set()
+    while not set(late) & given(b):  # b works through the other tests while a trains the demo
+        complete_one(b)
+    assert given(a) | given(b) >= set(early + others)  # every other test was handed out first
+    assert len(set(late) & given(b)) < len(late)  # b waits for the demo with part of them only
+    while not set(late) & given(a):  # a, done with its demo tests, takes its share of the rest
+        complete_one(a)
+    while len(done) < len(collection):  # the rest, the two workers in turn
+        for worker in (a, b):
+            if set(worker.sent) - done:
+                complete_one(worker)
+    assert given(a) | given(b) == set(collection) and not given(a) & given(b)
+    assert set(late) & given(a) and set(late) & given(b)  # both workers ran some of them
