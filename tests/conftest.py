@@ -134,11 +134,18 @@ def _xdist_controller(config) -> bool:
 
 def pytest_configure(config):
     """Under pytest-xdist: one folder for the session's quick demo, named to the workers through
-    the environment they inherit (tests/quick_demo_run.py), removed when the session ends."""
+    the environment they inherit (tests/quick_demo_run.py), removed when the session ends (an
+    empty folder named in the environment beforehand is used and kept, e.g. to read the demo's
+    stage times afterwards)."""
     if _xdist_controller(config) and QUICK_DEMO_ENV not in os.environ:
         folder = tempfile.mkdtemp(prefix="vldus_quick_demo_")
         os.environ[QUICK_DEMO_ENV] = folder
-        config.add_cleanup(lambda: (shutil.rmtree(folder, ignore_errors=True), os.environ.pop(QUICK_DEMO_ENV, None)))
+
+        def remove() -> None:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.environ.pop(QUICK_DEMO_ENV, None)
+
+        config.add_cleanup(remove)
 
 
 def _module(nodeid: str) -> str:
@@ -158,7 +165,9 @@ def pytest_xdist_make_scheduler(config, log):
     class QuickDemoFirstAndLast(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = _module(nodeid)
-            return "quick_demo" if module in QUICK_DEMO_MODULES and module not in QUICK_DEMO_LATE_MODULES else nodeid
+            if module in QUICK_DEMO_LATE_MODULES:
+                return nodeid  # a scope of its own: dealt one at a time
+            return "quick_demo" if module in QUICK_DEMO_MODULES else nodeid
 
         def _assign_work_unit(self, node) -> None:
             late = [scope for scope in self.workqueue if _module(scope) in QUICK_DEMO_LATE_MODULES]

@@ -21,7 +21,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_quick_demo_users_are_listed():
     users = {os.path.basename(p) for p in glob.glob(os.path.join(HERE, "test_*.py"))
              if p != os.path.abspath(__file__) and "quick_demo_run import" in open(p).read()}
-    assert users == set(MODULES)  # an unlisted user could start on the other worker and idle there until the demo is done
+    # an unlisted user could start on the other worker and idle there until the demo is done
+    assert users == set(MODULES)
 
 
 def test_the_rehearsal_is_left_out_of_make_test_and_run_by_ci():
@@ -56,7 +57,8 @@ def test_one_process_runs_the_shared_demo_the_others_wait_and_read_it(tmp_path, 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         runs = list(pool.map(quick_demo_run.shared_run, [str(tmp_path)] * 2))
     assert len(calls) == 1 and runs[0] == runs[1]
-    assert runs[0].out == str(tmp_path / "demo") and runs[0].seconds == 12.5 and runs[0].unseen == ("blue circle",)
+    assert runs[0].out == str(tmp_path / "demo") and runs[0].seconds == 12.5
+    assert runs[0].unseen == ("blue circle",)
     assert runs[0].checkpoint.endswith("epoch_1.pth")
 
 
