@@ -82,6 +82,8 @@ def shared_run(folder: str) -> DemoRun:
     on ``folder``/lock); the others block on the lock, then read its outcome from
     ``folder``/outcome.json: ``{"seconds": s}``, or ``{"error": message}`` when it failed (they
     fail with that message instead of running it again)."""
+    from vldus.files import write_json
+
     out, outcome = os.path.join(folder, "demo"), os.path.join(folder, "outcome.json")
     with open(os.path.join(folder, "lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -89,21 +91,15 @@ def shared_run(folder: str) -> DemoRun:
             try:
                 run = run_demo(out)
             except BaseException as e:
-                _write(outcome, {"error": f"{type(e).__name__}: {e}"})
+                write_json(outcome, {"error": f"{type(e).__name__}: {e}"})
                 raise
-            _write(outcome, {"seconds": run.seconds})
+            write_json(outcome, {"seconds": run.seconds})
             return run
     with open(outcome) as f:
         state = json.load(f)
     if "error" in state:
         raise RuntimeError(f"vldus demo --quick failed in another worker: {state['error']}")
     return finished_run(out, state["seconds"])
-
-
-def _write(path: str, data: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f)
-    os.replace(path + ".tmp", path)
 
 
 def quick_bundle() -> str:
