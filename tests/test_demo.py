@@ -195,7 +195,7 @@ def test_report_and_pictures(run):
                             "extract-features (val)", "synthesizer (synthesis_vldus)", "test (synthesis_vldus)",
                             "classifier (no_synthesis)", "pictures", "export"}
     # train-clip trains in a child process alongside train-detector (on two or more cores)
-    from vldus.demo import usable_cores
+    from vldus.runner import usable_cores
 
     concurrent = run.metrics["concurrent_stages"]
     assert concurrent == ({} if usable_cores() < 2 else {"train-clip": "make-shapes, train-detector"})

@@ -29,7 +29,7 @@ def test_out_defaults_to_the_makefiles_demo_out():
 
 def test_detector_validation_from_either_file(tmp_path):
     """The demo reads validation mAP from the detector's metrics.json, or from its log.jsonl."""
-    from vldus.demo import detector_validation
+    from vldus.runner import detector_validation
 
     (tmp_path / "log.jsonl").write_text(
         '{"epoch": 1, "iter": 10, "loss": 1.0}\n'
@@ -48,7 +48,7 @@ def test_a_failed_child_stage_is_reported(tmp_path, capsys):
     """A stage in a child process (train-clip beside train-detector) that fails stops the demo
     with its exit code and the end of its log on stderr (bad input: its one error line, as in the
     foreground); its time is still recorded. (The quick demo runs the path that succeeds.)"""
-    from vldus.demo import StageFailed, Stages
+    from vldus.runner import StageFailed, Stages
 
     stages = Stages(quiet=True)
     job = stages.start("train-clip", ["train-clip", "--steps", "many"], 1, str(tmp_path / "work" / "clip.log"),
@@ -65,7 +65,7 @@ def test_a_failed_torchrun_stage_is_reported(tmp_path):
     """A stage run as torchrun processes (train-detector on two or more threads) that fails stops
     the demo; its time is still recorded. (The default demo runs the path that succeeds; one
     process here: a second would only import torch again before failing the same way.)"""
-    from vldus.demo import StageFailed, Stages
+    from vldus.runner import StageFailed, Stages
 
     stages = Stages(quiet=True)
     with pytest.raises(StageFailed) as failed:
@@ -74,7 +74,7 @@ def test_a_failed_torchrun_stage_is_reported(tmp_path):
 
 
 class RecordingStages:
-    """Stands in for :class:`vldus.demo.Stages`: records what would run where, with how many
+    """Stands in for :class:`vldus.runner.Stages`: records what would run where, with how many
     torch threads; ``fail`` names a stage that fails here."""
 
     def __init__(self, fail: str = ""):
@@ -85,7 +85,7 @@ class RecordingStages:
     def run(self, name, argv):
         import torch
 
-        from vldus.demo import StageFailed
+        from vldus.runner import StageFailed
 
         self.calls.append(("here", name, torch.get_num_threads()))
         if name == self.fail:
@@ -105,14 +105,14 @@ class RecordingStages:
 
 
 def demo_schedule(monkeypatch, rows, cores: int, region_rows=None, stages=None) -> RecordingStages:
-    """What :func:`vldus.demo.rows_and_results` runs for ``rows`` (every row but no_synthesis has a
+    """What :func:`vldus.runner.rows_and_results` runs for ``rows`` (every row but no_synthesis has a
     synthesizer) and ``region_rows`` on ``cores`` cores with four torch threads; test passes are
     recorded as ("test", row, threads)."""
     from types import SimpleNamespace
 
     import torch
 
-    from vldus import demo
+    from vldus import runner as demo
 
     stages = stages or RecordingStages()
 
@@ -142,7 +142,7 @@ def test_synthesizers_train_two_at_a_time(monkeypatch):
     """On two or more cores the synthesizers train in pairs in the rows' order (the second in a
     child process), each with half of torch's threads, one left over alone with all of them;
     meanwhile the rows that are ready are tested here. On one core everything runs in turn."""
-    from vldus.demo import ABLATION, REGION_ROWS, ROWS
+    from vldus.runner import ABLATION, REGION_ROWS, ROWS
 
     def child(row, here, threads=2):
         return ("child", f"synthesizer ({row})", threads, f"synthesizer ({here})", f"synth_{row}.log")
@@ -172,7 +172,7 @@ def test_synthesizers_train_two_at_a_time(monkeypatch):
 
 def test_a_failed_stage_here_stops_the_one_beside_it(monkeypatch):
     """A synthesizer that fails here kills the child process beside it; the threads are given back."""
-    from vldus.demo import ROWS, StageFailed
+    from vldus.runner import ROWS, StageFailed
 
     stages = RecordingStages(fail="synthesizer (synthesis_su)")
     with pytest.raises(StageFailed):
@@ -184,7 +184,7 @@ def test_a_failed_stage_here_stops_the_one_beside_it(monkeypatch):
                                                       (16, 4, False, 2), (16, 4, True, 1)])
 def test_detector_ranks(threads, batch, cuda, ranks):
     """Two CPU processes where there are threads for them; one process on a GPU."""
-    from vldus.demo import detector_ranks
+    from vldus.runner import detector_ranks
 
     assert detector_ranks(threads, batch, cuda) == ranks
 
@@ -198,7 +198,7 @@ def test_detector_trains_in_two_processes_with_two_threads(monkeypatch, threads,
 
     import torch
 
-    from vldus import demo
+    from vldus import runner as demo
     from vldus.detection import train
 
     stages = RecordingStages()

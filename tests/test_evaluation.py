@@ -115,7 +115,10 @@ def test_no_detections_at_all(protocol):
     m = run([rec(1, [A], [2]), rec(2)], [det(), det()], "gzsd", protocol)
     assert m["classes"]["dog"]["ap"]["0.5"] == 0.0 and m["classes"]["dog"]["recall"]["0.5"] == 0.0
     assert m["groups"]["unseen"]["map"]["0.5"] == 0.0
-    assert m["hm"]["map"]["0.5"] == 0.0  # S + U = 0 -> 0, not a division error
+    # no seen ground truth in these images: no seen mAP and no HM (never a silent 0.0)
+    assert m["groups"]["seen"]["map"]["0.5"] is None and m["hm"]["map"]["0.5"] is None
+    assert m["no_ground_truth"] == ["seen"]
+    assert "no seen ground truth" in format_table(m)
 
 
 @pytest.mark.parametrize("protocol", BOTH)

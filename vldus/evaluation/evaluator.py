@@ -14,7 +14,9 @@ Settings (which annotations count, which groups are reported):
 
 Excluded classes (COCO 48/17's 15) are never evaluated. Group means run over the group's
 classes that have ground truth; a class with detections and no ground truth is reported with
-``num_gt`` 0 and left out. Values in the dict are percentages rounded to 4 decimals.
+``num_gt`` 0 and left out. A group none of whose classes has ground truth in the evaluated
+images has ``null`` means (and so a ``null`` HM) and is listed in ``"no_ground_truth"``, never
+reported as 0.0. Values in the dict are percentages rounded to 4 decimals.
 
 Boxes are continuous xyxy pixels (``x2 = x + w``, as in :class:`ImageRecord` and torchvision).
 The Recall@100 budget: with ``mmdet-v1`` each image keeps at most ``max_dets_per_image``
@@ -172,25 +174,44 @@ class ZSDEvaluator:
                 "group": self.group_of[cid], "num_gt": int(res.num_gt[k]), "num_dets": int(res.num_dets[k]),
                 "ap": {key: pct(res.ap[k, t]) for t, key in enumerate(keys)},
                 "recall": {key: pct(res.recall[k, t]) for t, key in enumerate(keys)}}
-        means: dict[str, dict[str, list[float]]] = {}
+        means: dict[str, dict[str, list[float | None]]] = {}
+        empty = []
         for group in GROUPS_OF_SETTING[self.setting]:
             members = [k for k, cid in enumerate(self.eval_ids)
                        if self.group_of[cid] == group and res.num_gt[k] > 0]
+            if not members:
+                empty.append(group)
             # mean in the protocol's dtype (float32 for mmdet-v1, as the reference)
-            means[group] = {name: [float(arr[members, t].mean()) if members else 0.0
+            means[group] = {name: [float(arr[members, t].mean()) if members else None
                                    for t in range(len(keys))]
                             for name, arr in (("map", res.ap), ("recall", res.recall))}
+
+        def pct_or_none(x):
+            return None if x is None else pct(x)
+
         metrics = {
             "setting": self.setting, "protocol": self.protocol,
             "iou_thresholds": list(self.iou_thresholds), "classes": classes,
-            "groups": {group: {name: {key: pct(v) for key, v in zip(keys, vals)}
+            "groups": {group: {name: {key: pct_or_none(v) for key, v in zip(keys, vals)}
                                for name, vals in m.items()} for group, m in means.items()},
         }
+        if empty:
+            metrics["no_ground_truth"] = empty
         if self.setting == "gzsd":
-            metrics["hm"] = {name: {key: pct(harmonic_mean(s, u)) for key, s, u in
-                                    zip(keys, means["seen"][name], means["unseen"][name])}
+            metrics["hm"] = {name: {key: None if s is None or u is None else pct(harmonic_mean(s, u))
+                                    for key, s, u in zip(keys, means["seen"][name], means["unseen"][name])}
                              for name in ("map", "recall")}
         return metrics
+
+
+def no_ground_truth_line(metrics: Mapping[str, Any]) -> str:
+    """One line naming the groups without ground truth in a metrics dict ('' when none)."""
+    empty = metrics.get("no_ground_truth") or []
+    if not empty:
+        return ""
+    line = (f"{metrics['setting']}: no {' and no '.join(empty)} ground truth in the evaluated images, so no "
+            f"{' / '.join(empty)} mAP")
+    return line + (" and no HM" if metrics.get("hm") is not None else "")
 
 
 def harmonic_mean(seen: float, unseen: float) -> float:
@@ -208,10 +229,13 @@ def format_table(metrics: Mapping[str, Any]) -> str:
             + " ".join(f"{'R@' + k:>7}" for k in keys))
     rule = "-" * len(head)
 
+    def cell(v) -> str:
+        return f"{'-':>7}" if v is None else f"{v:7.2f}"
+
     def row(name, group, gts, dets, ap, rec):
         return (f"{name:<{width}}  {group:<6} {gts:>6} {dets:>7} | "
-                + " ".join(f"{ap[k]:7.2f}" for k in keys) + " | "
-                + " ".join(f"{rec[k]:7.2f}" for k in keys))
+                + " ".join(cell(ap[k]) for k in keys) + " | "
+                + " ".join(cell(rec[k]) for k in keys))
 
     lines = [f"setting {metrics['setting']}, protocol {metrics['protocol']}, values in percent",
              head, rule]
@@ -226,4 +250,6 @@ def format_table(metrics: Mapping[str, Any]) -> str:
                          g["map"], g["recall"]))
     if "hm" in metrics:
         lines.append(row("HM", "", "", "", metrics["hm"]["map"], metrics["hm"]["recall"]))
+    if no_ground_truth_line(metrics):
+        lines.append(no_ground_truth_line(metrics))
     return "\n".join(lines)

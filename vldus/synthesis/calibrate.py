@@ -28,7 +28,7 @@ from vldus.config import add_set_argument
 from vldus.data.embeddings import load_class_embeddings
 from vldus.detection.gzsd import CALIBRATION_FILE, GATE_FITS, calibrate
 from vldus.detection.zsd import load_syn_classifier
-from vldus.errors import InputError
+from vldus.errors import InputError, require_file
 from vldus.files import sha256_file, write_json
 from vldus.synthesis.data import FeatureFile, default_detector_checkpoint, derive_seed, feature_file_paths
 from vldus.synthesis.models import load_generator, seen_classifier_from_detector, synthesize
@@ -95,12 +95,16 @@ def calibrate_generator(seen: torch.Tensor, generator: torch.nn.Module, unseen_a
 
 
 def calibrate_synth_dir(cfg, synth_dir: str, detector_checkpoint: str, features_dir: str,
-                        device: str | torch.device = "cpu", warn: bool = True) -> dict:
+                        device: str | torch.device = "cpu", warn: bool = True,
+                        generator: str | None = None) -> dict:
     """Calibrate a synthesizer folder (``generator.pth`` + ``classifier_best.pth``), write
-    ``SYNTH_DIR/gzsd_calibration.json`` and return its dict (see :mod:`vldus.detection.gzsd`)."""
+    ``SYNTH_DIR/gzsd_calibration.json`` and return its dict (see :mod:`vldus.detection.gzsd`).
+    ``generator``: another folder's ``generator.pth`` whose synthesized features calibrate this
+    classifier (a classifier made without synthesis, e.g. the compatibility classifier's rows)."""
     split = cfg.load_split()
     dim = cfg.features.dim
-    gen_path = os.path.join(synth_dir, "generator.pth")
+    gen_path = generator or os.path.join(synth_dir, "generator.pth")
+    require_file(gen_path, "generator (calibrate-gzsd --generator)")
     cls_path = os.path.join(synth_dir, "classifier_best.pth")
     classifier = load_syn_classifier(cls_path, split, dim)
     emb = torch.from_numpy(load_class_embeddings(cfg.embeddings.file, split, cfg.embeddings.spectral_norm))
@@ -139,6 +143,10 @@ def add_parser(sub, common) -> None:
     p.add_argument("--checkpoint", default=None, help="detector checkpoint (default: as train-generator)")
     p.add_argument("--features-dir", default=None, help="stage-2 features (default: WORK_DIR/features)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--generator", default=None, metavar="FILE",
+                   help="the generator whose synthesized unseen features calibrate SYNTH_DIR's classifier "
+                        "(default SYNTH_DIR/generator.pth; another run's for a classifier made without "
+                        "synthesis, as vldus run does for no_synthesis)")
     add_set_argument(p)
     p.set_defaults(func=run)
 
@@ -149,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     checkpoint = args.checkpoint or default_detector_checkpoint(cfg)
     calibrate_synth_dir(cfg, args.synth_dir, checkpoint, args.features_dir or cfg.path("features"),
-                        args.device)
+                        args.device, generator=args.generator)
     out = os.path.join(args.synth_dir, CALIBRATION_FILE)
     with open(out) as f:
         print(f"calibrate-gzsd: {f.read().strip()} -> {out}")
