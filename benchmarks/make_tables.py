@@ -49,6 +49,7 @@ FAMILIES = {
     "kernels": "kernels_*.json",        # vldus demo (default size) with another kernel set
     "scorings": "scorings_seed*.json",  # benchmarks/gzsd_scorings.py on a finished demo
     "heldout-scorings": "heldout_scorings_seed*.json",  # the same on a held-out seed's demo
+    "real": "real_*.json",              # benchmarks/real_photos.py: vldus prepare + vldus run on photographs
 }
 
 
@@ -72,7 +73,10 @@ def reduce_metrics(m: dict, seed: Optional[int], note: str) -> dict:
             "gzsd_published": groups(m.get("gzsd_published")),
             "timings_s": m.get("timings_s") or {}, "total_s": m.get("total_s"),
             "concurrent_stages": concurrent_stages(m),
-            "clip": {"source": clip.get("source"), "zero_shot_accuracy": clip.get("zero_shot_accuracy")}}
+            "clip": {"source": clip.get("source"), "zero_shot_accuracy": clip.get("zero_shot_accuracy")},
+            **({"dataset": m["dataset"]} if m.get("dataset") else {}),
+            **({"detector": {k: v for k, v in m["detector"].items() if k in ("val_seen_map50", "per_epoch")}}
+               if m.get("detector") else {})}
 
 
 def concurrent_stages(m: dict) -> dict[str, str]:
@@ -311,7 +315,56 @@ def runs_table(runs: list[dict]) -> str:
     return table(header, rows) + sources(runs)
 
 
+def real_runs(root: str) -> list[dict]:
+    """The stored real-photo runs, by dataset then seed."""
+    return sorted(load_family(root, "real"), key=lambda r: (r["dataset"]["name"], r.get("seed") or 0))
+
+
+def real_table(root: str) -> str:
+    """Per real-photo run and row: ZSD mAP and Recall@100 at each IoU, GZSD seen / unseen / HM
+    mAP@0.5, the detector's validation seen mAP@0.5 and the run's minutes."""
+    runs = real_runs(root)
+    if not runs:
+        return placeholder("real")
+    ious = sorted(next(iter(r["zsd"]["groups"]["unseen"]["map"] for r in runs)), key=float)
+    header = ["dataset", "unseen", "seed", "det. val seen mAP", "row", f"ZSD mAP ({' / '.join(ious)})",
+              f"ZSD Recall@100 ({' / '.join(ious)})", "GZSD seen / unseen / HM", "run (min)"]
+    rows = []
+    for r in runs:
+        d = r["dataset"]
+        for name, a in r["ablation"].items():
+            if a.get("status") != "ok":
+                continue
+            z = a["by_iou"]["zsd"]
+            rows.append([d["name"], ", ".join(d["prepare"]["unseen"]), str(r.get("seed")),
+                         fmt((r.get("detector") or {}).get("val_seen_map50")),
+                         f"`{name}`" + (" (main)" if name == r.get("method") else ""),
+                         " / ".join(fmt(z["map"][i]) for i in ious), " / ".join(fmt(z["recall"][i]) for i in ious),
+                         " / ".join(fmt(a.get(k)) for k in ("gzsd_seen", "gzsd_unseen", "gzsd_hm")),
+                         f"{d['run_s'] / 60:.0f}"])
+    return table(header, rows) + sources(runs)
+
+
+def real_summary_table(root: str) -> str:
+    """README: per real-photo dataset and row, ZSD mAP@0.5 and GZSD HM, mean over the stored seeds."""
+    runs = real_runs(root)
+    if not runs:
+        return placeholder("real")
+    rows = []
+    for dataset in dict.fromkeys(r["dataset"]["name"] for r in runs):
+        mine = [r for r in runs if r["dataset"]["name"] == dataset]
+        seeds = " / ".join(str(r.get("seed")) for r in mine)
+        names = list(dict.fromkeys(n for r in mine for n, a in r["ablation"].items() if a.get("status") == "ok"))
+        for name in names:
+            rows.append([dataset, ", ".join(mine[0]["dataset"]["prepare"]["unseen"]), seeds, f"`{name}`",
+                         mean_sd(row_values(mine, name, "zsd_map")), mean_sd(row_values(mine, name, "gzsd_hm")),
+                         mean_sd([(r.get("detector") or {}).get("val_seen_map50") for r in mine])])
+    return table(["dataset", "unseen", "seeds", "row", "ZSD mAP@0.5", "GZSD HM@0.5", "det. val seen mAP@0.5"],
+                 rows) + sources(runs)
+
+
 TABLES: dict[str, Callable[[str], str]] = {
+    "real": real_table, "real-summary": real_summary_table,
     "demo": demo_table, "heldout": heldout_table, "demo-main": demo_main_table, "demo-timings": timings_table,
     "demo-clip": clip_table, "demo-breakdown": breakdown_table, "ablation": ablation_table,
     "quick": quick_table, "kernels": kernels_table, "scorings": scorings_table,

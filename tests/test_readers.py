@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from vldus.config import DataSource
-from vldus.data.readers import coco_category_ids, load_records, records_to_coco
+from vldus.data.readers import (coco_category_ids, dataset_class_names, load_records,
+                                load_records_all_classes, records_to_coco)
 from vldus.data.splits import load_split, split_from_names
 from vldus.errors import InputError
 
@@ -252,8 +253,8 @@ def test_coco_malformed_json_names_the_file(tmp_path, text, message):
 def test_missing_annotation_file_and_unknown_format(tmp_path):
     with pytest.raises(InputError, match=r"nope\.json: annotation file not found"):
         load_records(DataSource(format="coco", ann_file=str(tmp_path / "nope.json")), COCO)
-    with pytest.raises(InputError, match="unknown format 'yolo'"):
-        load_records(DataSource(format="yolo"), COCO)
+    with pytest.raises(InputError, match="unknown format 'lvis'"):
+        load_records(DataSource(format="lvis"), COCO)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,13 +278,36 @@ def test_voc_two_roots_pixel_convention_difficult_and_class_order(tmp_path):
     assert c.labels.tolist() == [16] and c.path.endswith(os.path.join("VOC2012", "JPEGImages", "2008_000123.jpg"))
 
 
-def test_voc_size_from_header_and_filename_fallback(tmp_path):
+def test_voc_size_from_header_and_image_found_by_id_with_any_extension(tmp_path):
     root = tmp_path / "VOC"
-    write_voc_root(root, {"x1": voc_xml([("dog", (1, 1, 5, 5), 0)], size=None, filename="x1.png")})
+    write_voc_root(root, {"x1": voc_xml([("dog", (1, 1, 5, 5), 0)], size=None, filename="frame_0042.jpg")})
     os.remove(root / "JPEGImages" / "x1.jpg")
     touch(str(root / "JPEGImages" / "x1.png"), size=(33, 22))
+    touch(str(root / "JPEGImages" / "frame_0042.jpg"), size=(10, 10))  # the XML's <filename>: not used
     (rec,) = load_records(voc_source(root), VOC)
-    assert rec.path.endswith("x1.png") and (rec.width, rec.height) == (33, 22)
+    assert rec.path == str(root / "JPEGImages" / "x1.png") and (rec.width, rec.height) == (33, 22)
+
+
+def test_voc_pairs_by_id_jpg_first_and_any_case(tmp_path):
+    root = write_voc_root(tmp_path / "VOC", {"a": voc_xml([]), "b": voc_xml([]), "c": voc_xml([])})
+    touch(str(root / "JPEGImages" / "a.png"))  # a.jpg exists too: .jpg first
+    os.remove(root / "JPEGImages" / "b.jpg")
+    touch(str(root / "JPEGImages" / "b.TIF"))
+    os.remove(root / "JPEGImages" / "c.jpg")
+    touch(str(root / "JPEGImages" / "c.webp"))
+    recs = load_records(voc_source(root), VOC)
+    assert [os.path.basename(r.path) for r in recs] == ["a.jpg", "b.TIF", "c.webp"]
+
+
+def test_voc_never_pairs_by_the_xml_filename(tmp_path):
+    """GTEA Gaze+ XMLs name the source video frame in <filename>: only <id>.<ext> counts."""
+    root = write_voc_root(tmp_path / "VOC", {"0001": voc_xml([("dog", (1, 1, 5, 5), 0)], filename="P01_frame_0931.jpg")})
+    os.remove(root / "JPEGImages" / "0001.jpg")
+    touch(str(root / "JPEGImages" / "P01_frame_0931.jpg"))
+    with pytest.raises(InputError) as e:
+        load_records(voc_source(root), VOC)
+    assert str(e.value) == (f"{root / 'Annotations' / '0001.xml'}: image 0001: image file not found: 0001.jpg "
+                            f"(or .jpeg, .png, .bmp, .webp, .tif, .tiff) in {root / 'JPEGImages'}")
 
 
 def test_voc_list_ids_take_the_first_token_and_non_numeric_ids_count(tmp_path):
@@ -333,7 +357,7 @@ def test_voc_missing_files_are_named(tmp_path):
     with pytest.raises(InputError) as e:
         load_records(voc_source(root), VOC)
     assert str(e.value) == (f"{root / 'Annotations' / '000002.xml'}: image 000002: image file not found: "
-                            f"{root / 'JPEGImages' / '000002.jpg'}")
+                            f"000002.jpg (or .jpeg, .png, .bmp, .webp, .tif, .tiff) in {root / 'JPEGImages'}")
     os.remove(root / "Annotations" / "000001.xml")
     with pytest.raises(InputError) as e:
         load_records(voc_source(root), VOC)
@@ -393,7 +417,7 @@ DEEPFOREST_XML = ["2019_YELL_2_528000_4978000_image_crop2", "2019_YELL_2_541000_
 
 
 def deepforest_tree(tmp_path):
-    """A VOC tree of links to the package's files (its images are .png/.tif, named in the XML)."""
+    """A VOC tree of links to the package's files (its images are .png/.tif: found by id)."""
     data = deepforest_data()
     root = tmp_path / "deepforest"
     os.makedirs(root / "Annotations")
@@ -401,8 +425,8 @@ def deepforest_tree(tmp_path):
     os.makedirs(root / "ImageSets" / "Main")
     for name in DEEPFOREST_XML:
         os.symlink(os.path.join(data, name + ".xml"), root / "Annotations" / f"{name}.xml")
-    for name in os.listdir(data):
-        if name.lower().endswith((".png", ".tif")):
+    for name in os.listdir(data):  # OSBS_029 is there as .png and .tif: link the .tif, the annotated one
+        if name.lower().endswith((".png", ".tif")) and name != "OSBS_029.png":
             os.symlink(os.path.join(data, name), root / "JPEGImages" / name)
     (root / "ImageSets" / "Main" / "all.txt").write_text("\n".join(DEEPFOREST_XML) + "\n")
     return root
@@ -422,7 +446,7 @@ def test_deepforest_real_annotations(tmp_path):
         assert (r.boxes[:, 2] > r.boxes[:, 0]).all() and (r.boxes[:, 3] > r.boxes[:, 1]).all()
         assert r.boxes.min() >= 0 and (r.boxes[:, 2] <= r.width).all() and (r.boxes[:, 3] <= r.height).all()
         assert not r.ignore.any()
-    assert recs[2].path.endswith("OSBS_029.tif")  # taken from the XML's <filename>
+    assert recs[2].path.endswith("OSBS_029.tif")  # found by id: <id>.tif
 
 
 def test_deepforest_class_outside_the_split_is_named(tmp_path):
@@ -431,3 +455,91 @@ def test_deepforest_class_outside_the_split_is_named(tmp_path):
     with pytest.raises(InputError) as e:
         load_records(voc_source(root, list_name="all.txt"), split)
     assert str(e.value) == f"{root / 'Annotations' / 'SOAP_061.xml'}: object 1 ('Dead'): class 'Dead' is not in split trees"
+
+
+# ---------------------------------------------------------------------------------------------
+# list_file for COCO, aliases, class names before a split exists (vldus prepare)
+# ---------------------------------------------------------------------------------------------
+def test_coco_list_file_keeps_listed_file_names(tmp_path):
+    src = write_coco(tmp_path)
+    os.remove(tmp_path / "img" / "a.jpg")  # not listed: never looked for
+    (tmp_path / "keep.txt").write_text("c.jpg\n\nsub/b.jpg\n")
+    src.list_file = str(tmp_path / "keep.txt")
+    assert [r.image_id for r in load_records(src, COCO)] == [9, 11]  # JSON order
+    (tmp_path / "keep.txt").write_text("c.jpg\nsub/x.jpg\n")
+    with pytest.raises(InputError) as e:
+        load_records(src, COCO)
+    assert str(e.value) == f"{tmp_path / 'keep.txt'}: line 2: 'sub/x.jpg' is not an image of {src.ann_file}"
+
+
+def test_coco_aliases_map_categories_to_their_class(tmp_path):
+    data = coco_dict()
+    data["categories"][1]["name"] = "aeroplane"  # the data's spelling of 'airplane'
+    src = write_coco(tmp_path, data)
+    split = split_from_names("three", ["person", "airplane", "hair drier"], ["airplane"],
+                             aliases={"aeroplane": "airplane"})
+    assert load_records(src, split)[0].labels.tolist() == [2, 3]
+    assert coco_category_ids(src, split) == [1, 5, 89]
+    with pytest.raises(InputError, match="category 5 'aeroplane' is not a class of split three"):
+        load_records(src, split_from_names("three", ["person", "airplane", "hair drier"], ["airplane"]))
+
+
+def test_dataset_class_names_and_records_coco(tmp_path):
+    data = coco_dict()
+    data["categories"].append({"id": 90, "name": "Hair_Drier"})  # the same class, loosely
+    src = write_coco(tmp_path, data)
+    assert dataset_class_names(src) == ["person", "airplane", "hair drier"]
+    recs, names = load_records_all_classes(src)
+    assert names == ["person", "airplane", "hair drier"]
+    assert [r.labels.tolist() for r in recs] == [[2, 3], [1], []]
+
+
+def test_dataset_class_names_and_records_yolo(tmp_path):
+    root = tmp_path / "ds"
+    touch(str(root / "train" / "images" / "a.jpg"), size=(20, 10))
+    os.makedirs(root / "train" / "labels")
+    (root / "train" / "labels" / "a.txt").write_text("1 0.5 0.5 0.5 0.5\n0 0.5 0.5 1 1\n")
+    (root / "data.yaml").write_text("names: {1: cup, 0: bowk}\ntrain: ../train/images\n")  # index order counts
+    src = DataSource(format="yolo", ann_file=str(root / "data.yaml"), subset="train")
+    assert dataset_class_names(src) == ["bowk", "cup"]
+    (rec,), names = load_records_all_classes(src)  # one class per name is enough: no unseen needed
+    assert names == ["bowk", "cup"] and rec.labels.tolist() == [2, 1]
+
+
+def test_dataset_class_names_and_records_voc_first_appearance(tmp_path):
+    root = write_voc_root(tmp_path / "VOC", {
+        "1": voc_xml([("Mug", (1, 1, 5, 5), 0), ("pan", (1, 1, 5, 5), 1)]),
+        "2": voc_xml([]),
+        "3": voc_xml([("lid", (1, 1, 5, 5), 0), ("mug", (2, 2, 5, 5), 0), ("Pan", (1, 1, 9, 9), 0)]),
+    })
+    write_voc_root(root, {"4": voc_xml([("fork", (1, 1, 5, 5), 0)])}, list_name="other.txt")
+    src = voc_source(root)
+    assert dataset_class_names(src) == ["Mug", "pan", "lid"]  # 'fork' is not listed in train.txt
+    recs, names = load_records_all_classes(src)
+    assert [r.labels.tolist() for r in recs] == [[1, 2], [], [3, 1, 2]]
+    assert recs[0].ignore.tolist() == [False, True]
+    (rec,), names = load_records_all_classes(voc_source(root, list_name="other.txt", fmt="dior"))
+    assert names == ["fork"] and rec.labels.tolist() == [1]
+
+
+@pytest.mark.parametrize("fmt", ["coco", "voc", "yolo", "lvis"])
+def test_dataset_class_names_bad_input_is_one_line(tmp_path, fmt):
+    if fmt == "coco":
+        (tmp_path / "x.json").write_text('{"images": [], "categories": [{"id": 1}]}')
+        src, message = DataSource(format="coco", ann_file=str(tmp_path / "x.json")), "categories[0]: needs"
+    elif fmt == "voc":
+        root = write_voc_root(tmp_path / "VOC", {"1": voc_xml([]), "2": "<annotation><object>"})
+        src, message = voc_source(root), "malformed XML"
+        with pytest.raises(InputError, match=r"2\.xml: malformed XML"):
+            dataset_class_names(src)
+        write_voc_root(root, {"2": voc_xml([])})
+        message = "no class names in the data"
+    elif fmt == "yolo":
+        (tmp_path / "data.yaml").write_text("names: [a, b]\nnc: 3\n")
+        src, message = DataSource(format="yolo", ann_file=str(tmp_path / "data.yaml")), "'nc': 3"
+    else:
+        src, message = DataSource(format="lvis"), "data source: unknown format 'lvis'"
+    for call in (dataset_class_names, load_records_all_classes):
+        with pytest.raises(InputError) as e:
+            call(src)
+        assert message in str(e.value) and "\n" not in str(e.value)

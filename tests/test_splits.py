@@ -1,12 +1,14 @@
 """Built-in class splits against docs/design.md §9.3, and the image-selection rules of §2.3, §3, §9.2."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from vldus.data.readers import select_test, select_training, select_unseen_only
 from vldus.data.records import ImageRecord
-from vldus.data.splits import BUILTIN_SPLITS, load_split, normalize_name, split_from_names
+from vldus.data.splits import BUILTIN_SPLITS, TEST_RULES, Split, load_split, normalize_name, split_from_names
 from vldus.errors import InputError
 
 # The standard 80-class COCO order (person = 1 ... toothbrush = 80), docs/design.md §9.3.
@@ -191,3 +193,83 @@ def test_selection_keeps_order_over_many_records():
     assert [r.image_id for r in select_test(records, split, "zsd", "voc")] == [1]
     assert [r.image_id for r in select_test(records, split, "gzsd", "voc")] == [1, 2]
     assert [r.image_id for r in select_unseen_only(records, split)] == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the 'all' test rule: unseen objects never share an image with seen ones
+# ---------------------------------------------------------------------------------------------
+ALL_RULE = [  # COCO 48/17: person 1 seen, bus 6 unseen, dining table 61 excluded
+    ("zsd", [6], [6]),
+    ("zsd", [1, 6], [6]),  # as 'coco'
+    ("zsd", [1], None),
+    ("gzsd", [1], [1]),  # a seen-only image is a GZSD test image too
+    ("gzsd", [6], [6]),
+    ("gzsd", [1, 61], [1]),
+    ("gzsd", [61], None),  # only excluded objects
+    ("gzsd", [], None),
+    ("zsd", [], None),
+]
+
+
+@pytest.mark.parametrize("setting,labels,kept", ALL_RULE)
+def test_select_test_rule_all(setting, labels, kept):
+    out = select_test([rec(labels)], load_split("coco_48_17"), setting, "all")
+    assert (None if not out else out[0].labels.tolist()) == kept
+
+
+def test_test_rules_listed():
+    assert TEST_RULES == ("coco", "voc", "all")
+    with pytest.raises(ValueError, match="unknown test rule 'lvis'"):
+        load_split("voc_16_4").keep_for_test(np.array([17]), "zsd", "lvis")
+
+
+# ---------------------------------------------------------------------------------------------
+# class aliases (vldus prepare --rename bowk=bowl)
+# ---------------------------------------------------------------------------------------------
+def kitchen(**kw):
+    return Split("kitchen", ("cup", "bowl", "spoon"), ("spoon",), aliases=(("bowk", "bowl"), ("Tea-Cup", "cup")), **kw)
+
+
+def test_alias_counts_as_its_class():
+    split = kitchen()
+    assert split.index("bowk") == split.index("Bowl") == 2 and split.index("teacup") == 1
+    assert split.ids(["BOWK", "spoon"]) == [2, 3]
+    moved = split.with_unseen(["bowk"])
+    assert moved.unseen == ("bowl",) and moved.aliases == split.aliases and moved.unseen_ids == [2]
+    with pytest.raises(InputError, match="unknown class name 'plate'"):
+        split.index("plate")
+    # an alias in the unseen / excluded list means its class
+    s1 = Split("k", ("cup", "bowl", "spoon", "fork"), ("bowk",), ("Tea Cup",), aliases={"bowk": "bowl", "teacup": "cup"})
+    assert (s1.unseen, s1.excluded, s1.seen, s1.unseen_ids) == (("bowl",), ("cup",), ("spoon", "fork"), [2])
+    s2 = split_from_names("k", ["cup", "bowl", "spoon"], ["bowk"], aliases={"bowk": "bowl"})
+    assert s2.unseen == ("bowl",) and s2.seen == ("cup", "spoon") and s2.aliases == (("bowk", "bowl"),)
+
+
+@pytest.mark.parametrize("aliases,message", [
+    ((("bowk", "plate"),), "alias 'bowk': its class 'plate' is not in 'classes'"),
+    ((("Bowl", "cup"),), "alias 'Bowl': is a class name itself"),
+    ((("bowk", "bowl"), ("BOWK", "cup")), "alias 'BOWK': stands for both 'bowl' and 'cup'"),
+    ((("bowk", 3),), "'aliases': 'bowk': 3: alias and class must be non-empty strings"),
+])
+def test_bad_aliases(aliases, message):
+    with pytest.raises(InputError) as e:
+        Split("kitchen", ("cup", "bowl", "spoon"), ("spoon",), aliases=aliases, source_file="k.json")
+    assert str(e.value) == f"k.json: {message}"
+
+
+def test_aliases_round_trip_through_the_split_json(tmp_path):
+    split = kitchen(source_file="")
+    d = split.to_json()
+    assert d["aliases"] == {"bowk": "bowl", "Tea-Cup": "cup"}
+    (tmp_path / "k.json").write_text(json.dumps(d))
+    again = load_split(str(tmp_path / "k.json"))
+    assert again == split and again.index("bowk") == 2
+    assert "aliases" not in load_split("voc_16_4").to_json()  # written only when there are some
+    d["aliases"] = ["bowk"]
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(InputError, match=r"bad\.json: 'aliases': expected an object"):
+        load_split(str(tmp_path / "bad.json"))
+    d["aliases"] = {"bowk": "plate"}
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(InputError, match=r"bad\.json: alias 'bowk': its class 'plate' is not in 'classes'"):
+        load_split(str(tmp_path / "bad.json"))

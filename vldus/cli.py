@@ -20,6 +20,7 @@ from vldus.errors import InputError
 COMMANDS = {
     "make-shapes": "vldus.data.shapes",
     "embed": "vldus.data.embeddings",
+    "prepare": "vldus.data.prepare",
     "train-clip": "vldus.clip_train",
     "train-detector": "vldus.detection.train",
     "convert-checkpoint": "vldus.detection.convert",
@@ -31,6 +32,7 @@ COMMANDS = {
     "evaluate": "vldus.evaluation.cli",
     "export": "vldus.bundle",
     "detect": "vldus.detect",
+    "run": "vldus.runner",
     "demo": "vldus.demo",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))

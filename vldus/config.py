@@ -40,7 +40,8 @@ class DataSource:
     format ``voc`` / ``dior``: ``roots`` (dataset folders, e.g. VOCdevkit/VOC2007) and
     ``list_file`` (image-id list relative to each root, e.g. ImageSets/Main/train.txt).
     format ``yolo``: ``ann_file`` (an Ultralytics / Roboflow ``data.yaml``) and ``subset`` (its
-    ``train``, ``val`` or ``test`` image folder).
+    ``train``, ``val`` or ``test`` image folder), or ``img_dir``: a folder whose images (under it,
+    subfolders included) are read instead, with ``list_file`` naming the ones to keep.
     ``list_file`` for ``coco`` and ``yolo`` (optional): the images to keep, one file name per
     line relative to the image folder (``vldus prepare`` writes one when it carves a
     validation split out of the training images).
@@ -60,7 +61,7 @@ class DataConfig:
     train: DataSource = field(default_factory=DataSource)
     val: Optional[DataSource] = None
     test: DataSource = field(default_factory=DataSource)
-    test_rule: str = "coco"  # §9.2: 'coco' (>=1 unseen for zsd and gzsd) or 'voc' (zsd: unseen only)
+    test_rule: str = "coco"  # §9.2: 'coco' (>=1 unseen for zsd and gzsd), 'voc' (zsd: unseen only) or 'all' (gzsd: every image)
     min_image_side: int = 32  # §2.3: smaller images are dropped from training
     workers: int = 2
 

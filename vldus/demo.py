@@ -222,7 +222,7 @@ def prepare_inputs(args: argparse.Namespace) -> DemoRun:
     save_config(cfg, cfg_path)  # rewritten with the CLIP's width (prepare_clips)
     rows, region_rows = demo_rows(size, args.ablation)
     skipped = {name: "skipped: --quick / --tiny train one synthesizer (run vldus demo without them)"
-               for name in (*ROWS, *REGION_ROWS) if name not in rows and name not in region_rows}
+               for name in VARIANTS if name not in rows}
     kind = ", quick run" if args.quick else ", tiny run" if args.tiny else ""
     header = [f"Benchmark{kind}: {size.train_images} training and {size.test_images} test images (and seen-only "
               "validation images)."]

@@ -724,8 +724,8 @@ def collect_metrics(run: Run, results: dict[str, dict], detector: dict, bundle: 
     from vldus.evaluation.cli import test_output_breakdown
 
     ablation: dict[str, dict] = {}
-    every = {**ROWS, **REGION_ROWS, **run.rows, **run.region_rows}
-    for name in [*every, *(k for k in results if k not in every)]:
+    every = {**ROWS, **REGION_ROWS, **ABLATION, **REGION_ABLATION, **run.rows, **run.region_rows}
+    for name in dict.fromkeys([*VARIANTS, *run.skipped, *results]):
         if name in run.region_rows:
             ablation[name] = region_summary(run, name, results[name])
             continue
@@ -739,7 +739,7 @@ def collect_metrics(run: Run, results: dict[str, dict], detector: dict, bundle: 
         ablation[name] = {"description": variant.description,
                           "zsd_map": r["zsd"]["groups"]["unseen"]["map"]["0.5"], **gzsd_groups(r["gzsd"]),
                           "gzsd_published_hm": r["gzsd_published"]["hm"]["map"]["0.5"], "status": "ok",
-                          **scoring_summary(r)}
+                          **scoring_summary(r), "by_iou": every_iou(r)}
         if variant.generator is not None:
             ablation[name]["distill"] = distill_means(run.cfg.path(f"synth_{name}"))
         ablation[name]["zsd_breakdown"] = test_output_breakdown(run.cfg, run.cfg.path("results", f"{name}_zsd.json"),
@@ -777,6 +777,13 @@ def gzsd_groups(metrics: dict) -> dict:
             "gzsd_unseen": metrics["groups"]["unseen"]["map"]["0.5"]}
 
 
+def every_iou(r: dict) -> dict:
+    """A row's mAP and Recall@100 at every IoU: ``{"zsd": {"map", "recall"}, "gzsd": {"seen",
+    "unseen", "hm": {"map", "recall"}}}`` ({IoU: value})."""
+    return {"zsd": r["zsd"]["groups"]["unseen"],
+            "gzsd": {**r["gzsd"]["groups"], "hm": r["gzsd"]["hm"]}}
+
+
 def region_summary(run: Run, name: str, r: dict) -> dict:
     """The metrics.json summary of a :data:`REGION_ROWS` row: like a synthesis row's, plus the
     CLIP pass's time (the first pass computes the crop embeddings, later ones read them back)."""
@@ -787,7 +794,7 @@ def region_summary(run: Run, name: str, r: dict) -> dict:
     summary = {"description": run.region_rows[name].description,
                "zsd_map": r["zsd"]["groups"]["unseen"]["map"]["0.5"], **gzsd_groups(r["gzsd"]),
                "gzsd_published_hm": published["hm"]["map"]["0.5"] if published else None, "status": "ok",
-               **scoring_summary(r),
+               **scoring_summary(r), "by_iou": every_iou(r),
                "scoring": {k: v for k, v in scoring.items() if k not in ("clip_time_s", "crop_cache_hits")},
                "clip_time_s": sum(m["scoring"]["clip_time_s"] for m in r.values())}
     summary["zsd_breakdown"] = test_output_breakdown(run.cfg, run.cfg.path("results", f"{name}_zsd.json"), "zsd")

@@ -176,13 +176,11 @@ DEFAULT_PROMPTS = {
 }
 # The word the text encoders embed (with the same prompts) for row 0.
 BACKGROUND_WORD = "background"
-# Dataset class names that are run-together words; the text encoders read the spaced form.
-READABLE_NAMES = {
-    "diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
-    "baseballfield": "baseball field", "basketballcourt": "basketball court",
-    "golffield": "golf field", "groundtrackfield": "ground track field",
-    "storagetank": "storage tank", "tenniscourt": "tennis court", "trainstation": "train station",
-}
+# Class names the word list below reads wrong: 'tv' is shorter than a piece may be, 'potted' is
+# not a MiniLM word ('pot ted plant'), 'aeroplane' and 'surfboard' are words of neither list.
+READABLE_NAMES = {"tvmonitor": "tv monitor", "pottedplant": "potted plant", "aeroplane": "aeroplane",
+                  "surfboard": "surfboard"}
+MIN_PIECE = 3  # letters in each piece of a split run-together name
 TEXT_BATCH = 256  # texts per encoder forward pass
 
 
@@ -232,10 +230,94 @@ def parse_classes(spec: str) -> list[str]:
 
 
 def readable_name(name: str, literal: bool = False) -> str:
-    """The text fed to a text encoder: '_'/'-' become spaces; known run-together words are split."""
+    """The text fed to a text encoder: '_'/'-' become spaces, and each run-together word is split
+    into words (``saladdressing`` -> ``salad dressing``, :func:`split_run_together`)."""
     if literal:
         return name
-    return READABLE_NAMES.get(normalize_name(name), re.sub(r"[_\-]+", " ", name).strip())
+    if normalize_name(name) in READABLE_NAMES:
+        return READABLE_NAMES[normalize_name(name)]
+    text = re.sub(r"[_\-]+", " ", name).strip()
+    tokens = text.split()
+    pieces = [p for t in tokens for p in split_run_together(t)]
+    return text if pieces == tokens else " ".join(pieces)
+
+
+def split_run_together(token: str) -> list[str]:
+    """``token`` as the fewest words of the MiniLM word list, each >= MIN_PIECE letters (dynamic
+    programming; among those, the longest shortest piece, then the more frequent words), or
+    ``[token]`` when it is a word itself (of that list or of CLIP's), is not alphabetic, cannot
+    be split, or the list is not installed. The pieces keep the token's letter case."""
+    pieces, known = _word_lists()
+    word = token.lower()
+    if not pieces or not word.isalpha() or word in known:
+        return [token]
+    n = len(word)
+    # fewest[i]: the fewest pieces word[i:] splits into (None: it cannot be split)
+    fewest: list = [None] * n + [0]
+    for i in range(n - MIN_PIECE, -1, -1):
+        counts = [fewest[j] for j in range(i + MIN_PIECE, n + 1)
+                  if fewest[j] is not None and word[i:j] in pieces]
+        fewest[i] = 1 + min(counts) if counts else None
+    if fewest[0] is None:
+        return [token]
+
+    def splits(i: int) -> list[list[tuple[int, int]]]:
+        """Every split of word[i:] into fewest[i] pieces, as (start, end) pairs."""
+        if i == n:
+            return [[]]
+        return [[(i, j)] + rest for j in range(i + MIN_PIECE, n + 1)
+                if word[i:j] in pieces and fewest[j] == fewest[i] - 1 for rest in splits(j)]
+
+    best = min(splits(0), key=lambda sp: (-min(j - i for i, j in sp), sum(pieces[word[i:j]] for i, j in sp)))
+    return [token[i:j] for i, j in best]
+
+
+_WORD_LISTS: Optional[tuple[dict, frozenset]] = None
+
+
+def _word_lists() -> tuple[dict, frozenset]:
+    """(MiniLM word -> rank, every known word): the whole-word entries (no '##', alphabetic,
+    >= 2 letters) of the installed MiniLM's vocab.txt, rank = line number (frequent words come
+    first); the known words add CLIP's BPE whole-word tokens, so that a word MiniLM spells in
+    pieces ('skateboard', 'potted') is not split. ({}, {}) without the MiniLM package."""
+    global _WORD_LISTS
+    if _WORD_LISTS is None:
+        pieces: dict[str, int] = {}
+        try:
+            with open(os.path.join(minilm_model_dir(), "vocab.txt"), encoding="utf-8") as f:
+                for rank, line in enumerate(f):
+                    tok = line.rstrip("\n")
+                    if len(tok) >= 2 and tok.isalpha() and tok not in pieces:
+                        pieces[tok] = rank
+        except (InputError, OSError):
+            pieces = {}
+        _WORD_LISTS = (pieces, frozenset(pieces) | _clip_words() if pieces else frozenset())
+    return _WORD_LISTS
+
+
+def _clip_words() -> frozenset:
+    """Whole words of open_clip's BPE vocabulary (merges ending a word, '</w>'), read without
+    importing open_clip; empty if it is not installed."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.origin:
+        return frozenset()
+    path = os.path.join(os.path.dirname(spec.origin), "bpe_simple_vocab_16e6.txt.gz")
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")[1:49152 - 256 - 2 + 1]  # the merges open_clip uses
+    except (OSError, EOFError):
+        return frozenset()
+    words = set()
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 2 and parts[1].endswith("</w>"):
+            w = parts[0] + parts[1][:-4]
+            if len(w) >= 2 and w.isalpha():
+                words.add(w)
+    return frozenset(words)
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
