@@ -61,6 +61,36 @@ def test_a_failed_child_stage_is_reported(tmp_path, capsys):
     assert stages.concurrent == {"train-clip": "train-detector"} and 0 < stages.timings["train-clip"] < 60
 
 
+def test_resume_skips_the_finished_stages(tmp_path, monkeypatch):
+    """``vldus run --resume``: the stage commands a run finished (recorded after each in
+    work/stages.json) are skipped, a failed one is not recorded and runs again, and
+    train-detector / train-generator continue from their checkpoints (--resume)."""
+    from vldus import cli
+    from vldus.runner import StageFailed, Stages
+
+    ran = []
+    monkeypatch.setattr(cli, "main", lambda argv: ran.append(argv) or (3 if "fail" in argv else 0))
+    done = str(tmp_path / "stages.json")
+    first = Stages(quiet=False, done_file=done)
+    first.run("features", ["extract-features", "--config", "c.yaml"])
+    first.run("detector", ["train-detector", "--config", "c.yaml"])
+    with pytest.raises(StageFailed):
+        first.run("synthesizer", ["train-generator", "fail"])
+    assert ran == [["extract-features", "--config", "c.yaml"], ["train-detector", "--config", "c.yaml"],
+                   ["train-generator", "fail"]]
+    ran.clear()
+    again = Stages(quiet=False, done_file=done, resume=True)
+    again.run("features", ["extract-features", "--config", "c.yaml"])
+    again.run("detector", ["train-detector", "--config", "c.yaml"])
+    again.run("features (other)", ["extract-features", "--config", "d.yaml"])
+    with pytest.raises(StageFailed):
+        again.run("synthesizer", ["train-generator", "fail"])
+    assert ran == [["extract-features", "--config", "d.yaml"], ["train-generator", "fail", "--resume"]]
+    ran.clear()
+    Stages(quiet=False, done_file=done).run("features", ["extract-features", "--config", "c.yaml"])
+    assert ran == [["extract-features", "--config", "c.yaml"]]  # without --resume everything runs
+
+
 def test_a_failed_torchrun_stage_is_reported(tmp_path):
     """A stage run as torchrun processes (train-detector on two or more threads) that fails stops
     the demo; its time is still recorded. (The default demo runs the path that succeeds; one

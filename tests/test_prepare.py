@@ -398,7 +398,10 @@ def test_cpu_schedule():
     v = {k: value for k, (value, _) in prepare.cpu_schedule(images, n_train=100).items()}
     assert v["detector.min_size"] == 512 and v["detector.max_size"] == round(512 * 640 / 480)
     assert v["detector.anchor_sizes"] == [16, 32, 64, 128, 256]  # 20 px x 512/480 = 21.3 -> 16
-    assert v["train.epochs"] == 12 and v["train.lr_steps"] == [11] and v["train.warmup_iters"] == 25
+    # 900 s / (100 x 0.37 s x 512 x 683 / (448 x 336)) = 10.5 -> 10 epochs
+    assert v["train.epochs"] == 10 and v["train.lr_steps"] == [9] and v["train.warmup_iters"] == 25
+    few = prepare.cpu_schedule(images[:20], n_train=20)
+    assert few["train.epochs"][0] == 12  # the most
     many = prepare.cpu_schedule(images * 20, n_train=2000)
     assert many["train.epochs"][0] == 4 and many["train.warmup_iters"][0] == 500
 

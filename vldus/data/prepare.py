@@ -61,7 +61,9 @@ TARGET_BOX_SIDE = 40.0  # px: the median box short side after resizing
 MIN_SIZE_RANGE = (320, 512)
 SMALLEST_ANCHOR = 16
 BUDGET_S = 900.0  # detector training budget: 15 minutes on a 2-core CPU
-STEP_S_PER_IMAGE = 0.21  # measured s per 448x336 training image on a 2-core CPU
+# s per 448x336 training image on a 2-core CPU (2026-12-07, AMD EPYC, Aquarium at 512x683: 3.4 s per
+# 4-image step with 500 proposals and 256 RoIs per image; the preset's 300 / 128 cost less)
+STEP_S_PER_IMAGE = 0.37
 REFERENCE_PIXELS = 448 * 336
 EPOCH_RANGE = (4, 12)
 WARMUP_CAP = 500
@@ -88,9 +90,9 @@ PRESETS = {
         "detector.trainable_layers": (3, "of 5 stages; 5 with frozen BN diverged on the shapes benchmark"),
         "detector.fpn_channels": (128, "64 halves the step time but lost ~6 mAP on the shapes benchmark"),
         "detector.channels_last": (True, "NHWC: -20 % per training step on a CPU (docs/benchmarks.md)"),
-        "detector.rpn_post_nms_train": (500, "proposals per training image (also extraction's proposals)"),
-        "detector.rpn_post_nms_test": (500, "proposals per test image"),
-        "detector.roi_batch_size": (256, "RoIs per training image; RoIAlign backward and the box head "
+        "detector.rpn_post_nms_train": (300, "proposals per training image (also extraction's proposals)"),
+        "detector.rpn_post_nms_test": (300, "proposals per test image"),
+        "detector.roi_batch_size": (128, "RoIs per training image; RoIAlign backward and the box head "
                                     "dominate a CPU step"),
         "train.batch_size": (4, "images per iteration"),
         "train.lr": (0.005, "0.02 x 4 / 16: the linear scaling rule from the standard 16-image "
@@ -490,7 +492,7 @@ def cpu_schedule(images: Sequence[Image], n_train: int) -> dict[str, tuple[Any, 
     s = 40 / median box short side; ``min_size`` = s x median image short side, to a multiple
     of 32 in [320, 512]; ``max_size`` = min_size x the median long / short ratio; anchors: five
     powers of two from the largest power of 2 <= the 5th percentile of the resized box short side
-    (at least 16); epochs: a 15-minute budget at 0.21 s per 448x336 training image, in [4, 12],
+    (at least 16); epochs: a 15-minute budget at 0.37 s per 448x336 training image, in [4, 12],
     the last one at lr x 0.1; warm-up: one epoch of iterations, at most 500.
     """
     short = np.array([min(im.width, im.height) for im in images], np.float64)
@@ -525,9 +527,9 @@ def cpu_schedule(images: Sequence[Image], n_train: int) -> dict[str, tuple[Any, 
         "detector.max_size": (max_size, f"long side: min_size x {aspect:.3f} (median long / short side)"),
         "detector.anchor_sizes": (anchors, f"from the largest power of 2 <= {p5:.1f} px, the 5th percentile "
                                            f"of the resized box short side (>= 16)"),
-        "train.epochs": (epochs, f"floor(900 s / ({n_train} images x 0.21 s x {min_size}x{max_size} / "
+        "train.epochs": (epochs, f"floor(900 s / ({n_train} images x 0.37 s x {min_size}x{max_size} / "
                                  f"(448x336))) in [4, 12]: a 15-minute detector on a 2-core CPU "
-                                 f"(0.21 s per 448x336 image measured)"),
+                                 f"(0.37 s per 448x336 image measured)"),
         "train.lr_steps": ([epochs - 1], "the last epoch at lr x 0.1"),
         "train.warmup_iters": (min(WARMUP_CAP, iters), f"one epoch ({iters} iterations of {batch} images), "
                                                        f"at most {WARMUP_CAP}"),
