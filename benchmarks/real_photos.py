@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=SHARED_DATA, help="folder holding the datasets (default %(default)s)")
     p.add_argument("--rows", default=None, help="vldus run --rows (default: all)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="vldus run --set")
+    p.add_argument("--resume", action="store_true", help="vldus run --resume (a stopped run into OUT)")
     p.add_argument("--store", metavar="NAME", help="store the metrics as docs/results/real_NAME.json")
     p.add_argument("--note", default="", help="machine and anything else for the stored file's note")
     args = p.parse_args(argv)
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_s = vldus("prepare", data, *options, "--out", prepared, "--seed", str(args.seed))
     run_argv = ["run", "--config", os.path.join(prepared, "config.yaml"), "--out", out, "--seed", str(args.seed)]
     run_argv += ["--rows", args.rows] if args.rows else []
+    run_argv += ["--resume"] if args.resume else []
     run_argv += ["--set", *args.set] if args.set else []
     run_s = vldus(*run_argv)
     print(f"\nreal_photos: prepare {prepare_s:.0f} s, run {run_s:.0f} s -> {out}/metrics.json")

@@ -411,3 +411,19 @@ def test_field_comments_from_config_source():
     assert comments["DetectorConfig"]["min_size"] == "image scale (short side)"
     assert comments["InferenceConfig"]["excluded"].startswith("excluded classes (COCO 48/17)")
     assert "source_file" not in comments.get("DataSource", {})
+
+
+def test_test_rule_needs_most_seen_classes_beside_the_unseen_ones():
+    """GZSD tests the images with an unseen object ('coco') only where those images hold boxes of
+    at least half the test set's seen classes; one stray seen box (GTEA Gaze+: 1 in 208 images)
+    makes it 'all'."""
+    def im(*labels):
+        return prepare.Image("test", "", "", 64, 64, np.array(labels), np.zeros((len(labels), 4), np.float32))
+
+    unseen, seen = {5}, {1, 2, 3, 4}
+    stray = [im(5), im(5, 1), im(2), im(3), im(4)]
+    assert prepare.choose_test_rule(stray, unseen, seen)[0] == "all"
+    mixed = [im(5, 1), im(5, 2), im(3), im(4)]
+    rule, line = prepare.choose_test_rule(mixed, unseen, seen)
+    assert rule == "coco" and "2 of the test set's 4 seen classes" in line
+    assert prepare.choose_test_rule([im(5), im(1)], unseen, seen)[0] == "all"
