@@ -6,8 +6,10 @@ Cases (randomly initialised detectors, random images with random boxes):
   r101_1333   configs/coco_65_15.yaml: ResNet-101-FPN, 1 image of 1333x800 (the paper's scale)
 
 One training iteration = forward with losses, backward, gradient clipping, SGD step, as in
-vldus.detection.train. Trainable BatchNorm replaces the configs' frozen BN (frozen BN on a
-random backbone blows up); trainable_layers stays as configured. Each case runs in its own
+vldus.detection.train, after 3 warm-up iterations. Trainable BatchNorm replaces the configs'
+frozen BN (frozen BN on a random backbone blows up), and without ImageNet weights all 5 backbone
+stages train (the configs train 3 with weights): the result records both
+(``trainable_stages``, ``configured_trainable_layers``). Each case runs in its own
 subprocess so that its peak RSS is its own. On CUDA the model runs under autocast with a
 GradScaler (``--amp``, default on there) and peak CUDA memory is reported too.
 
@@ -101,6 +103,9 @@ def time_training(cfg, split, batch: int, width: int, height: int, iters: int, w
     return result
 
 
+WARMUP = 3  # the first iterations allocate and pick kernels
+
+
 def run_case(name: str, iters: int, device: str, amp: bool) -> dict:
     import torch
 
@@ -119,7 +124,9 @@ def run_case(name: str, iters: int, device: str, amp: bool) -> dict:
     result = {"case": name, "device": device, "amp": amp, "batch": batch, "iters": iters,
               "scale": [cfg.detector.max_size, cfg.detector.min_size], "backbone": cfg.detector.backbone,
               "threads": torch.get_num_threads()}
-    result |= time_training(cfg, split, batch, width, height, iters, device=device, amp=amp)
+    result |= time_training(cfg, split, batch, width, height, iters, warmup=WARMUP, device=device, amp=amp)
+    result |= {"trainable_stages": 5, "configured_trainable_layers": cfg.detector.trainable_layers,
+               "configured_amp": cfg.train.amp}
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return result
 

@@ -5,7 +5,12 @@
                                    [--rss-rows 4000000]
 
 Prints, for each device: real samples per second of GAN training, the seconds one GAN epoch
-(gan.epoch_budget samples) takes at that rate, and the process's peak RSS. The settings come
+(gan.epoch_budget samples) takes at that rate, the GFLOP/s this achieves (the matrix products of
+one iteration, ``--floor``'s list, times iterations per second) against the device's measured
+matrix-product peak in the same precision (a large square matmul, best of several), and the
+process's peak RSS. The trainer runs WITHOUT the CLIP distillation (configs/coco_65_15.yaml has
+``gan.distill: active``: a real iteration also encodes the generated and real images through
+ViT-B/32), so the rates are upper bounds of a configured run's. The settings come
 from configs/coco_65_15.yaml (batch 32, 5 critic steps, 4096-wide G and D, nz 300, 512-d
 embeddings, 15 unseen classes); the features, embeddings and classifiers are generated here.
 
@@ -215,6 +220,34 @@ def report(name: str, rates: list[float], cfg) -> dict:
     print(f"  {name:<28} best {best:7.1f} samples/s  (runs: {', '.join(f'{r:.0f}' for r in rates)})  "
           f"-> {seconds:6.1f} s per GAN epoch of {cfg.gan.epoch_budget}")
     return {"samples_per_s": best, "runs": rates, "seconds_per_epoch": seconds}
+
+
+def matmul_peak(device: str, precision: str, size: int = 4096, repeat: int = 5) -> float:
+    """GFLOP/s of the best of ``repeat`` (size x size) @ (size x size) products on ``device``."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best / 1e9
+
+
+def add_gflops(res: dict, cfg, att: int, num_unseen: int, device: str, precision: str) -> None:
+    """The achieved GFLOP/s of ``res`` (samples/s) and its share of the measured peak."""
+    gflop = sum(2 * m * k * n * c for m, k, n, c in iteration_products(cfg, att, num_unseen)) / 1e9
+    achieved = gflop * res["samples_per_s"] / cfg.gan.batch_size
+    peak = matmul_peak(device, precision, 2048 if device == "cpu" else 4096)
+    res.update(gflop_per_iteration=gflop, gflop_per_s=achieved, peak_gflop_per_s=peak,
+               fraction_of_peak=achieved / peak)
+    print(f"  {'':<28} {achieved:7.1f} GFLOP/s of products = {100 * achieved / peak:.1f} % of the "
+          f"measured {precision} matmul peak ({peak:.0f} GFLOP/s)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,8 +461,10 @@ def main() -> None:
             precisions = [resolve_precision(args.precision, device)]
         for precision in dict.fromkeys(precisions):
             trainer = build_trainer(cfg, split, emb, seen_cls, compat, device, precision)
-            results[f"{device}/vldus/{precision}"] = report(f"vldus ({precision})", time_ours(
+            res = report(f"vldus ({precision}, no distillation)", time_ours(
                 trainer, feats, labels, args.iterations, args.repeat, cfg.gan.batch_size), cfg)
+            add_gflops(res, cfg, emb.shape[1], len(split.unseen_ids), device, precision)
+            results[f"{device}/vldus/{precision}"] = dict(res, distillation=False)
             del trainer
         if args.legacy:
             legacy_cfg = load_config(CONFIG, ["gan.legacy_unseen_loss=true"])

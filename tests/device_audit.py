@@ -9,11 +9,16 @@
   the device. The ``meta`` device stands in for CUDA: it has shapes and dtypes but no data, so
   the audit answers such reads with zeros and lets the code run on;
 - ``uploads``: copies of CPU tensors onto a ``meta`` tensor (on CUDA, from pageable memory,
-  they wait for the device too);
+  they wait for the device too), factory calls that build a ``meta`` tensor from host data
+  (``torch.tensor(list, device=...)``, ``torch.as_tensor``), and indexing of a ``meta`` tensor
+  with a Python list or a CPU tensor (``x[:, ids]``, ``mask[ids] = True``: the index is copied
+  to the device first);
 - ``cpu_reads``: the same value reads on CPU tensors, for code that cannot run on ``meta``
   (torchvision's detection ops): the caller decides which of them count.
 
 Each record names the first frame outside torch (``file:line function``).
+:func:`scaler_step_reads_host` tells whether ``GradScaler.step`` reads the found-inf flag on
+the host for an optimizer (amp is off on the CPU, so the audit never sees that read happen).
 :func:`meta_generators` lets ``torch.Generator("meta")`` be created (torch has none): a CPU
 generator stands in, remembered as a meta one, so the generator check still applies.
 """
@@ -82,6 +87,24 @@ def _target_device(args, kwargs):
     return None
 
 
+_FACTORIES = {torch.tensor, torch.as_tensor, torch.asarray}
+_INDEXING = {T.__getitem__, T.__setitem__}
+
+
+def _host_index(index) -> bool:
+    """An index (or a tuple of them) holding a Python list or a CPU tensor."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, list) or (isinstance(p, torch.Tensor) and p.device.type == "cpu" and p.dim() > 0)
+               for p in parts)
+
+
+def scaler_step_reads_host(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether an enabled ``GradScaler.step(optimizer)`` reads the found-inf flag with ``.item()``
+    (``torch/amp/grad_scaler.py``: optimizers without ``_step_supports_amp_scaling``, e.g. SGD
+    and Adam unless fused)."""
+    return not getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
 def _fake_value(t: torch.Tensor, how: str):
     zeros = torch.zeros(t.shape, dtype=t.dtype)
     if how == "numpy":
@@ -119,6 +142,15 @@ class DeviceAudit(TorchFunctionMode):
                 return torch.zeros(this.shape, dtype=dtype)
             if this.device.type == "cpu" and target == "meta":
                 self.uploads.append(f"upload {_caller()}")
+        elif func in _FACTORIES:
+            target = kwargs.get("device")
+            data = args[0] if args else kwargs.get("data")
+            if target is not None and torch.device(target).type == "meta" and not (
+                    isinstance(data, torch.Tensor) and data.device.type == "meta"):
+                self.uploads.append(f"{func.__name__} from host {_caller()}")
+        elif func in _INDEXING and this is not None and this.device.type == "meta" and len(args) > 1 \
+                and _host_index(args[1]):
+            self.uploads.append(f"index from host {_caller()}")
         elif func is T.copy_ and this is not None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             if this.device.type == "meta" and args[1].device.type == "cpu" and args[1].numel() > 0:
                 self.uploads.append(f"copy_ {_caller()}")

@@ -15,13 +15,14 @@ instead of idling.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import tempfile
 import time
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 MODULES = ("test_api.py", "test_bundle.py", "test_demo.py")
 LATE_MODULES = ("test_api.py",)  # over half of the demo's test time, shared by both workers at the end
@@ -55,12 +56,32 @@ def quick_demo() -> DemoRun:
     return _CACHE["run"]
 
 
+@contextlib.contextmanager
+def on_cpu() -> Iterator[None]:
+    """No GPU for this process and its children: the suite compares the demo's files with the
+    API's CPU results and with the numbers of docs/results, which are the CPU's."""
+    import torch
+
+    before, available = os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.cuda.is_available = lambda: False
+    try:
+        yield
+    finally:
+        torch.cuda.is_available = available
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 def run_demo(out: str) -> DemoRun:
-    """``vldus demo --quick --out out``, timed."""
+    """``vldus demo --quick --out out`` on the CPU, timed."""
     from vldus import cli
 
     start = time.perf_counter()
-    rc = cli.main(["demo", "--out", out, "--quick", "--quiet"])
+    with on_cpu():
+        rc = cli.main(["demo", "--out", out, "--quick", "--quiet"])
     if rc:
         raise RuntimeError(f"vldus demo --quick failed (exit {rc})")
     return finished_run(out, time.perf_counter() - start)

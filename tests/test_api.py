@@ -186,7 +186,8 @@ def _compare_with_vldus_test(det, run, cfg, split, tmp_path, options: list[str])
     out = tmp_path / "dets.json"
     assert cli.main(["test", "--config", run.config, "--checkpoint", run.checkpoint, "--syn-weights",
                      os.path.join(run.synth_dir, "classifier_best.pth"), "--gzsd", "--out", str(out),
-                     "--metrics", str(tmp_path / "m.json"), "--max-images", "4", "--quiet", *options]) == 0
+                     "--metrics", str(tmp_path / "m.json"), "--max-images", "4", "--quiet", "--device", "cpu",
+                     *options]) == 0
     with open(tmp_path / "m.json") as f:
         ran = json.load(f)["gzsd_scoring"]
     with open(out) as f:

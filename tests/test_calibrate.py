@@ -168,3 +168,22 @@ def test_missing_generator_is_one_line(task, tmp_path, cli_error):
     os.remove(task / "synth" / "generator.pth")
     err = cli_error(["calibrate-gzsd", "--config", str(task / "hand.yaml"), "--synth-dir", str(task / "synth")])
     assert "generator.pth" in err
+
+
+def test_default_device_is_train_generators(task, monkeypatch):
+    """calibrate-gzsd rewrites what train-generator wrote: with no --device both take CUDA when
+    it is there (calibrate-gzsd used the CPU)."""
+    from vldus.synthesis import calibrate
+    from vldus.synthesis.compat import default_device
+
+    used = []
+
+    def record(cfg, synth_dir, checkpoint, features_dir, device="cpu", warn=True, generator=None):
+        used.append(device)
+        raise StopIteration
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(calibrate, "calibrate_synth_dir", record)
+    with pytest.raises(StopIteration):
+        main(["calibrate-gzsd", "--config", str(task / "hand.yaml"), "--synth-dir", str(task / "synth"), "--quiet"])
+    assert used == [default_device(None)] == ["cuda"]

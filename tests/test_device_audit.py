@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from device_audit import DeviceAudit, meta_generators
+from device_audit import DeviceAudit, generator_device, meta_generators
 from synthesis_task import make_task
 from vldus.config import GanConfig, load_config
 from vldus.data.embeddings import load_class_embeddings
@@ -51,10 +51,12 @@ def _compat_run(task, batch_size):
 
 def test_compat_classifier_on_another_device(task):
     """The initial weights are not drawn on the CPU into device tensors (the CUDA crash of
-    stage 3), and an epoch reads its losses back once, however many batches it has."""
+    stage 3), and an epoch reads its losses back once and uploads each chunk of rows once,
+    however many batches it has."""
     few, many = _compat_run(task, 256), _compat_run(task, 64)
     assert few.generator_mismatches == [] and many.generator_mismatches == []
     assert len(many.syncs) == len(few.syncs), many.syncs
+    assert len(many.uploads) == len(few.uploads), many.uploads
 
 
 def _gan_trainer(device=META, **changes) -> GANTrainer:
@@ -87,10 +89,52 @@ def test_gan_iterations_do_not_synchronise(monkeypatch, legacy_unseen_loss):
             assert audit.generator_mismatches == [] and audit.uploads == [], audit.uploads
             counts.append(len(audit.syncs))
         assert counts[0] == counts[1] <= 2, audit.syncs
-        audit = DeviceAudit()
-        with audit:
-            trainer.synthesize(torch.empty(2, ATT, device=META), 3, torch.Generator(META).manual_seed(1))
-        assert audit.generator_mismatches == [] and audit.syncs == []
+
+    # synthesis draws its noise from a CPU generator (the same rows on every device) and uploads it
+    # once per chunk
+    audit = DeviceAudit()
+    with audit:
+        trainer.synthesize(torch.empty(2, ATT, device=META), 3, torch.Generator().manual_seed(1))
+    assert audit.generator_mismatches == [] and audit.syncs == [] and len(audit.uploads) == 1
+
+
+def test_every_synthesis_draws_its_noise_on_the_cpu(monkeypatch):
+    """Classifier training rows and calibration rows: the noise generator is a CPU one whatever
+    G's device (a generator on G's device gave other features on CUDA than on the CPU)."""
+    from types import SimpleNamespace
+
+    from vldus.synthesis import calibrate, pipeline
+    from vldus.synthesis.models import synthesize
+
+    devices = []
+
+    def spy(G, att, num, noise, chunk=8192):
+        devices.append(generator_device(noise))
+        return synthesize(G, att, num, noise, chunk)
+
+    class Calibrated(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Calibrated
+
+    with meta_generators(monkeypatch), DeviceAudit():
+        trainer = _gan_trainer()
+        monkeypatch.setattr(calibrate, "synthesize", spy)
+        monkeypatch.setattr(calibrate, "calibrate", stop)
+        with pytest.raises(Calibrated):
+            calibrate.calibrate_generator(torch.zeros(4, DIM), trainer.G, torch.zeros(2, ATT), torch.zeros(3, ATT),
+                                          (torch.zeros(1), torch.zeros(1)), (torch.zeros(1), torch.zeros(1)), None,
+                                          SimpleNamespace(gate_fit="margin", bg_blend=0, gzsd_min_separation=0), 0, "src")
+        cfg = SimpleNamespace(gan=SimpleNamespace(seed=0),
+                              unseen_classifier=SimpleNamespace(syn_num=3, bg_multiplier=1))
+        inputs = SimpleNamespace(embeddings=np.zeros((CLASSES + 1, ATT), np.float32),
+                                 split=SimpleNamespace(unseen_ids=UNSEEN),
+                                 train=SimpleNamespace(labels=np.zeros(5, np.int64),
+                                                       gather=lambda rows: torch.zeros(len(rows), DIM)))
+        monkeypatch.setattr(trainer, "synthesize", lambda att, num, noise: spy(trainer.G, att, num, noise))
+        pipeline.ClassifierData(cfg, inputs, trainer, META)(0)
+    assert devices == ["cpu", "cpu", "cpu"]
 
 
 def test_noise_state_from_another_device_is_one_clear_error(monkeypatch):

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import device_check  # noqa: E402
 from device_check import compare_detections  # noqa: E402
 
-STEPS = ["setup", "bench_gan", "bench_detector", "demo", "parity", "dist_test"]
+STEPS = ["setup", "bench_gan", "bench_detector", "demo", "parity", "dist_test", "dist_train"]
 
 
 @pytest.mark.rehearsal
@@ -45,6 +46,9 @@ def test_every_step_runs_and_one_table_is_printed(tmp_path):
     # few files come back from the device machine; the work folder holds the rest
     assert sorted(os.listdir(out)) == ["demo_metrics.json", "device_check.json", "device_check.log"]
     assert (work / "parity_cpu.json").exists() and (work / "dist_test_cpu.json").exists()
+    # one torchrun process trained one epoch (gloo on the CPU) and rank 0 saved and validated it
+    train = report["steps"]["dist_train"]
+    assert train["backend"] == "gloo" and "epoch_1.pth" in train["summary"]
 
 
 def det(image, cls, box, score):
@@ -157,3 +161,45 @@ def test_step_timeouts_keep_time_for_the_later_steps(monkeypatch, tmp_path):
     # a step with no time left is not started
     code, report = run_main(monkeypatch, tmp_path, (("a", ok, 10, 1), ("b", ok, 10, 20)), budget=10)
     assert code == 1 and report["steps"]["a"]["status"] == "timeout" and report["steps"]["b"]["ok"]
+
+
+WORKER = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a worker stuck in a collective: only SIGKILL ends it
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(300)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_torchrun_step_past_its_timeout_ends_with_its_workers(monkeypatch, tmp_path):
+    # torchrun starts each worker in a session of its own: killing the step's process group alone
+    # left the worker running, holding the step's output open, and the check waited for it
+    script, pid_file = tmp_path / "worker.py", tmp_path / "worker.pid"
+    script.write_text(WORKER)
+
+    def torchrun(ctx):
+        ctx.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                 f"--master_port={device_check.free_port()}", str(script), str(pid_file)])
+        return True, "never", {}
+
+    def before(ctx):
+        return True, "first", {}
+
+    def after(ctx):
+        return True, "still run", {}
+
+    monkeypatch.setattr(device_check, "TERM_GRACE_S", 3)
+    start = time.perf_counter()
+    code, report = run_main(monkeypatch, tmp_path, (("before", before, 5, 1), ("torchrun", torchrun, 15, 1),
+                                                    ("after", after, 5, 1)), budget=60)
+    assert time.perf_counter() - start < 15 + 3 + 15
+    assert code == 1 and report["finished"] and report["cuda_budget_s"] == 300
+    steps = report["steps"]
+    assert steps["torchrun"]["status"] == "timeout" and steps["torchrun"]["seconds"] < 15 + 3 + 10
+    assert steps["before"]["ok"] and steps["after"]["ok"] and steps["after"]["summary"] == "still run"
+    worker = int(pid_file.read_text())  # started within the timeout, and ended with the step
+    deadline = time.time() + 5
+    while os.path.exists(f"/proc/{worker}") and time.time() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z"

@@ -516,3 +516,29 @@ class torch_threads:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.old)
+
+
+def test_rank_0_lists_the_pending_shards_for_every_rank(tmp_path, extractor):
+    """Two ranks, rank 1 with a stale view of the parts folder (it lists no pending shard): rank
+    0's list is every rank's, so every shard is done once (each rank listed its own, and rank 0
+    then found rank 1's shards unfinished)."""
+    from test_devices import _two_ranks
+
+    from vldus.detection.shards import ShardStore
+
+    records = make_records(tmp_path)
+    paths = output_paths(str(tmp_path / "out"), "train", 0.6, 0.3)
+    real = ShardStore.pending
+
+    def run(rank):
+        if rank == 1:
+            ShardStore.pending = lambda self, n: []
+        else:
+            ShardStore.pending = real
+        m = run_extraction(extractor, records, paths, repeat=1, seed=3, shard_size=1, quiet=True)
+        return None if m is None else m["passes"]
+
+    assert _two_ranks(run) == [len(records), None]
+    one = output_paths(str(tmp_path / "one"), "train", 0.6, 0.3)
+    run_extraction(extractor, records, one, repeat=1, seed=3, shard_size=1, quiet=True)
+    assert np.array_equal(load(paths)[1], load(one)[1])

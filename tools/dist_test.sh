@@ -11,6 +11,8 @@
 # PYTHON selects the interpreter (default: python3, else python).
 # VLDUS_DIST_TIMEOUT_MIN: the process-group timeout in minutes (default 120): work that rank 0
 # does alone between collectives must finish within it.
+# The processes gather over gloo: on hosts with several network interfaces set GLOO_SOCKET_IFNAME
+# (e.g. eth0) so that gloo does not bind the loopback address the hostname may resolve to.
 set -euo pipefail
 if [ "$#" -lt 3 ]; then
     echo "usage: $0 CFG CHECKPOINT NPROC [vldus test options]" >&2

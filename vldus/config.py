@@ -362,12 +362,12 @@ def config_keys(cls: type = None, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         if f.name == "source_file":
             continue
-        tp = _section_type(typing.get_type_hints(cls)[f.name])
+        tp = section_type(typing.get_type_hints(cls)[f.name])
         out += config_keys(tp, f"{prefix}{f.name}.") if tp else [prefix + f.name]
     return out
 
 
-def _section_type(tp: Any) -> Optional[type]:
+def section_type(tp: Any) -> Optional[type]:
     """The dataclass a field holds (``Optional[X]`` -> X), or None for a plain value."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -387,7 +387,7 @@ def check_override_key(dotted: str) -> None:
             hint = f"; close names: {', '.join(close[:6])}" if close else \
                 f"; '{'.'.join(parts[:i]) or 'top level'}' has {', '.join(sorted(hints.keys() - {'source_file'}))}"
             raise InputError("--set", f"unknown config key '{dotted}'{hint}")
-        section = _section_type(hints[part])
+        section = section_type(hints[part])
         if section is None:
             if i != len(parts) - 1:
                 raise InputError("--set", f"'{dotted}': '{'.'.join(parts[:i + 1])}' is a value, not a section")

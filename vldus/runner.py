@@ -595,8 +595,7 @@ def row_results(run: Run, name: str) -> dict:
         # scored like the synthesis rows: calibrated on the first synthesizer's unseen features
         donor = os.path.join(run.cfg.path(f"synth_{run.calibration_donor}"), "generator.pth")
         run.stages.run(f"calibrate-gzsd ({name})", ["calibrate-gzsd"] + run.base + [
-            "--synth-dir", synth_dir, "--checkpoint", run.checkpoint, "--generator", donor,
-            "--device", "cuda" if torch.cuda.is_available() else "cpu"])
+            "--synth-dir", synth_dir, "--checkpoint", run.checkpoint, "--generator", donor])
     return {setting: run_test_pass(run, name, classifier, setting) for setting in SETTINGS}
 
 

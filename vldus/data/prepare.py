@@ -44,7 +44,7 @@ import numpy as np
 import yaml
 
 from vldus import config as config_module
-from vldus.config import INSTALLED_WEIGHTS, Config, DataSource, _section_type
+from vldus.config import INSTALLED_WEIGHTS, Config, DataSource, section_type
 from vldus.data.splits import Split, normalize_name
 from vldus.errors import InputError, require_file
 
@@ -596,7 +596,7 @@ def render_config(tree: dict, comments: dict[str, str], header: Sequence[str]) -
                 continue
             dotted = prefix + f.name
             value = values[f.name]
-            section = _section_type(hints[f.name])
+            section = section_type(hints[f.name])
             pad = " " * indent
             if section is not None and value is not None:
                 if indent == 0:
@@ -654,7 +654,7 @@ def _leaves(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(cls):
         if f.name == "source_file":
             continue
-        section = _section_type(hints[f.name])
+        section = section_type(hints[f.name])
         if section is not None:
             out += _leaves(section, f"{prefix}{f.name}.")
         else:

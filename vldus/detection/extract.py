@@ -55,7 +55,7 @@ from vldus.config import Config, FeatureConfig, load_config
 from vldus.data.images import read_rgb
 from vldus.data.records import ImageRecord
 from vldus.data.splits import Split
-from vldus.devices import local_device, start_process_group
+from vldus.devices import check_shared_dir, local_device, start_process_group
 from vldus.detection.shards import ShardStore, merge_shards, read_json, shard_ranges
 from vldus.errors import InputError, require_file
 from vldus.files import write_json
@@ -306,8 +306,9 @@ def run_extraction(extractor, records: Sequence[ImageRecord], paths: OutputPaths
     done = _broadcast(done)
     if done is not None:
         return done if rank == 0 else None
-    pending = store.pending(len(items))
-    _barrier()  # every rank has listed the pending shards before any is finished
+    check_shared_dir(paths.parts)  # rank 0 merges every rank's shards from this folder
+    # rank 0's list for every rank: stale directory caches (NFS) would make shards done twice or never
+    pending = _broadcast(store.pending(len(items)) if rank == 0 else None)
 
     mine = pending[rank::world]
     bar = tqdm(total=sum(len(items[i]) for i in mine), unit="img", desc="extract-features",
@@ -452,7 +453,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--shard-size", type=int, default=500,
                    help="image passes per shard (the unit of resume and of work sharing)")
     p.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) if available, else cpu")
-    p.add_argument("--amp", action="store_true", help="autocast on CUDA (features saved as float32)")
+    p.add_argument("--amp", action="store_true", help="autocast on CUDA (features saved as float32, but rounded to fp16 "
+                                              "precision, while vldus test scores fp32 features)")
     p.set_defaults(func=run)
 
 

@@ -122,7 +122,7 @@ def detect(model: torch.nn.Module, head, records: Sequence[ImageRecord], device:
     entries = [cache.entry_path(r.path) for r in records] if cache is not None else [None] * len(records)
     todo = [i for i, e in enumerate(entries) if e is None or not os.path.isfile(e)]
     loader = iter(DataLoader(TestImages([records[i] for i in todo]), batch_size=None, shuffle=False,
-                             num_workers=workers if todo else 0))
+                             num_workers=workers if todo else 0, pin_memory=torch.device(device).type == "cuda"))
     results: list[Optional[dict]] = [None] * len(records)
     pending = set(todo)
     if cache is not None:
@@ -133,7 +133,7 @@ def detect(model: torch.nn.Module, head, records: Sequence[ImageRecord], device:
             _, image, error = next(loader)
             if error is not None:
                 raise InputError(records[i].path, error)
-            inputs = box_inputs(model, image.to(device))
+            inputs = box_inputs(model, image.to(device, non_blocking=True))
             if cache is not None:
                 cache.store(entries[i], inputs)
                 inputs = cache.rounded(inputs)

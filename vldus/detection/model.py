@@ -202,7 +202,7 @@ def build_detector(cfg: Config, split: Split, load_backbone: bool = True) -> Fas
     model.rpn.min_size = max(float(det.rpn_min_size), 1e-3)
     if det.legacy_mmdet:  # converted mmdetection-1.x checkpoints (vldus.detection.legacy)
         apply_legacy_mmdet(model, det.anchor_sizes, det.aspect_ratios, det.bbox_reg_weights)
-    if det.channels_last:
+    if det.channels_last:  # on the CPU: to_device turns it off on CUDA
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -247,7 +247,18 @@ def load_detector(cfg: Config, split: Split, checkpoint_path: str, device: str |
         raise InputError(checkpoint_path, f"does not fit the configured detector ({cfg.detector.backbone}, "
                                           f"fpn_channels {cfg.detector.fpn_channels}): {problem}")
     model.load_state_dict(state)
-    return model.to(device).eval()
+    return to_device(model, device).eval()
+
+
+def to_device(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """``model`` on ``device``; NCHW again on CUDA whatever ``detector.channels_last`` says:
+    torchvision's roi_align there copies every channels-last FPN level to NCHW in forward and
+    backward, and DDP warns about the gradients' strides."""
+    device = torch.device(device)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.contiguous_format)
+    return model
 
 
 def resolve_backbone_weights(det) -> str:

@@ -22,11 +22,15 @@ Outputs in ``cfg.path('detector')``:
   ``config.yaml``  the resolved config.
 
 Determinism: data order depends on (train.seed, epoch), flips on (seed, epoch, sample), and
-every RNG state is checkpointed; on CPU deterministic algorithms are switched on. A run stopped
-after epoch k and resumed ends with the same weights as an uninterrupted one.
+every RNG state is checkpointed; on CPU deterministic algorithms are switched on. On the CPU a
+run stopped after epoch k and resumed ends with the same weights as an uninterrupted one; on
+CUDA it does not (atomic adds in the backward of roi_align, index_select and interpolate), nor
+does the CUDA RNG continue when the number of GPUs changed.
 
 The losses stay on the device: they come to the host once per ``log_interval`` iterations, as
-one stacked copy (the loop's only host synchronisation). A non-finite loss found there stops
+one stacked copy (vldus's only host read in the loop; torchvision's own box sampling, RPN
+filtering and NMS still synchronise every iteration on CUDA). With amp the optimizer is fused
+SGD, so that GradScaler reads no flag per step. A non-finite loss found there stops
 training with exit code 1 and a message naming the epoch and the (first bad) iteration; no
 checkpoint is written for that epoch, so the last good one stays as it was.
 
@@ -34,8 +38,14 @@ checkpoint is written for that epoch, so the last good one stays as it was.
 ``data.val``, or, when it is null, on ``data.test``; in both cases on the images whose objects
 are all seen (the §2.3 rule), so unseen objects never count as misses or false positives.
 Under torchrun each rank detects its share of these images and rank 0 evaluates the gathered
-detections. The process group's timeout (``VLDUS_DIST_TIMEOUT_MIN``, default 120 minutes,
-:mod:`vldus.devices`) covers the work rank 0 does alone.
+detections.
+
+Several processes (:mod:`vldus.devices`): the work dir must be one shared file system (checked
+at start: every rank must read a file rank 0 wrote there). Rank 0 decides which checkpoint
+``--resume`` continues from and tells the others. The training collectives time out after
+``VLDUS_TRAIN_TIMEOUT_MIN`` (default 30 minutes), so a rank that hangs stops the run within
+that; the other ranks wait for the work rank 0 does alone (checkpoint, evaluation) on a gloo
+barrier with ``VLDUS_DIST_TIMEOUT_MIN`` (default 120 minutes).
 """
 from __future__ import annotations
 
@@ -62,9 +72,10 @@ from vldus.config import add_set_argument
 from vldus.config import Config, load_config, save_config
 from vldus.data.images import to_float
 from vldus.data.splits import Split
-from vldus.devices import local_device, start_process_group
+from vldus.devices import (broadcast_object, check_shared_dir, local_device, long_barrier, long_group,
+                           raise_if_any, start_process_group, train_timeout)
 from vldus.detection.dataset import DetectionDataset, collate_fn, training_dataset
-from vldus.detection.model import build_detector, checkpoint_state, resolve_norm
+from vldus.detection.model import build_detector, checkpoint_state, resolve_norm, to_device
 from vldus.errors import InputError
 from vldus.files import save_torch
 
@@ -93,6 +104,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    long: Optional[object] = None  # gloo group with the long timeout (vldus.devices.long_group)
 
     @property
     def is_main(self) -> bool:
@@ -102,18 +114,31 @@ class DistInfo:
 def init_distributed() -> DistInfo:
     """One process per device. torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain run is rank 0 of 1.
 
-    The process group's timeout (:func:`vldus.devices.dist_timeout`) covers what rank 0 does
-    alone between collectives (writing the checkpoint, the log and the validation summary)."""
+    The process group has the short training timeout (:func:`vldus.devices.train_timeout`);
+    what rank 0 does alone (the checkpoint, the log and the validation summary) ends on a barrier
+    of ``long``, a gloo group with the long timeout (:func:`vldus.devices.dist_timeout`)."""
     device = local_device()
-    start_process_group("nccl" if device.type == "cuda" else "gloo")
+    start_process_group("nccl" if device.type == "cuda" else "gloo", timeout=train_timeout())
     if not dist.is_initialized():
         return DistInfo(device=device)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device, long=long_group())
 
 
-def _barrier(info: DistInfo) -> None:
-    if info.world_size > 1:
-        dist.barrier()
+def resume_checkpoint(det_dir: str, split: Split, info: DistInfo) -> tuple[Optional[str], Optional[dict]]:
+    """(path, checkpoint) of the latest epoch_N.pth of ``det_dir`` as rank 0 sees it, loaded on
+    every rank; (None, None) when there is none. An InputError on every rank when any rank cannot
+    read the file (a stale or node-local directory would otherwise restart ranks at different
+    epochs)."""
+    latest = broadcast_object(latest_checkpoint(det_dir) if info.is_main else None, info.long)
+    if latest is None:
+        return None, None
+    ckpt, error = None, None
+    try:
+        ckpt = load_training_checkpoint(latest, split)
+    except InputError as e:
+        error = e
+    raise_if_any(error, info.long)
+    return latest, ckpt
 
 
 @contextlib.contextmanager
@@ -330,7 +355,7 @@ def window_losses(rows: list[torch.Tensor], info: DistInfo) -> tuple[np.ndarray,
     """The loss rows of a logging window, (n, K) on the device, copied to the host in one go:
     (values (n, K), bad (n,) bool: a non-finite loss at that iteration on any rank).
 
-    The training loop's only host synchronisation: the losses stay on the device in between.
+    vldus's only host read in the training loop: the losses stay on the device in between.
     """
     block = torch.stack(rows).float()
     bad = (~torch.isfinite(block)).any(1).float()
@@ -352,6 +377,14 @@ def _check_finite(values: np.ndarray, bad: np.ndarray, names: list[str], epoch: 
     keep = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
     raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, iteration {first_iteration + k} ({parts}); "
                              f"{keep}. Lower train.lr or raise train.warmup_iters, then --resume")
+
+
+def make_optimizer(params: list, cfg: Config, device: torch.device) -> torch.optim.SGD:
+    """SGD per ``cfg.train``; fused on CUDA, where GradScaler's step then reads no found-inf flag
+    on the host (one sync per iteration with plain SGD)."""
+    t = cfg.train
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                           fused=device.type == "cuda")
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -392,6 +425,7 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
     if validate:
         _evaluator_class()
     os.makedirs(det_dir, exist_ok=True)
+    check_shared_dir(det_dir, info.long)
 
     seed_everything(t.seed + info.rank)
     dataset = training_dataset(cfg, split, skip_bad=skip_bad_images, uint8=True)  # to float on the device
@@ -403,17 +437,16 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
                         pin_memory=info.device.type == "cuda")  # pinned: the copies can overlap
     iters_per_epoch = len(loader)
 
-    model = build_detector(cfg, split).to(info.device)
+    model = to_device(build_detector(cfg, split), info.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(params, cfg, info.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters_per_epoch, cfg))
     amp = t.amp and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     start_epoch, last_good = 0, None
-    latest = latest_checkpoint(det_dir) if resume else None
+    latest, ckpt = resume_checkpoint(det_dir, split, info) if resume else (None, None)
     if latest:
-        ckpt = load_training_checkpoint(latest, split)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -442,8 +475,10 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
     if info.world_size > 1:
         if info.device.type == "cuda" and resolve_norm(cfg.detector) == "bn":
             train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # no buffer broadcast at every forward: SyncBN keeps the statistics equal, and rank 0's
+        # are broadcast before validation
         train_model = DistributedDataParallel(train_model, device_ids=[info.device.index] if info.device.index
-                                              is not None else None)
+                                              is not None else None, broadcast_buffers=False)
     skipped: set[str] = set()
 
     with deterministic_cpu(info.device.type == "cpu"):
@@ -504,6 +539,7 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
                                  "world_size": info.world_size, "iters_per_epoch": iters_per_epoch,
                             "rank_fingerprints": fingerprints}, path)
                 summary["checkpoint"] = path
+            long_barrier(info.long)  # the others wait here, not in a collective, while rank 0 saves
             if val_set is not None:  # every rank evaluates its share of the images
                 _broadcast_buffers(model, info)  # with rank 0's BatchNorm statistics (the checkpoint's)
                 metrics = evaluate_seen(model, val_set, cfg, split, info.device, progress, info)
@@ -515,7 +551,7 @@ def train_detector(cfg: Config, resume: bool = False, validate: bool = False, sk
                     print(f"epoch {epoch + 1}: seen mAP@0.5 {val['val_seen_map50']:.1f}", file=sys.stderr)
             if info.is_main:
                 log.write(summary)
-            _barrier(info)
+            long_barrier(info.long)  # while rank 0 evaluates and writes
             last_good = path
 
     all_skipped = set().union(*_gather(sorted(skipped), info))

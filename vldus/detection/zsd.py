@@ -146,7 +146,7 @@ def seen_deltas(logits: Tensor, deltas: Tensor, seen_ids: Sequence[int], rule: s
     num_rois, cols = logits.shape
     if deltas.shape != (num_rois, 4 * cols):
         raise ValueError(f"class-specific box deltas (R, {4 * cols}) expected, got {tuple(deltas.shape)}")
-    seen = torch.as_tensor(seen_ids, device=logits.device)
+    seen = _index(seen_ids, logits.device)
     per_class = deltas.reshape(num_rois, cols, 4)[:, seen]  # (R, S, 4)
     if rule == "best_seen":
         rows = torch.arange(num_rois, device=logits.device)
@@ -165,7 +165,7 @@ def borrow_box_regression(logits: Tensor, deltas: Tensor, seen_ids: Sequence[int
     """
     borrowed = seen_deltas(logits, deltas, seen_ids, rule)
     num_rois, cols = logits.shape
-    unseen = torch.as_tensor(unseen_ids, device=logits.device)
+    unseen = _index(unseen_ids, logits.device)
     out = deltas.reshape(num_rois, cols, 4).clone()
     if rule == "best_seen":
         rows = torch.arange(num_rois, device=logits.device)
@@ -175,10 +175,29 @@ def borrow_box_regression(logits: Tensor, deltas: Tensor, seen_ids: Sequence[int
     return out.reshape(num_rois, 4 * cols)
 
 
+# Index tensors and column masks per (ids, device), made once: built from Python lists at every
+# call they were several blocking host-to-device copies per image on CUDA.
+_ON_DEVICE: dict = {}
+
+
+def _index(ids: Sequence[int], device) -> Tensor:
+    """``ids`` as an int64 tensor on ``device`` (cached: do not modify it)."""
+    key = ("index", tuple(ids), str(device))
+    if key not in _ON_DEVICE:
+        with torch.inference_mode(False):  # usable outside inference mode too
+            _ON_DEVICE[key] = torch.tensor(list(ids), dtype=torch.int64).to(device)
+    return _ON_DEVICE[key]
+
+
 def _column_mask(cols: int, ids: Sequence[int], device) -> Tensor:
-    mask = torch.zeros(cols, dtype=torch.bool, device=device)
-    mask[list(ids)] = True
-    return mask
+    """(cols,) bool, True at ``ids``, on ``device`` (cached: do not modify it)."""
+    key = ("mask", cols, tuple(ids), str(device))
+    if key not in _ON_DEVICE:
+        with torch.inference_mode(False):
+            mask = torch.zeros(cols, dtype=torch.bool)
+            mask[list(ids)] = True
+            _ON_DEVICE[key] = mask.to(device)
+    return _ON_DEVICE[key]
 
 
 def zsd_log_probs(logits: Tensor, split: Split, excluded: str = "softmax",
@@ -191,7 +210,7 @@ def zsd_log_probs(logits: Tensor, split: Split, excluded: str = "softmax",
     if gate is None:
         return F.log_softmax(masked, dim=1)
     probs = F.softmax(masked, dim=1)
-    unseen = torch.as_tensor(split.unseen_ids, device=logits.device)
+    unseen = _index(split.unseen_ids, logits.device)
     moved = probs.index_select(1, unseen) * (1.0 - gate[:, None])
     probs = probs.index_add(1, unseen, -moved)
     probs[:, 0] += moved.sum(dim=1)
@@ -211,8 +230,8 @@ def group_evidence(logits: Tensor, detector_bg_logit: Tensor, split: Split) -> t
     """The joint GZSD scoring's evidence (:mod:`vldus.detection.gzsd`): logits (R, C+1) after
     injection, detector_bg_logit (R,) -> (e_s (R,), e_u (R,)), the log-odds "a seen object" vs
     the detector's background and "an unseen object" vs the blended background."""
-    e_s = torch.logsumexp(logits[:, split.seen_ids], dim=1) - detector_bg_logit
-    e_u = torch.logsumexp(logits[:, split.unseen_ids], dim=1) - logits[:, 0]
+    e_s = torch.logsumexp(logits[:, _index(split.seen_ids, logits.device)], dim=1) - detector_bg_logit
+    e_u = torch.logsumexp(logits[:, _index(split.unseen_ids, logits.device)], dim=1) - logits[:, 0]
     return e_s, e_u
 
 
@@ -247,7 +266,7 @@ def gzsd_probs(logits: Tensor, detector_bg_logit: Tensor, split: Split,
     them and keep the share w of their unseen ones (``soft_gate`` (R,): that w computed already,
     with a seen weight or by :func:`object_gate`); None = the published scoring.
     """
-    seen, unseen = split.seen_ids, split.unseen_ids
+    seen, unseen = _index(split.seen_ids, logits.device), _index(split.unseen_ids, logits.device)
     q_s = F.softmax(torch.cat([detector_bg_logit[:, None], logits[:, seen]], dim=1), dim=1)
     q_u = F.softmax(torch.cat([logits[:, :1], logits[:, unseen]], dim=1), dim=1)
     if seen_score_cut is not None:

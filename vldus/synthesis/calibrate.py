@@ -13,7 +13,9 @@ detector was trained on them), prints a warning and records ``"calibration_sourc
 classifier file, where ``vldus test --gzsd`` finds (and checks) it.
 
 ``vldus train-generator`` calls :func:`calibrate_synth_dir` on its own outputs, so
-``calibrate-gzsd`` on the same inputs (same device kind) rewrites exactly the file it wrote.
+``calibrate-gzsd`` on the same inputs rewrites exactly the file it wrote: both default to the
+same device (CUDA when available), and the synthesized features' noise comes from a CPU
+generator, so another device changes them only by matmul round-off.
 """
 from __future__ import annotations
 
@@ -77,14 +79,13 @@ def calibrate_generator(seen: torch.Tensor, generator: torch.nn.Module, unseen_a
     """:func:`vldus.detection.gzsd.calibrate` on real seen rows ``seen`` (N, F) against
     ``SEEN_ROWS / U`` features per unseen class synthesized from ``unseen_att`` (U, d), then
     ``SEEN_ROWS / S`` per seen class from ``seen_att`` (S, d) for the chance check, with noise
-    seeded by ``derive_seed(seed, 1)`` on the generator's device. ``detector_cls``: the detector's
+    seeded by ``derive_seed(seed, 1)`` (a CPU generator, on any device). ``detector_cls``: the detector's
     cls_score (weight (C+1, F), bias); ``classifier``: the synthesized one (1+U rows);
     ``inference``: the config section (bg_blend, gzsd_min_separation). InputError naming ``where``
     when the generator yields NaN/inf."""
     if inference.gate_fit not in GATE_FITS:
         raise InputError("inference.gate_fit", f"{inference.gate_fit!r} is not one of {', '.join(GATE_FITS)}")
-    device = next(generator.parameters()).device
-    noise = torch.Generator(device).manual_seed(derive_seed(seed, 1))
+    noise = torch.Generator().manual_seed(derive_seed(seed, 1))
     unseen = synthesize(generator, unseen_att, max(1, SEEN_ROWS // len(unseen_att)), noise).cpu()
     synthetic_seen = synthesize(generator, seen_att, max(1, SEEN_ROWS // len(seen_att)), noise).cpu()
     if not (torch.isfinite(unseen).all() and torch.isfinite(synthetic_seen).all()):
@@ -142,7 +143,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--synth-dir", required=True, metavar="DIR", help="train-generator output folder")
     p.add_argument("--checkpoint", default=None, help="detector checkpoint (default: as train-generator)")
     p.add_argument("--features-dir", default=None, help="stage-2 features (default: WORK_DIR/features)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda if available, as "
+                                                  "train-generator)")
     p.add_argument("--generator", default=None, metavar="FILE",
                    help="the generator whose synthesized unseen features calibrate SYNTH_DIR's classifier "
                         "(default SYNTH_DIR/generator.pth; another run's for a classifier made without "
@@ -153,11 +155,12 @@ def add_parser(sub, common) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vldus.config import load_config
+    from vldus.synthesis.compat import default_device
 
     cfg = load_config(args.config, args.set)
     checkpoint = args.checkpoint or default_detector_checkpoint(cfg)
     calibrate_synth_dir(cfg, args.synth_dir, checkpoint, args.features_dir or cfg.path("features"),
-                        args.device, generator=args.generator)
+                        default_device(args.device), generator=args.generator)
     out = os.path.join(args.synth_dir, CALIBRATION_FILE)
     with open(out) as f:
         print(f"calibrate-gzsd: {f.read().strip()} -> {out}")

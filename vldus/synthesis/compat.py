@@ -62,13 +62,17 @@ def load_compat_classifier(path: str, embeddings: torch.Tensor, dim: int) -> Com
     return model
 
 
-def _batches(features: FeatureFile, rows: np.ndarray, targets: np.ndarray, batch_size: int):
-    """(x, y) batches over ``rows`` in the given order, read CHUNK_ROWS rows at a time."""
+def _batches(features: FeatureFile, rows: np.ndarray, targets: np.ndarray, batch_size: int,
+             device: torch.device = torch.device("cpu")):
+    """(x, y) batches on ``device`` over ``rows`` in the given order, read CHUNK_ROWS rows at a
+    time; each chunk is uploaded once (pinned, asynchronous on CUDA) and sliced on the device."""
     chunk = max(batch_size, CHUNK_ROWS // batch_size * batch_size)
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
-        x = features.gather(part)
-        y = torch.from_numpy(targets[part])
+        x, y = features.gather(part), torch.from_numpy(targets[part])
+        if device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         for b in range(0, len(part), batch_size):
             yield x[b:b + batch_size], y[b:b + batch_size]
 
@@ -127,8 +131,7 @@ def train_compat_classifier(features: FeatureFile, embeddings: np.ndarray, seen_
         model.train()
         order = train_rows[torch.randperm(len(train_rows), generator=gen).numpy()]
         train_loss = torch.zeros((), device=device)
-        for x, y in _batches(features, order, targets, compat_cfg.batch_size):
-            x, y = x.to(device), y.to(device)
+        for x, y in _batches(features, order, targets, compat_cfg.batch_size, device):
             with autocast:
                 loss = F.cross_entropy(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
@@ -139,8 +142,7 @@ def train_compat_classifier(features: FeatureFile, embeddings: np.ndarray, seen_
         model.eval()
         val_sums = torch.zeros(2, device=device)  # loss, correct: on the device until the epoch ends
         with torch.no_grad(), autocast:
-            for x, y in _batches(features, val_rows, targets, compat_cfg.val_batch_size):
-                x, y = x.to(device), y.to(device)
+            for x, y in _batches(features, val_rows, targets, compat_cfg.val_batch_size, device):
                 logits = model(x).float()
                 val_sums[0] += F.cross_entropy(logits, y, reduction="sum")
                 val_sums[1] += (logits.argmax(1) == y).sum()

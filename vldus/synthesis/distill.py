@@ -18,7 +18,8 @@ and L_ra^div sums over the whole batch (the release used one row, making it iden
 ``mode='logged'`` reproduces the release's "computed and logged, never back-propagated", where
 and how the released trainer computes it (:meth:`CLIPDistiller.released_terms`, called by the
 trainer in every critic step on one randomly drawn row, through the released uint8/PIL image
-path of :func:`features_to_clip_images_released`).
+path of :func:`features_to_clip_images_released`). On a GPU that path is slow: each critic step
+copies to the host twice, resizes with PIL and uploads again (the configs use 'active').
 
 Note that L_ra^div depends on I(x~) only: it sends gradient to x~ (the generator), never to
 the critic features.

@@ -67,9 +67,11 @@ def synthesize(generator: Generator, att: torch.Tensor, num: int, noise: torch.G
                chunk: int = 8192) -> torch.Tensor:
     """``num`` features per row of ``att`` (K, att_dim): float32 (K * num, out_dim), class-major
     (rows ``k*num .. (k+1)*num - 1`` belong to ``att[k]``). Noise z ~ N(0, 1) comes from ``noise``,
-    a generator on the generator's device, ``chunk`` rows at a time (the one way vldus samples G:
-    classifier training, GZSD calibration and the bundle's new names draw the same rows from the
-    same seed). Leaves G's train/eval mode as it was."""
+    a CPU generator, ``chunk`` rows at a time, and is moved to G's device (the one way vldus
+    samples G: classifier training, GZSD calibration and the bundle's new names draw the same rows
+    from the same seed, on any device up to matmul round-off). Leaves G's train/eval mode as it was."""
+    if noise.device.type != "cpu":
+        raise ValueError(f"synthesize: the noise generator must be a CPU generator, not {noise.device}")
     device = next(generator.parameters()).device
     was_training = generator.training
     generator.eval()
@@ -78,7 +80,10 @@ def synthesize(generator: Generator, att: torch.Tensor, num: int, noise: torch.G
     out = []
     for start in range(0, len(index), chunk):
         idx = index[start:start + chunk]
-        z = torch.randn(len(idx), generator.nz, device=device, generator=noise)
+        z = torch.randn(len(idx), generator.nz, generator=noise)
+        if device.type == "cuda":
+            z = z.pin_memory()  # an asynchronous upload (the caching host allocator keeps it alive)
+        z = z.to(device, non_blocking=True)
         out.append(generator(z, att, idx).float())
     generator.train(was_training)
     return torch.cat(out) if out else att.new_zeros(0, generator.out_dim)

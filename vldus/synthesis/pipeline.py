@@ -18,7 +18,8 @@ Outputs in WORK_DIR/synth/: classifier_best.pth {"fc.weight" (1+U, 1024), "fc.bi
 generator.pth, critic.pth (state dicts), gzsd_calibration.json (the joint GZSD scoring's threshold,
 :mod:`vldus.synthesis.calibrate`), meta.json, log.jsonl (one line per GAN epoch),
 losses.png, features_2d.png, and checkpoint_latest.pth (written atomically after every GAN epoch;
-``resume=True`` continues from it and gives the same weights as an uninterrupted run).
+``resume=True`` continues from it and, on the CPU, gives the same weights as an uninterrupted
+run; CUDA kernels with atomic adds make a resumed GPU run differ in round-off).
 
 :func:`run_synthesis` reads top to bottom: check the inputs (:class:`_Inputs`), build the trainer,
 resume, train the GAN (:func:`train_gan`), choose the final classifier, write the weights,
@@ -225,7 +226,7 @@ class ClassifierData:
     def __call__(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
         seed, uc = self.cfg.gan.seed, self.cfg.unseen_classifier
         g = torch.Generator().manual_seed(derive_seed(seed, 2, epoch))
-        syn = self.trainer.synthesize(self.unseen_att, uc.syn_num, torch.Generator(self.device).manual_seed(
+        syn = self.trainer.synthesize(self.unseen_att, uc.syn_num, torch.Generator().manual_seed(
             derive_seed(seed, 3, epoch))).cpu()
         n_bg = min(uc.bg_multiplier * uc.syn_num, len(self.bg_rows))
         bg = self.inputs.train.gather(self.bg_rows[torch.randperm(len(self.bg_rows), generator=g)[:n_bg]])
