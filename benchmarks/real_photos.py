@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(metrics_file) as f:
             metrics = json.load(f)
         metrics["dataset"] = {"name": args.dataset, "folder": folder, "attribution": ATTRIBUTION[folder],
-                              "prepare": {k: summary[k] for k in ("classes", "unseen", "excluded", "images", "test_rule")
-                                          if k in summary}, "run_s": run_s, "prepare_s": prepare_s}
+                              "prepare": {k: summary[k] for k in ("classes", "unseen", "excluded", "images",
+                                                                  "test_rule") if k in summary},
+                              "run_s": run_s, "prepare_s": prepare_s}
         with open(metrics_file, "w") as f:
             json.dump(metrics, f, indent=1)
         note = args.note or f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"

@@ -13,7 +13,8 @@ NAMES = ["fish", "jellyfish", "penguin", "puffin", "shark", "starfish", "stingra
 UNSEEN = {3, 4}  # puffin, shark
 # one process, no loader workers: process start-ups would cost more than the work
 SHORT = ["train.batch_size=1", "data.workers=0", "train.epochs=1", "train.lr_steps=[]", "train.warmup_iters=2",
-         "detector.min_size=160", "detector.max_size=224", "detector.rpn_post_nms_train=100", "detector.rpn_post_nms_test=100",
+         "detector.min_size=160", "detector.max_size=224", "detector.rpn_post_nms_train=100",
+         "detector.rpn_post_nms_test=100",
          "detector.roi_batch_size=32", "features.num_rois=64", "gan.epochs=1", "gan.epoch_budget=256",
          "compat.epochs=2", "unseen_classifier.epochs=2", "unseen_classifier.syn_num=50"]
 

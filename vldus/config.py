@@ -61,7 +61,8 @@ class DataConfig:
     train: DataSource = field(default_factory=DataSource)
     val: Optional[DataSource] = None
     test: DataSource = field(default_factory=DataSource)
-    test_rule: str = "coco"  # §9.2: 'coco' (>=1 unseen for zsd and gzsd), 'voc' (zsd: unseen only) or 'all' (gzsd: every image)
+    # §9.2: 'coco' (>=1 unseen for zsd and gzsd), 'voc' (zsd: unseen only) or 'all' (gzsd: every image)
+    test_rule: str = "coco"
     min_image_side: int = 32  # §2.3: smaller images are dropped from training
     workers: int = 2
 

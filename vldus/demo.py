@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from vldus.config import Config, add_set_argument, load_config, save_config
 from vldus.errors import InputError, require_file
-from vldus.runner import (ABLATION, METHOD, REGION_ABLATION, REGION_ROWS, ROWS, VARIANTS, Background, ClipFiles, RegionRow,
-                          Run, StageFailed, Stages, Variant, beside, child_threads, needed_clips, run_pipeline,
-                          usable_cores)
+from vldus.runner import (ABLATION, METHOD, REGION_ABLATION, REGION_ROWS, ROWS, VARIANTS, Background, ClipFiles,
+                          RegionRow, Run, Stages, Variant, beside, child_threads, exit_code, needed_clips,
+                          run_pipeline, usable_cores)
 
 DEFAULT_OUT = "demo_out"  # as the Makefile's DEMO_OUT
 
@@ -309,11 +308,4 @@ def add_parser(sub, common) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        run_demo(args)
-    except StageFailed as e:
-        if e.code == 2:  # bad input: the stage has printed its one-line error
-            return 2
-        print(f"vldus demo: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code("demo", lambda: run_demo(args))

@@ -951,11 +951,17 @@ def run_command(args: argparse.Namespace) -> int:
               title=f"vldus run: zero-shot detection on {split.dataset or split.name}",
               header=[f"Config: {os.path.abspath(cfg.source_file)} ({len(split.seen)} seen, {len(split.unseen)} "
                       f"unseen classes; GZSD test rule {cfg.data.test_rule})."])
+    return exit_code("run", lambda: run_pipeline(run))
+
+
+def exit_code(command: str, work: Callable[[], object]) -> int:
+    """Run ``work``; 0, or a failed stage's exit code: 2 for bad input (the stage has printed
+    its one-line error), else 1 with the stage named."""
     try:
-        run_pipeline(run)
+        work()
     except StageFailed as e:
-        if e.code == 2:  # bad input: the stage has printed its one-line error
+        if e.code == 2:
             return 2
-        print(f"vldus run: {e}", file=sys.stderr)
+        print(f"vldus {command}: {e}", file=sys.stderr)
         return 1
     return 0
