@@ -274,7 +274,7 @@ def step_demo(ctx: Context) -> tuple[bool, str, dict]:
     demo = ctx.args.demo
     if not demo:
         demo = os.path.join(ctx.work, "demo")
-        r = ctx.run([PY, "-m", "vldus.cli", "demo", "--out", demo, "--quiet", "--tiny" if ctx.args.tiny else "--quick"],
+        r = ctx.run([PY, "-m", "vldus.cli", "demo", "--out", demo, "--quiet", "--no-select", "--tiny" if ctx.args.tiny else "--quick"],
                     env=device_env(ctx.args.device))
         if r.returncode:
             return False, failure(r), {}

@@ -81,7 +81,7 @@ def run_demo(out: str) -> DemoRun:
 
     start = time.perf_counter()
     with on_cpu():
-        rc = cli.main(["demo", "--out", out, "--quick", "--quiet"])
+        rc = cli.main(["demo", "--out", out, "--quick", "--no-select", "--quiet"])
     if rc:
         raise RuntimeError(f"vldus demo --quick failed (exit {rc})")
     return finished_run(out, time.perf_counter() - start)

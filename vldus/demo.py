@@ -27,8 +27,8 @@ from typing import Optional, Sequence
 from vldus.config import Config, add_set_argument, load_config, save_config
 from vldus.errors import InputError, require_file
 from vldus.runner import (ABLATION, METHOD, REGION_ABLATION, REGION_ROWS, ROWS, VARIANTS, Background, ClipFiles,
-                          RegionRow, Run, Stages, Variant, beside, child_threads, exit_code, needed_clips,
-                          run_pipeline, usable_cores)
+                          RegionRow, Run, Stages, Variant, add_select_argument, beside, child_threads, exit_code,
+                          needed_clips, run_pipeline, usable_cores)
 
 DEFAULT_OUT = "demo_out"  # as the Makefile's DEMO_OUT
 
@@ -226,6 +226,7 @@ def prepare_inputs(args: argparse.Namespace) -> DemoRun:
     header = [f"Benchmark{kind}: {size.train_images} training and {size.test_images} test images (and seen-only "
               "validation images)."]
     return DemoRun(out, Stages(args.quiet), cfg, cfg_path, rows, region_rows, skipped, seed=args.seed,
+                   select=not args.no_select,
                    pictures=size.pictures, unseen_test_features=True,
                    title="vldus demo: zero-shot detection on the embedded benchmark", header=header,
                    args=args, size=size)
@@ -301,6 +302,7 @@ def add_parser(sub, common) -> None:
                         "train a small CLIP for the benchmark with vldus train-clip)")
     p.add_argument("--clip-arch", default=None, metavar="NAME_OR_JSON",
                    help="open_clip architecture of --clip-weights (default ViT-B-32)")
+    add_select_argument(p)
     add_set_argument(p, help="override values of the demo's shapes config, e.g. --set "
                              "features.proposals=300 detector.roi_batch_size=128 (with --quick / "
                              "--tiny their training lengths win)")

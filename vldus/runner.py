@@ -414,6 +414,7 @@ class Run:
     seed: int = 0
     pictures: int = 6
     unseen_test_features: bool = False  # also extract unseen test features (reported, never used to choose)
+    select: bool = True  # choose each synthesizer's schedule and scoring on pseudo-unseen validation
     title: str = "vldus run: zero-shot detection"
     header: list[str] = field(default_factory=list)  # report lines about the data
     started: float = field(default_factory=time.perf_counter)
@@ -541,9 +542,30 @@ def row_classifier(run: Run, name: str, variant: Variant) -> Optional[tuple[str,
         with run.stages.timed(f"classifier ({name})"):
             compat_as_classifier(run.cfg, os.path.join(synth_dir, "classifier_best.pth"))
         return None
+    if run.select:
+        overrides.append("unseen_classifier.selection=pseudo_unseen")
     return f"synthesizer ({name})", ["train-generator"] + run.base + [
         "--out-dir", synth_dir, "--checkpoint", run.checkpoint, *variant.generator, *compat_argv] + \
         (["--set", *overrides] if overrides else [])
+
+
+def selection_record(run: Run, name: str) -> Optional[dict]:
+    """The row's pseudo-unseen selection (``synth_<row>/selection.json``), None without one."""
+    from vldus.synthesis.select import SELECTION_FILE
+
+    path = os.path.join(run.cfg.path(f"synth_{name}"), SELECTION_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def chosen_scoring(run: Run, name: Optional[str]) -> list[str]:
+    """``--set`` values of the ZSD and GZSD scorings the row's selection chose ([] without one)."""
+    record = selection_record(run, name) if name else None
+    if not record:
+        return []
+    return [f"{key}={record['chosen'][key]}" for key in ("inference.zsd_scoring", "inference.gzsd_scoring")]
 
 
 def rows_and_results(run: Run) -> dict[str, dict]:
@@ -619,8 +641,9 @@ def run_test_pass(run: Run, name: str, classifier: Optional[str], setting: str,
     dets = run.cfg.path("results", f"{name}_{setting}.json")
     metrics = run.cfg.path("results", f"{name}_{setting}_metrics.json")
     # the released inference: its scoring and its box deltas for the unseen classes
+    chosen = chosen_scoring(run, name if name in run.rows else None)
     scoring = (["--gzsd-scoring", "published", "--set", "inference.box_regression=best_seen"]
-               if setting == "gzsd_published" else [])
+               if setting == "gzsd_published" else ["--set", *chosen] if chosen else [])
     syn = ["--syn-weights", classifier] if classifier else []
     run.stages.run(f"test ({name})", ["test"] + run.base + [
         "--checkpoint", run.checkpoint, *syn, f"--{setting.split('_')[0]}", *scoring,
@@ -713,7 +736,8 @@ def export_main_row(run: Run) -> str:
     """``vldus export`` of the main row (``run.method``) into OUT/bundle, for ``vldus detect``."""
     bundle = os.path.join(run.out, "bundle")
     run.stages.run("export", ["export"] + run.base + ["--out", bundle, "--checkpoint", run.checkpoint,
-                                                      "--synth-dir", run.cfg.path(f"synth_{run.method}")])
+                                                      "--synth-dir", run.cfg.path(f"synth_{run.method}")] +
+                   (["--set", *chosen] if (chosen := chosen_scoring(run, run.method)) else []))
     return bundle
 
 
@@ -741,6 +765,7 @@ def collect_metrics(run: Run, results: dict[str, dict], detector: dict, bundle: 
                           **scoring_summary(r), "by_iou": every_iou(r)}
         if variant.generator is not None:
             ablation[name]["distill"] = distill_means(run.cfg.path(f"synth_{name}"))
+            ablation[name]["selection"] = selection_summary(selection_record(run, name))
         ablation[name]["zsd_breakdown"] = test_output_breakdown(run.cfg, run.cfg.path("results", f"{name}_zsd.json"),
                                                                 "zsd")
     main_clip = run.clips.get("main")
@@ -751,6 +776,17 @@ def collect_metrics(run: Run, results: dict[str, dict], detector: dict, bundle: 
             "precision": run.cfg.gan.precision, "unseen": list(run.cfg.load_split().unseen),
             "detector": detector, "bundle": bundle, "clip": clip,
             "ablation": ablation, "timings_s": run.stages.timings, "concurrent_stages": run.stages.concurrent}
+
+
+def selection_summary(record: Optional[dict]) -> dict:
+    """What a row's pseudo-unseen selection chose, from what, and on which held-out seen classes
+    ({"status": "fixed defaults (--no-select)"} without one)."""
+    if record is None:
+        return {"status": "fixed defaults (--no-select)"}
+    return {"status": "chosen on pseudo-unseen validation", "pseudo_unseen": record["pseudo_unseen"],
+            "chosen": record["chosen"], "default": record["default"],
+            "candidates": [{k: c[k] for k in ("epochs", "syn_num", "zsd_map", "gzsd_hm", "score")}
+                           for c in record["candidates"]], "scorings": record["scorings"]}
 
 
 def scoring_summary(r: dict) -> dict:
@@ -930,8 +966,16 @@ def add_parser(sub, common) -> None:
     p.add_argument("--rows", default=",".join([*ROWS, *REGION_ROWS]), metavar="A,B,...",
                    help="rows to run (default: %(default)s; rows that need a CLIP are skipped without one)")
     p.add_argument("--resume", action="store_true", help="skip the stages a previous run into DIR finished")
+    add_select_argument(p)
     add_set_argument(p)
     p.set_defaults(func=run_command)
+
+
+def add_select_argument(p) -> None:
+    p.add_argument("--no-select", action="store_true",
+                   help="the fixed defaults (gan.epochs, unseen_classifier.syn_num, the config's scorings) "
+                        "instead of choosing them on pseudo-unseen validation (held-out seen classes; "
+                        "costs one more synthesizer training per row)")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -948,6 +992,7 @@ def run_command(args: argparse.Namespace) -> int:
     split = cfg.load_split()
     stages = Stages(args.quiet, os.path.join(cfg.work_dir, "stages.json"), args.resume)
     run = Run(out, stages, cfg, cfg_path, rows, region_rows, skipped, method=method, seed=args.seed,
+              select=not args.no_select,
               title=f"vldus run: zero-shot detection on {split.dataset or split.name}",
               header=[f"Config: {os.path.abspath(cfg.source_file)} ({len(split.seen)} seen, {len(split.unseen)} "
                       f"unseen classes; GZSD test rule {cfg.data.test_rule})."])

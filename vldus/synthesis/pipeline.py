@@ -53,7 +53,7 @@ from vldus.synthesis.trainer import LOSS_NAMES, GANTrainer
 from vldus.synthesis.unseen_classifier import LabelledFeatures, train_unseen_classifier
 
 CHECKPOINT = "checkpoint_latest.pth"
-SELECTIONS = ("last", "test")
+SELECTIONS = ("last", "test", "pseudo_unseen")
 DISTILL_MODES = ("active", "logged", "off")
 PLOT_POINTS = 1500  # points per group in features_2d.png
 # gan settings a resumed run may change (anything else must match the checkpoint)
@@ -348,6 +348,12 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
     precision = resolve_precision(gan.precision, device)
     out_dir = options.out_dir or cfg.path("synth")
     os.makedirs(out_dir, exist_ok=True)
+    selection = None
+    if cfg.unseen_classifier.selection == "pseudo_unseen":  # never opens test data
+        from vldus.synthesis.select import apply_choice, select_on_pseudo_unseen
+
+        selection = select_on_pseudo_unseen(cfg, options)
+        cfg = apply_choice(cfg, selection)
     inputs = _Inputs(cfg, options)
     if cfg.unseen_classifier.selection == "test":
         print(LEAK_NOTICE, flush=True)
@@ -385,6 +391,8 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
     timings = {"gan": round(gan_seconds, 2), "classifier": round(cls_seconds, 2),
                "total": round(time.time() - t_start, 2)}
     meta = build_meta(cfg, options, inputs, progress, final, results, calibration, timings, device, precision)
+    if selection is not None:
+        meta["selection"] = {k: selection[k] for k in ("pseudo_unseen", "chosen", "default")}
     write_json(os.path.join(out_dir, "meta.json"), meta)
     return meta
 
