@@ -50,6 +50,7 @@ FAMILIES = {
     "scorings": "scorings_seed*.json",  # benchmarks/gzsd_scorings.py on a finished demo
     "heldout-scorings": "heldout_scorings_seed*.json",  # the same on a held-out seed's demo
     "real": "real_*.json",              # benchmarks/real_photos.py: vldus prepare + vldus run on photographs
+    "unseen-sets": "unseen_sets_seed*.json",  # benchmarks/unseen_sets.py: the demo on six unseen sets
 }
 
 
@@ -127,7 +128,7 @@ def placeholder(family: str) -> str:
 
 def sources(runs: list[dict]) -> str:
     notes = sorted({r.get("note") or "" for r in runs} - {""})
-    files = ", ".join(f"`{r['file']}`" for r in runs)
+    files = ", ".join(f"`{f}`" for f in dict.fromkeys(r["file"] for r in runs))
     return f"\nFrom {files}" + (f" ({'; '.join(notes)})" if notes else "") + ".\n"
 
 
@@ -363,7 +364,58 @@ def real_summary_table(root: str) -> str:
                  rows) + sources(runs)
 
 
+def unseen_sets_runs(root: str) -> list[dict]:
+    """The sets of the stored unseen-sets file(s), in the benchmark's order."""
+    return [dict(s, file=r["file"], note=r.get("note")) for r in load_family(root, "unseen-sets") for s in r["sets"]]
+
+
+def unseen_sets_table(root: str) -> str:
+    """Per unseen set: synthesis_vldus ZSD mAP@0.5 and GZSD HM@0.5 with the fixed defaults and
+    with pseudo-unseen selection, what was chosen, and the mean over the sets."""
+    sets = unseen_sets_runs(root)
+    if not sets:
+        return placeholder("unseen-sets")
+    rows = []
+    for s in sets:
+        c = s["chosen"]
+        rows.append([s["set"], ", ".join(s["unseen"]), fmt(s["without_selection"]["zsd_map"]),
+                     fmt(s["with_selection"]["zsd_map"]), fmt(s["without_selection"]["gzsd_hm"]),
+                     fmt(s["with_selection"]["gzsd_hm"]),
+                     f"{c['gan.epochs']} / {c['unseen_classifier.syn_num']} / {c['inference.zsd_scoring']}, "
+                     f"{c['inference.gzsd_scoring']}", ", ".join(s["pseudo_unseen"])])
+    mean = [mean_sd([s[w][k] for s in sets]) for k in ("zsd_map", "gzsd_hm")
+            for w in ("without_selection", "with_selection")]
+    rows.append([f"**mean of {len(sets)}**", "", mean[0], mean[1], mean[2], mean[3], "", ""])
+    return table(["set", "unseen", "ZSD fixed", "ZSD selected", "HM fixed", "HM selected",
+                  "chosen: GAN epochs / syn_num / ZSD, GZSD scoring", "pseudo-unseen (held-out seen)"],
+                 rows) + sources(sets)
+
+
+def selection_ranking_table(root: str) -> str:
+    """Per unseen set: Spearman's rank correlation between the candidates' pseudo-unseen
+    validation scores and their scores on the real unseen test images, and the test score lost
+    by choosing on validation instead of on test."""
+    sets = unseen_sets_runs(root)
+    if not sets:
+        return placeholder("unseen-sets")
+    rows = []
+    for s in sets:
+        cands = s["candidates"]
+        chosen = next(c for c in cands if (c["epochs"], c["syn_num"]) ==
+                      (s["chosen"]["gan.epochs"], s["chosen"]["unseen_classifier.syn_num"]))
+        best = max(c["test_score"] for c in cands)
+        rows.append([s["set"], str(len(cands)), fmt(s["spearman"]), fmt(s["spearman_zsd"]),
+                     fmt(min(c["test_score"] for c in cands)), fmt(best), fmt(chosen["test_score"]),
+                     fmt(best - chosen["test_score"])])
+    rows.append([f"**mean of {len(sets)}**", "", mean_sd([s["spearman"] for s in sets]),
+                 mean_sd([s["spearman_zsd"] for s in sets]), "", "", "", ""])
+    return table(["set", "candidates", "Spearman (score)", "Spearman (ZSD)", "test score: worst", "best",
+                  "chosen", "lost to the best"], rows) + \
+        "\nscore = mean of ZSD mAP@0.5 and GZSD HM@0.5 of the candidate's classifier (soft scoring).\n"
+
+
 TABLES: dict[str, Callable[[str], str]] = {
+    "unseen-sets": unseen_sets_table, "selection-ranking": selection_ranking_table,
     "real": real_table, "real-summary": real_summary_table,
     "demo": demo_table, "heldout": heldout_table, "demo-main": demo_main_table, "demo-timings": timings_table,
     "demo-clip": clip_table, "demo-breakdown": breakdown_table, "ablation": ablation_table,

@@ -231,3 +231,52 @@ def test_main_row_is_exported(run):
     trained = torch.load(os.path.join(run.synth_dir, "generator.pth"), map_location="cpu", weights_only=True)
     assert run.synth_dir.endswith("synth_synthesis_vldus") and exported.keys() == trained.keys()
     assert all(torch.equal(exported[k], trained[k]) for k in trained)
+
+
+def test_pseudo_unseen_selection_reads_no_test_data_and_records_its_choice(run, tmp_path, monkeypatch):
+    """Selection on the quick demo's features (a 2-epoch synthesizer, two candidates): the spy
+    records every file opened while it selects; no test image, annotation, feature or cached box
+    is among them, the held-out classes are seen ones, and selection.json holds every candidate
+    with its validation scores and the choice."""
+    import builtins
+
+    from vldus.config import load_config
+    from vldus.synthesis.pipeline import SynthesisOptions
+    from vldus.synthesis.select import SELECTION_FILE, select_on_pseudo_unseen
+
+    cfg = load_config(run.config, ["unseen_classifier.selection=pseudo_unseen", "gan.epochs=2",
+                                   "unseen_classifier.select_epochs=[0.5]", "unseen_classifier.select_syn_num=[1.0]",
+                                   "gan.distill=off"])
+    test_ann = os.path.abspath(cfg.data.test.ann_file)
+    val_ann = os.path.abspath(cfg.data.val.ann_file)
+    with open(test_ann) as f:
+        test_images = {os.path.abspath(os.path.join(cfg.data.test.img_dir, im["file_name"]))
+                       for im in json.load(f)["images"]}
+    opened = []
+    real_open = builtins.open
+
+    def spy(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            opened.append(os.path.abspath(os.fspath(file)))
+        return real_open(file, *args, **kwargs)
+
+    out = tmp_path / "synth"
+    options = SynthesisOptions(quiet=True, detector_checkpoint=run.checkpoint, out_dir=str(out), plots=False)
+    monkeypatch.setattr(builtins, "open", spy)
+    record = select_on_pseudo_unseen(cfg, options)
+    monkeypatch.undo()
+    assert val_ann in opened and any(p.endswith("val_0.6_0.3_feats.npy") for p in opened)  # the spy sees reads
+    features = os.path.abspath(cfg.path("features"))
+    forbidden = [p for p in opened if p == test_ann or p in test_images
+                 or os.path.basename(p).startswith("test_") and p.startswith(features)
+                 or p.startswith(os.path.abspath(cfg.path("test_cache")))]
+    assert not forbidden, f"selection read test data: {forbidden[:3]}"
+
+    split = cfg.load_split()
+    assert set(record["pseudo_unseen"]) <= set(split.seen) and record["reads_test_data"] is False
+    assert [(c["epochs"], c["syn_num"]) for c in record["candidates"]] == [(1, cfg.unseen_classifier.syn_num),
+                                                                           (2, cfg.unseen_classifier.syn_num)]
+    assert all(c["zsd_map"] is not None and c["score"] is not None for c in record["candidates"])
+    assert record["chosen"]["gan.epochs"] in (1, 2) and {s["name"] for s in record["scorings"]} == {"soft", "published"}
+    with open(out / SELECTION_FILE) as f:
+        assert json.load(f) == record

@@ -80,7 +80,8 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from vldus.config import load_config
     from vldus.errors import require_file
-    from vldus.synthesis.pipeline import CHECKPOINT, SynthesisOptions, run_synthesis
+    from vldus.synthesis.pipeline import CHECKPOINT, SynthesisOptions
+    from vldus.synthesis.select import run_selected
     from vldus.synthesis.trainer import NonFiniteLoss
 
     cfg = load_config(args.config, config_overrides(args))
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                                compat_classifier=args.compat_classifier, layout=args.layout)
     out_dir = args.out_dir or cfg.path("synth")
     try:
-        meta = run_synthesis(cfg, options)
+        meta = run_selected(cfg, options)
     except NonFiniteLoss as e:
         ckpt = os.path.join(out_dir, CHECKPOINT)
         last = ckpt if os.path.isfile(ckpt) else "none (no epoch finished)"

@@ -1,5 +1,7 @@
 """Stage 3b + 3c as one resumable run: train the synthesizer, then the unseen classifier
-(docs/design.md §6, §7). ``vldus train-generator`` is a thin wrapper around :func:`run_synthesis`.
+(docs/design.md §6, §7). ``vldus train-generator`` is a thin wrapper around :func:`run_synthesis` (through
+:func:`vldus.synthesis.select.run_selected`, which first chooses the schedule where
+``unseen_classifier.selection`` is ``pseudo_unseen``).
 
 Inputs (paths from the config unless overridden):
   WORK_DIR/features/train_{fg}_{bg}_{feats,labels}.npy   seen training features (stage 2)
@@ -348,12 +350,8 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
     precision = resolve_precision(gan.precision, device)
     out_dir = options.out_dir or cfg.path("synth")
     os.makedirs(out_dir, exist_ok=True)
-    selection = None
-    if cfg.unseen_classifier.selection == "pseudo_unseen":  # never opens test data
-        from vldus.synthesis.select import apply_choice, select_on_pseudo_unseen
-
-        selection = select_on_pseudo_unseen(cfg, options)
-        cfg = apply_choice(cfg, selection)
+    # selection=pseudo_unseen: vldus.synthesis.select.run_selected chose gan.epochs and syn_num
+    # before this call; from here on it trains like "last"
     inputs = _Inputs(cfg, options)
     if cfg.unseen_classifier.selection == "test":
         print(LEAK_NOTICE, flush=True)
@@ -391,8 +389,6 @@ def run_synthesis(cfg, options: SynthesisOptions) -> dict:
     timings = {"gan": round(gan_seconds, 2), "classifier": round(cls_seconds, 2),
                "total": round(time.time() - t_start, 2)}
     meta = build_meta(cfg, options, inputs, progress, final, results, calibration, timings, device, precision)
-    if selection is not None:
-        meta["selection"] = {k: selection[k] for k in ("pseudo_unseen", "chosen", "default")}
     write_json(os.path.join(out_dir, "meta.json"), meta)
     return meta
 

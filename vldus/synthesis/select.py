@@ -278,13 +278,13 @@ def score(r: dict) -> Optional[float]:
 
 
 def evaluate_candidates(cfg, options, out_dir: str, checkpoint: str, features_dir: str,
-                        cands: list[Candidate]) -> list[dict]:
+                        cands: list[Candidate], cache: Optional[str] = None) -> list[dict]:
     """Train once (snapshots), then every candidate's classifier and its test scores on
     ``cfg.data.test``; one dict per candidate. Used on the fold (selection) and, by the
     benchmarks only, on the real split (to see whether the fold ranks candidates as the real
-    unseen classes do)."""
+    unseen classes do). ``cache``: the detector-box cache folder (default OUT/test_cache)."""
     inputs, trainer = train_with_snapshots(cfg, options, out_dir, sorted({c.epochs for c in cands}))
-    cache = os.path.join(out_dir, "test_cache")
+    cache = cache or os.path.join(out_dir, "test_cache")
     rows = []
     for cand in cands:
         cand_dir = os.path.join(out_dir, cand.name)
@@ -365,6 +365,21 @@ def select_on_pseudo_unseen(cfg, options) -> dict:
     if not options.quiet:
         print(f"selected on pseudo-unseen validation: {record['chosen']}", flush=True)
     return record
+
+
+def run_selected(cfg, options) -> dict:
+    """``vldus train-generator``: with ``selection: pseudo_unseen``, choose (:func:`select_on_pseudo_unseen`)
+    and train the chosen schedule; otherwise train the config's. Returns meta.json's dict (with
+    ``selection``: the fold, the default and the choice)."""
+    from vldus.synthesis.pipeline import run_synthesis
+
+    if cfg.unseen_classifier.selection != "pseudo_unseen":
+        return run_synthesis(cfg, options)
+    record = select_on_pseudo_unseen(cfg, options)
+    meta = run_synthesis(apply_choice(cfg, record), options)
+    meta["selection"] = {k: record[k] for k in ("pseudo_unseen", "chosen", "default")}
+    write_json(os.path.join(options.out_dir or cfg.path("synth"), "meta.json"), meta)
+    return meta
 
 
 def apply_choice(cfg, record: dict):
