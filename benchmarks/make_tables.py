@@ -105,13 +105,17 @@ def fmt(v: Optional[float]) -> str:
     return "–" if v is None else f"{v:.1f}"
 
 
-def mean_sd(values: list[Optional[float]]) -> str:
+def fmt2(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def mean_sd(values: list[Optional[float]], digits: int = 1) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
         return "–"
     if len(vals) == 1:
-        return fmt(vals[0])
-    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -317,8 +321,17 @@ def runs_table(runs: list[dict]) -> str:
 
 
 def real_runs(root: str) -> list[dict]:
-    """The stored real-photo runs, by dataset then seed."""
-    return sorted(load_family(root, "real"), key=lambda r: (r["dataset"]["name"], r.get("seed") or 0))
+    """The stored real-photo runs, by dataset, then fixed defaults before selection, then seed."""
+    return sorted(load_family(root, "real"), key=lambda r: (r["dataset"]["name"], selected(r), r.get("seed") or 0))
+
+
+def selected(run: dict) -> bool:
+    """Whether a run chose its synthesizers' settings on pseudo-unseen validation."""
+    return any((a.get("selection") or {}).get("chosen") for a in run["ablation"].values())
+
+
+def settings_label(run: dict) -> str:
+    return "selected" if selected(run) else "fixed"
 
 
 def real_table(root: str) -> str:
@@ -328,7 +341,7 @@ def real_table(root: str) -> str:
     if not runs:
         return placeholder("real")
     ious = sorted(next(iter(r["zsd"]["groups"]["unseen"]["map"] for r in runs)), key=float)
-    header = ["dataset", "unseen", "seed", "det. val seen mAP", "row", f"ZSD mAP ({' / '.join(ious)})",
+    header = ["dataset", "unseen", "seed", "settings", "det. val seen mAP", "row", f"ZSD mAP ({' / '.join(ious)})",
               f"ZSD Recall@100 ({' / '.join(ious)})", "GZSD seen / unseen / HM", "run (min)"]
     rows = []
     for r in runs:
@@ -337,7 +350,7 @@ def real_table(root: str) -> str:
             if a.get("status") != "ok":
                 continue
             z = a["by_iou"]["zsd"]
-            rows.append([d["name"], ", ".join(d["prepare"]["unseen"]), str(r.get("seed")),
+            rows.append([d["name"], ", ".join(d["prepare"]["unseen"]), str(r.get("seed")), settings_label(r),
                          fmt((r.get("detector") or {}).get("val_seen_map50")),
                          f"`{name}`" + (" (main)" if name == r.get("method") else ""),
                          " / ".join(fmt(z["map"][i]) for i in ious), " / ".join(fmt(z["recall"][i]) for i in ious),
@@ -352,15 +365,16 @@ def real_summary_table(root: str) -> str:
     if not runs:
         return placeholder("real")
     rows = []
-    for dataset in dict.fromkeys(r["dataset"]["name"] for r in runs):
-        mine = [r for r in runs if r["dataset"]["name"] == dataset]
+    for dataset, label in dict.fromkeys((r["dataset"]["name"], settings_label(r)) for r in runs):
+        mine = [r for r in runs if r["dataset"]["name"] == dataset and settings_label(r) == label]
         seeds = " / ".join(str(r.get("seed")) for r in mine)
         names = list(dict.fromkeys(n for r in mine for n, a in r["ablation"].items() if a.get("status") == "ok"))
         for name in names:
-            rows.append([dataset, ", ".join(mine[0]["dataset"]["prepare"]["unseen"]), seeds, f"`{name}`",
+            rows.append([dataset, ", ".join(mine[0]["dataset"]["prepare"]["unseen"]), seeds, label, f"`{name}`",
                          mean_sd(row_values(mine, name, "zsd_map")), mean_sd(row_values(mine, name, "gzsd_hm")),
                          mean_sd([(r.get("detector") or {}).get("val_seen_map50") for r in mine])])
-    return table(["dataset", "unseen", "seeds", "row", "ZSD mAP@0.5", "GZSD HM@0.5", "det. val seen mAP@0.5"],
+    return table(["dataset", "unseen", "seeds", "settings", "row", "ZSD mAP@0.5", "GZSD HM@0.5",
+                  "det. val seen mAP@0.5"],
                  rows) + sources(runs)
 
 
@@ -404,14 +418,20 @@ def selection_ranking_table(root: str) -> str:
         chosen = next(c for c in cands if (c["epochs"], c["syn_num"]) ==
                       (s["chosen"]["gan.epochs"], s["chosen"]["unseen_classifier.syn_num"]))
         best = max(c["test_score"] for c in cands)
-        rows.append([s["set"], str(len(cands)), fmt(s["spearman"]), fmt(s["spearman_zsd"]),
-                     fmt(min(c["test_score"] for c in cands)), fmt(best), fmt(chosen["test_score"]),
-                     fmt(best - chosen["test_score"])])
-    rows.append([f"**mean of {len(sets)}**", "", mean_sd([s["spearman"] for s in sets]),
-                 mean_sd([s["spearman_zsd"] for s in sets]), "", "", "", ""])
-    return table(["set", "candidates", "Spearman (score)", "Spearman (ZSD)", "test score: worst", "best",
-                  "chosen", "lost to the best"], rows) + \
-        "\nscore = mean of ZSD mAP@0.5 and GZSD HM@0.5 of the candidate's classifier (soft scoring).\n"
+        second = s.get("second_detector") or {}
+        rows.append([s["set"], str(len(cands)), fmt2(s["spearman"]), fmt2(s["spearman_zsd"]),
+                     fmt2(second.get("spearman")), fmt(min(c["test_score"] for c in cands)), fmt(best),
+                     fmt(chosen["test_score"]), fmt(best - chosen["test_score"]),
+                     fmt(second.get("chosen_test_score"))])
+    rows.append([f"**mean of {len(sets)}**", "", mean_sd([s["spearman"] for s in sets], 2),
+                 mean_sd([s["spearman_zsd"] for s in sets], 2),
+                 mean_sd([(s.get("second_detector") or {}).get("spearman") for s in sets], 2), "", "", "", "", ""])
+    return table(["set", "candidates", "Spearman (score)", "Spearman (ZSD)", "Spearman, second detector",
+                  "test score: worst", "best", "chosen", "lost to the best", "chosen on the second detector"],
+                 rows) + \
+        ("\nscore = mean of ZSD mAP@0.5 and GZSD HM@0.5 of the candidate's classifier (soft scoring); "
+     "second detector: the fold's candidates scored on a detector trained without the pseudo-unseen "
+     "classes' images (`--second-detector`; – where not run).\n")
 
 
 TABLES: dict[str, Callable[[str], str]] = {

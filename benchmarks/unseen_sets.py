@@ -89,27 +89,12 @@ def run_demo(out: str, unseen: tuple[str, ...]) -> float:
 def test_candidates(out: str, row: str = MAIN) -> list[dict]:
     """The row's candidates trained on the real split and scored on the real test images."""
     import torch
-    import yaml
 
-    from vldus.config import load_config
     from vldus.synthesis.pipeline import SynthesisOptions
     from vldus.synthesis.select import Candidate, evaluate_candidates
 
-    synth = os.path.join(out, "work", f"synth_{row}")
-    with open(os.path.join(synth, "meta.json")) as f:
-        meta = json.load(f)
-    with open(os.path.join(synth, "selection.json")) as f:
-        selection = json.load(f)
-    conf = meta["config"]  # the row's own settings, with the fixed defaults put back
-    conf["gan"]["epochs"] = selection["default"]["gan.epochs"]
-    conf["unseen_classifier"]["syn_num"] = selection["default"]["unseen_classifier.syn_num"]
-    conf["unseen_classifier"]["selection"] = "last"
+    cfg, meta, selection = row_config(out, row, f"test_candidates_{row}")
     cand_dir = os.path.join(out, "work", f"test_candidates_{row}")
-    os.makedirs(cand_dir, exist_ok=True)
-    path = os.path.join(cand_dir, "config.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(conf, f)
-    cfg = load_config(path)
     torch.set_num_threads(1)  # as the demo's synthesizers train, two at a time on two cores
     options = SynthesisOptions(device="cpu", quiet=True, features_dir=cfg.path("features"),
                                detector_checkpoint=meta["detector_checkpoint"], out_dir=cand_dir,
@@ -117,6 +102,76 @@ def test_candidates(out: str, row: str = MAIN) -> list[dict]:
     cands = [Candidate(c["epochs"], c["syn_num"]) for c in selection["candidates"]]
     return evaluate_candidates(cfg, options, cand_dir, meta["detector_checkpoint"], cfg.path("features"),
                                cands, cache=cfg.path("test_cache"))
+
+
+def row_config(out: str, row: str, folder: str):
+    """(the row's config with the fixed defaults put back, its meta.json, its selection.json),
+    the config written to OUT/work/FOLDER/config.yaml."""
+    import yaml
+
+    from vldus.config import load_config
+
+    synth = os.path.join(out, "work", f"synth_{row}")
+    with open(os.path.join(synth, "meta.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(synth, "selection.json")) as f:
+        selection = json.load(f)
+    conf = meta["config"]
+    conf["gan"]["epochs"] = selection["default"]["gan.epochs"]
+    conf["unseen_classifier"]["syn_num"] = selection["default"]["unseen_classifier.syn_num"]
+    conf["unseen_classifier"]["selection"] = "last"
+    os.makedirs(os.path.join(out, "work", folder), exist_ok=True)
+    path = os.path.join(out, "work", folder, "config.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(conf, f)
+    return load_config(path), meta, selection
+
+
+def second_detector(out: str, row: str = MAIN) -> dict:
+    """The same fold, but a detector trained without the pseudo-unseen classes' images (as the
+    real unseen ones are kept out), its own features and compatibility classifier: the
+    candidates' validation scores on it (OUT/work/fold_second_detector)."""
+    import torch
+
+    from vldus.config import save_config
+    from vldus.synthesis.pipeline import SynthesisOptions
+    from vldus.synthesis.select import Candidate, build_fold, evaluate_candidates
+
+    cfg, meta, selection = row_config(out, row, "fold_second_detector")
+    work = os.path.join(out, "work", "fold_second_detector")
+    fold = build_fold(cfg, meta["detector_checkpoint"], cfg.path("features"), os.path.join(work, "fold"), "cpu", True)
+    assert fold.pseudo_unseen == selection["pseudo_unseen"]
+    fcfg = fold.cfg
+    fcfg.work_dir = work
+    fcfg.gan.detector_checkpoint = None
+    path = os.path.join(work, "fold_config.yaml")
+    save_config(fcfg, path)
+    exe = os.path.join(os.path.dirname(sys.executable), "vldus")
+    start = time.perf_counter()
+    if subprocess.run([exe, "train-detector", "--config", path, "--validate", "--quiet"]).returncode:
+        # no validation image without a pseudo-unseen object (tiny runs): train without
+        subprocess.run([exe, "train-detector", "--config", path, "--quiet"], check=True)
+    from vldus.detection.train import latest_checkpoint
+
+    ckpt = latest_checkpoint(os.path.join(work, "detector"))
+    for data_split in ("train", "val"):
+        subprocess.run([exe, "extract-features", "--config", path, "--checkpoint", ckpt, "--classes", "seen",
+                        "--data-split", data_split, "--quiet"], check=True)
+    subprocess.run([exe, "train-unseen-classifier", "--config", path, "--quiet"], check=True)
+    detector_s = time.perf_counter() - start
+    fcfg.gan.detector_checkpoint = ckpt
+    torch.set_num_threads(1)
+    options = SynthesisOptions(device="cpu", quiet=True, features_dir=fcfg.path("features"), detector_checkpoint=ckpt,
+                               out_dir=os.path.join(work, "candidates"),
+                               compat_classifier=fcfg.path("synth", "compat_classifier.pth"), plots=False)
+    cands = [Candidate(c["epochs"], c["syn_num"]) for c in selection["candidates"]]
+    rows = evaluate_candidates(fcfg, options, options.out_dir, ckpt, fcfg.path("features"), cands,
+                               cache=os.path.join(work, "test_cache"))
+    from vldus.runner import detector_validation
+
+    return {"candidates": rows, "detector_s": detector_s, "seconds": time.perf_counter() - start,
+            "detector_val_seen_map50": detector_validation(os.path.join(work, "detector")).get("val_seen_map50"),
+            "train_images": "the training images without a pseudo-unseen object"}
 
 
 def summarize(name: str, out: str, seconds: float | None, tested: list[dict]) -> dict:
@@ -144,6 +199,43 @@ def summarize(name: str, out: str, seconds: float | None, tested: list[dict]) ->
             "demo_s": seconds if seconds is not None else m.get("total_s")}
 
 
+def second_detector_summary(out: str, summary: dict) -> dict:
+    """{"second_detector": its Spearman against the test scores, its validation seen mAP ...}
+    where OUT/second_detector.json exists, else {}."""
+    path = os.path.join(out, "second_detector.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        sd = json.load(f)
+    val = [c["score"] for c in sd["candidates"]]
+    test = [c["test_score"] for c in summary["candidates"]]
+    from vldus.synthesis.select import best
+
+    rows = [dict(c, test_score=t) for c, t in zip(sd["candidates"], test)]
+    default = next(r for r in rows if (r["epochs"], r["syn_num"]) ==
+                   (summary["default"]["gan.epochs"], summary["default"]["unseen_classifier.syn_num"]))
+    chosen = best(rows, lambda r: r["score"], default)
+    return {"second_detector": {"spearman": spearman(val, test), "val_scores": val,
+                                "chosen": {"epochs": chosen["epochs"], "syn_num": chosen["syn_num"]},
+                                "chosen_test_score": chosen["test_score"], "detector_val_seen_map50": sd["detector_val_seen_map50"],
+                                "seconds": sd["seconds"]}}
+
+
+def run_set(name: str, out: str, done: str) -> None:
+    """The demo on one set (unless OUT/SET/metrics.json exists), its candidates on the test
+    images, OUT/SET/unseen_set.json."""
+    seconds = None if os.path.isfile(os.path.join(out, "metrics.json")) else run_demo(out, SETS[name])
+    start = time.perf_counter()
+    tested = test_candidates(out)
+    summary = summarize(name, out, seconds, tested)
+    summary["test_candidates_s"] = time.perf_counter() - start
+    with open(done, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"{name}: ZSD {summary['with_selection']['zsd_map']:.1f} (fixed {summary['without_selection']['zsd_map']:.1f}), "
+          f"HM {summary['with_selection']['gzsd_hm']:.1f} (fixed {summary['without_selection']['gzsd_hm']:.1f}), "
+          f"Spearman {summary['spearman']}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, metavar="DIR")
@@ -151,23 +243,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", action="store_true", help="write docs/results/unseen_sets_seed0.json from "
                                                         "every finished set under --out")
     p.add_argument("--note", default="", help="machine and anything else for the stored file's note")
+    p.add_argument("--second-detector", action="store_true",
+                   help="also score the fold's candidates on a detector trained without the pseudo-unseen "
+                        "classes' images (OUT/SET/second_detector.json; about 5 minutes a set)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
         out = os.path.join(args.out, name)
         done = os.path.join(out, "unseen_set.json")
-        if os.path.isfile(done):
-            continue
-        seconds = None if os.path.isfile(os.path.join(out, "metrics.json")) else run_demo(out, SETS[name])
-        start = time.perf_counter()
-        tested = test_candidates(out)
-        summary = summarize(name, out, seconds, tested)
-        summary["test_candidates_s"] = time.perf_counter() - start
-        with open(done, "w") as f:
-            json.dump(summary, f, indent=1)
-        print(f"{name}: ZSD {summary['with_selection']['zsd_map']:.1f} (fixed {summary['without_selection']['zsd_map']:.1f}), "
-              f"HM {summary['with_selection']['gzsd_hm']:.1f} (fixed {summary['without_selection']['gzsd_hm']:.1f}), "
-              f"Spearman {summary['spearman']}", flush=True)
+        if not os.path.isfile(done):
+            run_set(name, out, done)
+        second = os.path.join(out, "second_detector.json")
+        if args.second_detector and not os.path.isfile(second):
+            with open(second, "w") as f:
+                json.dump(second_detector(out), f, indent=1)
     if args.store:
         sets = []
         for name in SETS:
@@ -175,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             if os.path.isfile(path):
                 with open(path) as f:
                     sets.append(json.load(f))
+                sets[-1].update(second_detector_summary(os.path.join(args.out, name), sets[-1]))
         note = args.note or f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         out = os.path.join(ROOT, "docs", "results", "unseen_sets_seed0.json")
         with open(out, "w") as f:

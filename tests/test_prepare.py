@@ -318,6 +318,8 @@ def test_absolute_data_and_paper_preset(tmp_path):
     ("yolo", ["--unseen", "spoon", "--min-images", "2"], "--min-images: unseen class 'spoon' is in 1 image"),
     ("yolo", ["--unseen", "meatpie,bowl,cup,plate", "--rename", "bowk=bowl", "--min-images", "2"],
      "--unseen: 1 seen class(es) left (saladdressing; 1 dropped"),
+    ("yolo", ["--unseen", "cup,meatpie", "--rename", "bowk=bowl"],  # spoon is only ever beside a cup
+     "seen class 'spoon' is in no seen-only training image (it is in 1 image(s) in all)"),
     ("no_test", ["--unseen", "meatpie"], "no test subset"),
     ("empty", ["--unseen", "meatpie"], "unknown dataset layout"),
     ("yolo", ["--unseen", "meatpie", "--preset", "paper"], "--backbone-weights: --preset paper needs"),

@@ -26,27 +26,33 @@ def classes_of(label_file: str) -> set[int]:
 
 def few_images(tmp_path) -> str:
     """A YOLO-layout copy of a few Aquarium images: 8 seen-only and 2 unseen-holding training
-    images, 3 seen-only validation images, 3 test images with an unseen object."""
+    images, 3 seen-only validation images (each adding a class), 3 test images with an unseen
+    object."""
     root = tmp_path / "aquarium_few"
     want = {"train": (8, 2), "valid": (3, 0), "test": (0, 3)}  # (seen-only, with an unseen object)
+    trained: set[int] = set()  # the classes of the seen-only training images
     for subset, (n_seen, n_unseen) in want.items():
         for part in ("images", "labels"):
             (root / subset / part).mkdir(parents=True)
         seen_left, unseen_left = n_seen, n_unseen
+        covered: set[int] = set()
         for name in sorted(os.listdir(os.path.join(AQUARIUM, subset, "labels"))):
             label = os.path.join(AQUARIUM, subset, "labels", name)
             held = classes_of(label)
-            if not held:
-                continue
+            if not held or subset == "valid" and (held <= covered or not held <= trained):
+                continue  # validation: each image adds a trained class (selection holds one out, keeps one)
             if held & UNSEEN and unseen_left:
                 unseen_left -= 1
             elif not held & UNSEEN and seen_left:
                 seen_left -= 1
             else:
                 continue
+            covered |= held
             stem = os.path.splitext(name)[0]
             shutil.copy(label, root / subset / "labels" / name)
             shutil.copy(os.path.join(AQUARIUM, subset, "images", stem + ".jpg"), root / subset / "images")
+            if subset == "train" and not held & UNSEEN:
+                trained |= held
             if not seen_left and not unseen_left:
                 break
     (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\ntest: ../test/images\n"
@@ -78,6 +84,11 @@ def test_prepare_and_run_on_real_photographs(tmp_path, capsys):
     assert rows["synthesis_vldus"]["status"].startswith("skipped: needs a CLIP image encoder")
     assert m["zsd"]["groups"]["unseen"]["map"]["0.5"] == rows["synthesis_su"]["zsd_map"]
     assert {"train-detector", "extract-features", "synthesizer (synthesis_su)"} <= set(m["timings_s"])
+    selection = rows["synthesis_su"]["selection"]  # chosen on held-out seen classes, as by default
+    assert selection["status"] == "chosen on pseudo-unseen validation"
+    assert len(selection["pseudo_unseen"]) == 1 and selection["pseudo_unseen"][0] not in ("puffin", "shark")
+    assert (selection["chosen"]["gan.epochs"], selection["chosen"]["unseen_classifier.syn_num"]) in \
+        {(c["epochs"], c["syn_num"]) for c in selection["candidates"]}
     report = (out / "report.md").read_text()
     assert "Scoring that ran, per row" in report and "skipped: needs a CLIP" in report
     assert any(p.endswith(".png") for p in os.listdir(out / "pictures"))

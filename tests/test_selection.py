@@ -35,8 +35,11 @@ def test_pseudo_unseen_need_validation_boxes_and_a_seen_class_left():
     split = shapes_split()
     att = attribute_matrix(CLASSES)
     only_two = np.array([0, split.seen_ids[0], split.seen_ids[1]])
-    with pytest.raises(InputError, match="only 2 seen classes have validation boxes"):
+    with pytest.raises(select.NoFold, match="2 seen classes have validation boxes"):
         select.draw_pseudo_unseen(split, att, only_two, 3, 0)
+    with pytest.raises(select.NoFold, match="one to keep"):  # the calibration needs a seen class left
+        select.draw_pseudo_unseen(split, att, only_two, 2, 0)
+    assert len(select.draw_pseudo_unseen(split, att, only_two, 1, 0)) == 1
     assert select.pseudo_unseen_count(split, None) == 3  # 12 seen x 4/16
     with pytest.raises(InputError, match="needs 1 .. seen - 1"):
         select.pseudo_unseen_count(split, 12)

@@ -351,6 +351,7 @@ def write_report(run: "Run", result: dict, pictures: list[str]) -> str:
         f"{name}: {a['scoring_ran']}" for name, a in ablation.items() if a.get("scoring_ran")) + "."]
     notes = [f"{name}: {note}" for name, a in ablation.items() for note in a.get("notes", [])]
     lines += ["", *(f"- {n}" for n in notes)] if notes else []
+    lines += selection_lines(ablation)
     lines += ["", "## Where ZSD loses its points (IoU 0.5)", "",
               "False positives and missed objects by kind, each as count (mAP gained if that kind "
               "were fixed): " + "; ".join(f"{k}: {v}" for k, v in KIND_TEXT.items()) + ".", "",
@@ -778,11 +779,35 @@ def collect_metrics(run: Run, results: dict[str, dict], detector: dict, bundle: 
             "ablation": ablation, "timings_s": run.stages.timings, "concurrent_stages": run.stages.concurrent}
 
 
+def selection_lines(ablation: dict) -> list[str]:
+    """report.md: per synthesis row, the held-out seen classes, every candidate's validation
+    scores and the choice."""
+    lines = []
+    for name, a in ablation.items():
+        sel = a.get("selection")
+        if not sel or "candidates" not in sel:
+            continue
+        chosen = sel["chosen"]
+        lines += ["", f"### {name}: settings chosen on pseudo-unseen validation", "",
+                  f"Seen classes held out as pseudo-unseen: {', '.join(sel['pseudo_unseen'])}; scored on the "
+                  "validation images (no test data). Chosen: " +
+                  ", ".join(f"`{k}: {v}`" for k, v in chosen.items()) + " (fixed defaults: " +
+                  ", ".join(f"`{k}: {v}`" for k, v in sel["default"].items()) + ").", "",
+                  "| GAN epochs | syn_num | val ZSD mAP | val GZSD HM | score |", "|---|---|---|---|---|"]
+        lines += [f"| {c['epochs']} | {c['syn_num']} | {_fmt(c['zsd_map'])} | {_fmt(c['gzsd_hm'])} | "
+                  f"{_fmt(c['score'])} |" for c in sel["candidates"]]
+        lines += ["", "Scorings of the chosen candidate: " + "; ".join(
+            f"{r['name']}: ZSD {_fmt(r['zsd_map'])}, GZSD HM {_fmt(r['gzsd_hm'])}" for r in sel["scorings"]) + "."]
+    return lines
+
+
 def selection_summary(record: Optional[dict]) -> dict:
     """What a row's pseudo-unseen selection chose, from what, and on which held-out seen classes
     ({"status": "fixed defaults (--no-select)"} without one)."""
     if record is None:
         return {"status": "fixed defaults (--no-select)"}
+    if record.get("skipped"):
+        return {"status": f"fixed defaults: no pseudo-unseen fold ({record['skipped']})"}
     return {"status": "chosen on pseudo-unseen validation", "pseudo_unseen": record["pseudo_unseen"],
             "chosen": record["chosen"], "default": record["default"],
             "candidates": [{k: c[k] for k in ("epochs", "syn_num", "zsd_map", "gzsd_hm", "score")}
@@ -846,6 +871,12 @@ def _print_summary(result: dict, report: str, title: str) -> None:
               f"(published scoring {_fmt(a['gzsd_published_hm'])})")
         if a.get("scoring_ran"):
             print(f"  {'':28s} scoring: {a['scoring_ran']}")
+        sel = a.get("selection") or {}
+        if sel.get("status", "").startswith("fixed defaults:"):
+            print(f"  {'':28s} {sel['status']}")
+        elif sel.get("chosen"):
+            print(f"  {'':28s} chosen on pseudo-unseen validation ({', '.join(sel['pseudo_unseen'])} held out): "
+                  + ", ".join(f"{k.split('.')[-1]} {v}" for k, v in sel["chosen"].items()))
         for note in a.get("notes", []):
             print(f"  {'':28s} {note}")
     val = result["detector"].get("val_seen_map50")

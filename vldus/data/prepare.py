@@ -862,6 +862,12 @@ def make_plan(args) -> Plan:
     train_class_images = np.zeros(len(classes.names), np.int64)
     for im in seen_only:
         train_class_images[list(im.classes())] += 1
+    untrainable = [i for i in seen if train_class_images[i] == 0]
+    if untrainable:  # the detector could not learn it; found now, not after training it
+        i = untrainable[0]
+        raise InputError(args.data, f"seen class {classes.names[i]!r} is in no seen-only training image (it is in "
+                                    f"{int(sum(c['images'][i] for c in counts.values()))} image(s) in all): name it in --unseen, or drop "
+                                    "it with --min-images")
     test_rule, rule_line = choose_test_rule(sets.test, set(unseen), set(seen))
 
     dataset = os.path.basename(os.path.normpath(layout.root)) or "data"

@@ -51,6 +51,10 @@ FOLD_SEED_KEY = 7
 CHOICE_KEYS = ("gan.epochs", "unseen_classifier.syn_num", "inference.zsd_scoring", "inference.gzsd_scoring")
 
 
+class NoFold(Exception):
+    """The data allow no pseudo-unseen fold (too few seen classes with validation boxes)."""
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One synthesizer schedule: GAN epochs and synthetic features per unseen class."""
@@ -83,6 +87,8 @@ def pseudo_unseen_count(split, requested: Optional[int]) -> int:
     """``requested``, or as many seen classes as the unseen share of all classes (>= 1), leaving
     at least one seen class."""
     seen, unseen = len(split.seen_ids), len(split.unseen_ids)
+    if not requested and seen < 2:
+        raise NoFold(f"{seen} seen class: none to hold out")
     k = requested if requested else max(1, round(seen * unseen / max(1, seen + unseen)))
     if not 1 <= k < seen:
         raise InputError("unseen_classifier.pseudo_unseen", f"{k} pseudo-unseen classes of {seen} seen: "
@@ -92,14 +98,15 @@ def pseudo_unseen_count(split, requested: Optional[int]) -> int:
 
 def draw_pseudo_unseen(split, attributes: np.ndarray, val_labels: np.ndarray, count: int, seed: int,
                        tries: int = 1000) -> list[int]:
-    """Class ids of ``count`` seen classes with validation rows, drawn with ``seed``. With 0/1
-    attribute rows (``attributes`` (C+1, d)), every attribute of a drawn class must belong to a
-    remaining seen class (the rule the embedded benchmark's unseen sets follow)."""
+    """Class ids of ``count`` seen classes with validation rows, drawn with ``seed``, leaving one
+    with validation rows (the GZSD calibration's). With 0/1 attribute rows (``attributes`` (C+1,
+    d)), every attribute of a drawn class must belong to a remaining seen class (the rule the
+    embedded benchmark's unseen sets follow). :class:`NoFold` where the data allow none."""
     present = set(np.unique(val_labels).tolist())
     pool = [i for i in split.seen_ids if i in present]
-    if len(pool) < count:
-        raise InputError("unseen_classifier.pseudo_unseen", f"only {len(pool)} seen classes have validation "
-                                                            f"boxes; {count} needed")
+    if len(pool) < count + 1:
+        raise NoFold(f"{len(pool)} seen classes have validation boxes: {count} to hold out and one to keep "
+                     "are needed")
     binary = bool(np.isin(attributes, (0.0, 1.0)).all())
     rng = np.random.default_rng(seed)
     for _ in range(tries):
@@ -107,8 +114,7 @@ def draw_pseudo_unseen(split, attributes: np.ndarray, val_labels: np.ndarray, co
         rest = [i for i in split.seen_ids if i not in pick]
         if not binary or (attributes[pick] <= attributes[rest].max(0)).all():
             return pick
-    raise InputError("unseen_classifier.pseudo_unseen", f"no {count} seen classes whose attributes the other "
-                                                        f"seen classes cover ({tries} draws)")
+    raise NoFold(f"no {count} seen classes whose attributes the other seen classes cover ({tries} draws)")
 
 
 @dataclass
@@ -325,8 +331,18 @@ def select_on_pseudo_unseen(cfg, options) -> dict:
             return json.load(f)
     fold_dir = os.path.join(out_dir, FOLD_DIR)
     checkpoint = options.detector_checkpoint or default_detector_checkpoint(cfg)
-    fold = build_fold(cfg, checkpoint, options.features_dir or cfg.path("features"), fold_dir,
-                      options.device, options.quiet)
+    default_choice = {"gan.epochs": cfg.gan.epochs, "unseen_classifier.syn_num": cfg.unseen_classifier.syn_num,
+                      "inference.zsd_scoring": cfg.inference.zsd_scoring,
+                      "inference.gzsd_scoring": cfg.inference.gzsd_scoring}
+    try:
+        fold = build_fold(cfg, checkpoint, options.features_dir or cfg.path("features"), fold_dir,
+                          options.device, options.quiet)
+    except NoFold as e:
+        print(f"selection: no pseudo-unseen fold ({e}); the fixed defaults train", flush=True)
+        record = {"skipped": str(e), "pseudo_unseen": [], "candidates": [], "scorings": [],
+                  "default": default_choice, "chosen": default_choice, "reads_test_data": False}
+        write_json(path, record)
+        return record
     fold_options = dataclasses.replace(options, features_dir=fold.features_dir, detector_checkpoint=fold.checkpoint,
                                        compat_classifier=fold.compat, out_dir=fold_dir, plots=False)
     cands = candidates(cfg)
@@ -354,9 +370,7 @@ def select_on_pseudo_unseen(cfg, options) -> dict:
         "detector": "the one trained on every seen class (its classification rows of the held-out "
                     "classes replaced by the real unseen rows' mean)",
         "candidates": rows, "scorings": table,
-        "default": {"gan.epochs": cfg.gan.epochs, "unseen_classifier.syn_num": cfg.unseen_classifier.syn_num,
-                    "inference.zsd_scoring": cfg.inference.zsd_scoring,
-                    "inference.gzsd_scoring": cfg.inference.gzsd_scoring},
+        "default": default_choice,
         "chosen": {"gan.epochs": chosen["epochs"], "unseen_classifier.syn_num": chosen["syn_num"],
                    "inference.zsd_scoring": zsd, "inference.gzsd_scoring": gzsd},
         "reads_test_data": False,
