@@ -6,7 +6,7 @@ The five other sets were drawn once, before any of them was run, with
 :func:`vldus.data.shapes.check_unseen` accepts them and they differ from the default and from
 each other (:data:`SETS`).
 
-Per set: ``vldus demo --seed 0 --unseen ...`` (selection on: each synthesis row's schedule and
+Per set: ``vldus demo --seed 0 --unseen ... --select`` (selection on: each synthesis row's schedule and
 scoring chosen on held-out seen classes); then, for the main row, the same candidates trained on
 the real split and tested on the real unseen test images (:func:`vldus.synthesis.select.
 evaluate_candidates`, for this report only: nothing the demo chose saw them). From those: the
@@ -77,7 +77,7 @@ def spearman(a: list[float], b: list[float]) -> float | None:
 def run_demo(out: str, unseen: tuple[str, ...]) -> float:
     exe = os.path.join(os.path.dirname(sys.executable), "vldus")
     start = time.perf_counter()
-    argv = [exe, "demo", "--out", out, "--seed", "0", "--unseen", ",".join(unseen), "--quiet"]
+    argv = [exe, "demo", "--out", out, "--seed", "0", "--unseen", ",".join(unseen), "--select", "--quiet"]
     print("$ " + " ".join(argv[1:]), flush=True)
     with open(out + ".log", "w") as log:
         rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -148,16 +148,21 @@ def second_detector(out: str, row: str = MAIN) -> dict:
     save_config(fcfg, path)
     exe = os.path.join(os.path.dirname(sys.executable), "vldus")
     start = time.perf_counter()
-    if subprocess.run([exe, "train-detector", "--config", path, "--validate", "--quiet"]).returncode:
-        # no validation image without a pseudo-unseen object (tiny runs): train without
-        subprocess.run([exe, "train-detector", "--config", path, "--quiet"], check=True)
     from vldus.detection.train import latest_checkpoint
+    from vldus.synthesis.data import feature_file_paths
 
+    if not os.path.isfile(os.path.join(work, "detector", "metrics.json")):  # a finished training writes it
+        if subprocess.run([exe, "train-detector", "--config", path, "--validate", "--quiet"]).returncode:
+            # no validation image without a pseudo-unseen object (tiny runs): train without
+            subprocess.run([exe, "train-detector", "--config", path, "--quiet"], check=True)
     ckpt = latest_checkpoint(os.path.join(work, "detector"))
     for data_split in ("train", "val"):
-        subprocess.run([exe, "extract-features", "--config", path, "--checkpoint", ckpt, "--classes", "seen",
-                        "--data-split", data_split, "--quiet"], check=True)
-    subprocess.run([exe, "train-unseen-classifier", "--config", path, "--quiet"], check=True)
+        if not os.path.isfile(feature_file_paths(fcfg.path("features"), data_split, fcfg.features.fg_iou,
+                                                 fcfg.features.bg_iou)[1]):
+            subprocess.run([exe, "extract-features", "--config", path, "--checkpoint", ckpt, "--classes", "seen",
+                            "--data-split", data_split, "--quiet"], check=True)
+    if not os.path.isfile(fcfg.path("synth", "compat_classifier.pth")):
+        subprocess.run([exe, "train-unseen-classifier", "--config", path, "--quiet"], check=True)
     detector_s = time.perf_counter() - start
     fcfg.gan.detector_checkpoint = ckpt
     torch.set_num_threads(1)

@@ -68,7 +68,7 @@ def test_prepare_and_run_on_real_photographs(tmp_path, capsys):
     assert main(["prepare", data, "--unseen", "puffin,shark", "--out", str(prepared), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "test: 5 images" in printed  # the 3 test images + the 2 training images with an unseen object
-    rc = main(["run", "--config", str(prepared / "config.yaml"), "--out", str(out), "--quiet",
+    rc = main(["run", "--config", str(prepared / "config.yaml"), "--out", str(out), "--quiet", "--select",
                "--rows", "no_synthesis,synthesis_su,synthesis_vldus", "--set", *SHORT])
     assert rc == 0
     with open(out / "metrics.json") as f:
@@ -84,7 +84,7 @@ def test_prepare_and_run_on_real_photographs(tmp_path, capsys):
     assert rows["synthesis_vldus"]["status"].startswith("skipped: needs a CLIP image encoder")
     assert m["zsd"]["groups"]["unseen"]["map"]["0.5"] == rows["synthesis_su"]["zsd_map"]
     assert {"train-detector", "extract-features", "synthesizer (synthesis_su)"} <= set(m["timings_s"])
-    selection = rows["synthesis_su"]["selection"]  # chosen on held-out seen classes, as by default
+    selection = rows["synthesis_su"]["selection"]  # chosen on held-out seen classes (--select)
     assert selection["status"] == "chosen on pseudo-unseen validation"
     assert len(selection["pseudo_unseen"]) == 1 and selection["pseudo_unseen"][0] not in ("puffin", "shark")
     assert (selection["chosen"]["gan.epochs"], selection["chosen"]["unseen_classifier.syn_num"]) in \

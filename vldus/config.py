@@ -211,7 +211,7 @@ class UnseenClassifierConfig:
     batch_size: int = 32
     bg_multiplier: int = 2
     # last (the fixed schedule) | pseudo_unseen (chosen on held-out seen classes, vldus.synthesis.select;
-    # what vldus run and the demo pass) | test (released: best on the real unseen TEST features, leaks)
+    # vldus run / vldus demo --select) | test (released: best on the real unseen TEST features, leaks)
     selection: str = "last"
     select_epochs: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])  # x gan.epochs
     select_syn_num: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # x syn_num

@@ -226,7 +226,7 @@ def prepare_inputs(args: argparse.Namespace) -> DemoRun:
     header = [f"Benchmark{kind}: {size.train_images} training and {size.test_images} test images (and seen-only "
               "validation images)."]
     return DemoRun(out, Stages(args.quiet), cfg, cfg_path, rows, region_rows, skipped, seed=args.seed,
-                   select=not args.no_select,
+                   select=args.select,
                    pictures=size.pictures, unseen_test_features=True,
                    title="vldus demo: zero-shot detection on the embedded benchmark", header=header,
                    args=args, size=size)

@@ -2,7 +2,7 @@
 
 The zero-shot literature's protocol (Xian et al.'s "proposed splits"; for detection: hold out
 *seen* classes, never unseen ones). ``unseen_classifier.selection: pseudo_unseen`` (what ``vldus
-run`` and the demo pass unless ``--no-select``) makes ``vldus train-generator`` do, before it trains:
+run --select`` and ``vldus demo --select`` pass) makes ``vldus train-generator`` do, before it trains:
 
 1. Draw ``unseen_classifier.pseudo_unseen`` seen classes P from the seed (default: as many as the
    unseen share of the classes, at least 1), each with validation boxes; with attribute
@@ -212,6 +212,7 @@ def train_with_snapshots(cfg, options, out_dir: str, epochs: list[int]):
                                           train_gan)
 
     device = torch.device(options.device)
+    os.makedirs(out_dir, exist_ok=True)
     inputs = _Inputs(cfg, options)
     trainer = build_trainer(cfg, inputs, device, resolve_precision(cfg.gan.precision, device))
     sampler = torch.Generator().manual_seed(cfg.gan.seed)
