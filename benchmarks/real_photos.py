@@ -16,8 +16,8 @@ prepare summary and the machine in the note. Usage::
 
     python benchmarks/real_photos.py kitchen --seed 0 --out runs/kitchen_s0 --store kitchen_seed0
 
-``vldus run`` chooses the synthesizers' settings on pseudo-unseen validation; ``--no-select``
-runs the fixed defaults (how the ``fixed`` rows of the tables were run).
+``--select`` passes ``vldus run --select``: the synthesizers' settings chosen on pseudo-unseen
+validation (the tables' ``selected`` rows; without it the fixed defaults, the ``fixed`` rows).
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=None, help="vldus run --rows (default: all)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="vldus run --set")
     p.add_argument("--resume", action="store_true", help="vldus run --resume (a stopped run into OUT)")
-    p.add_argument("--no-select", action="store_true", help="vldus run --no-select (the fixed defaults)")
+    p.add_argument("--select", action="store_true", help="vldus run --select (settings chosen on pseudo-unseen "
+                                                         "validation; default: the fixed ones)")
     p.add_argument("--store", metavar="NAME", help="store the metrics as docs/results/real_NAME.json")
     p.add_argument("--note", default="", help="machine and anything else for the stored file's note")
     args = p.parse_args(argv)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     run_argv = ["run", "--config", os.path.join(prepared, "config.yaml"), "--out", out, "--seed", str(args.seed)]
     run_argv += ["--rows", args.rows] if args.rows else []
     run_argv += ["--resume"] if args.resume else []
-    run_argv += ["--no-select"] if args.no_select else []
+    run_argv += ["--select"] if args.select else []
     run_argv += ["--set", *args.set] if args.set else []
     run_s = vldus(*run_argv)
     print(f"\nreal_photos: prepare {prepare_s:.0f} s, run {run_s:.0f} s -> {out}/metrics.json")

@@ -260,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             run_set(name, out, done)
         second = os.path.join(out, "second_detector.json")
         if args.second_detector and not os.path.isfile(second):
+            result = second_detector(out)  # written when finished: a stopped run leaves no file
             with open(second, "w") as f:
-                json.dump(second_detector(out), f, indent=1)
+                json.dump(result, f, indent=1)
     if args.store:
         sets = []
         for name in SETS:
