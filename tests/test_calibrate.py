@@ -11,7 +11,6 @@ seen rows have ``x0 = 0, 0, 0, 5`` (one look-alike): the best cut lies between `
 """
 from __future__ import annotations
 
-import builtins
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from file_spy import files_opened
 
 from vldus.cli import main
 from vldus.synthesis.models import Generator
@@ -113,20 +113,11 @@ def test_a_margin_that_only_tells_synthesized_features_keeps_the_published_scori
     assert out["synthetic_auc"] == 0.5 and out["scoring"] == "published"
 
 
-def test_never_reads_test_or_training_data(task, monkeypatch):
+def test_never_reads_test_or_training_data(task):
     """The spy records every file opened; the test files are poisoned and then removed: the
     result is the same and none of them (nor the training features) was ever opened."""
-    opened = []
-    real_open = builtins.open
-
-    def spy(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)):
-            opened.append(os.path.abspath(os.fspath(file)))
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", spy)
-    poisoned = _calibrate(task)
-    monkeypatch.undo()
+    with files_opened() as opened:
+        poisoned = _calibrate(task)
     assert any(p.endswith("val_0.6_0.3_feats.npy") for p in opened)  # the spy sees the reads
     forbidden = {str(task / "instances_test.json")} | {
         str(task / "features" / f"{s}_0.6_0.3_{k}.npy") for s in ("test", "train") for k in ("feats", "labels")}

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from file_spy import files_opened
 from quick_demo_run import quick_demo
 
 pytestmark = pytest.mark.timeout(900)
@@ -233,13 +234,11 @@ def test_main_row_is_exported(run):
     assert all(torch.equal(exported[k], trained[k]) for k in trained)
 
 
-def test_pseudo_unseen_selection_reads_no_test_data_and_records_its_choice(run, tmp_path, monkeypatch):
+def test_pseudo_unseen_selection_reads_no_test_data_and_records_its_choice(run, tmp_path):
     """Selection on the quick demo's features (a 2-epoch synthesizer, two candidates): the spy
     records every file opened while it selects; no test image, annotation, feature or cached box
     is among them, the held-out classes are seen ones, and selection.json holds every candidate
     with its validation scores and the choice."""
-    import builtins
-
     from vldus.config import load_config
     from vldus.synthesis.pipeline import SynthesisOptions
     from vldus.synthesis.select import SELECTION_FILE, select_on_pseudo_unseen
@@ -252,19 +251,10 @@ def test_pseudo_unseen_selection_reads_no_test_data_and_records_its_choice(run, 
     with open(test_ann) as f:
         test_images = {os.path.abspath(os.path.join(cfg.data.test.img_dir, im["file_name"]))
                        for im in json.load(f)["images"]}
-    opened = []
-    real_open = builtins.open
-
-    def spy(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)):
-            opened.append(os.path.abspath(os.fspath(file)))
-        return real_open(file, *args, **kwargs)
-
     out = tmp_path / "synth"
     options = SynthesisOptions(quiet=True, detector_checkpoint=run.checkpoint, out_dir=str(out), plots=False)
-    monkeypatch.setattr(builtins, "open", spy)
-    record = select_on_pseudo_unseen(cfg, options)
-    monkeypatch.undo()
+    with files_opened() as opened:
+        record = select_on_pseudo_unseen(cfg, options)
     assert val_ann in opened and any(p.endswith("val_0.6_0.3_feats.npy") for p in opened)  # the spy sees reads
     features = os.path.abspath(cfg.path("features"))
     forbidden = [p for p in opened if p == test_ann or p in test_images
